@@ -1,0 +1,88 @@
+"""The dump layout, version 1 (written down in docs/format.md).
+
+::
+
+    /                      attrs: format="alignkit-dump", format_version=1, run metadata
+    /index                 table: seq, submodel, step, call, ordinal (one row per call)
+    /calls/<seq:08d>/      one group per call; attrs: seq, submodel, step, call, ordinal
+        inputs/<name>      one dataset per tensor; attrs: name, dtype, source, index
+        outputs/<name>     (same)
+        layers/<name>      leaf-layer outputs, when layer recording is on
+        inputs.attrs       non-tensor arguments, JSON-encoded
+
+Tensor names are stored percent-encoded where HDF5 cannot hold them (``/``, ``%``, ``.``
+alone); the exact name is always in the dataset's ``name`` attribute.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+FORMAT_NAME = "alignkit-dump"
+FORMAT_VERSION = 1
+CALLS = "calls"
+INDEX = "index"
+IO_GROUPS = ("inputs", "outputs", "layers")
+
+INDEX_DTYPE = np.dtype(
+    [
+        ("seq", "<i8"),
+        ("submodel", h5py.string_dtype()),
+        ("step", "<i8"),
+        ("call", "<i8"),
+        ("ordinal", "<i8"),
+    ]
+)
+
+# Logical dtypes that HDF5 cannot hold natively, stored as unsigned ints of the same width.
+BIT_STORED = {
+    "bfloat16": np.uint16,
+    "float8_e4m3fn": np.uint8,
+    "float8_e4m3fnuz": np.uint8,
+    "float8_e5m2": np.uint8,
+    "float8_e5m2fnuz": np.uint8,
+}
+
+
+def call_group_name(seq: int) -> str:
+    return f"{CALLS}/{seq:08d}"
+
+
+def escape_name(name: str) -> str:
+    """Make a tensor name usable as an HDF5 link name, reversibly."""
+    out = name.replace("%", "%25").replace("/", "%2F")
+    if out in ("", ".", ".."):
+        out = "".join(f"%{ord(c):02X}" for c in out) or "%00"
+    return out
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float values to the nearest bfloat16 (ties to even), returned as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    rounded = ((bits + rounding) & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), rounded)
+
+
+def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Turn stored bits into a numpy array a user can compute with.
+
+    bfloat16 widens to float32 exactly; float8 kinds decode through ml_dtypes when it is
+    installed and are otherwise returned as their raw bytes.
+    """
+    if dtype == "bfloat16":
+        return bf16_to_float32(raw)
+    if dtype in BIT_STORED:
+        try:
+            import ml_dtypes
+
+            return raw.view(getattr(ml_dtypes, dtype)).astype(np.float32)
+        except (ImportError, AttributeError):
+            return raw
+    return raw

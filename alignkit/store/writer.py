@@ -1,0 +1,251 @@
+"""Write recorded calls to HDF5 in a background thread, behind a bounded queue.
+
+The pipeline thread only copies tensors out and enqueues them; this thread does the HDF5
+work. Memory is bounded by ``max_pending_bytes``: a producer that would exceed it waits.
+
+Crash safety: the metadata cache never evicts and freed file space is never reused, so the
+file on disk only changes meaningfully at a flush. We flush at every step boundary, so a
+process killed with ``kill -9`` leaves the dump as of its last completed step. Before each
+call the writer checks that the disk (and the process's file-size limit) has room; when it
+does not, recording stops with a warning and the file is closed cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from alignkit.errors import RecordingError
+from alignkit.record.tensors import Tensor
+from alignkit.store.schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX,
+    INDEX_DTYPE,
+    call_group_name,
+    escape_name,
+)
+
+_HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
+
+
+@dataclass
+class CallRecord:
+    """Everything recorded about one submodel call."""
+
+    seq: int
+    submodel: str
+    step: int
+    call: int
+    ordinal: int
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    layers: list[Tensor] = field(default_factory=list)
+    values: dict[str, str] = field(default_factory=dict)
+    output_values: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.inputs, *self.outputs, *self.layers))
+
+
+_FLUSH = object()
+_STOP = object()
+
+
+class DumpWriter:
+    """Owns one dump file; ``put`` calls from any thread, ``close`` once at the end."""
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], max_pending_bytes: int = 512 << 20):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = _create(self.path, metadata)
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._limit = max_pending_bytes
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._stopped_reason: str | None = None
+        self._warned = False
+        self.calls_written = 0
+        self._flush_each_call = True
+        self._thread = threading.Thread(target=self._run, name="alignkit-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why recording stopped early (disk full, write error), or None."""
+        return self._stopped_reason
+
+    def put(self, record: CallRecord) -> None:
+        """Enqueue a call; waits while too many bytes are pending."""
+        if self._stopped_reason is not None:
+            self._warn_once()
+            return
+        size = record.nbytes
+        with self._cond:
+            while self._pending > 0 and self._pending + size > self._limit and self._thread.is_alive():
+                self._cond.wait(0.1)
+            self._pending += size
+        self._queue.put(record)
+
+    def flush(self) -> None:
+        """Ask for a flush once everything queued so far is written (a step boundary)."""
+        self._queue.put(_FLUSH)
+
+    def close(self, metadata: dict[str, Any] | None = None) -> None:
+        """Drain the queue, write final metadata, close; raise if writing failed."""
+        self._queue.put((_STOP, metadata or {}))
+        self._thread.join()
+        if self._error is not None:
+            raise RecordingError(f"{self.path}: recording failed: {self._error}") from self._error
+        if self._stopped_reason is not None:
+            self._warn_once()
+
+    def _warn_once(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"alignkit: {self._stopped_reason}", RuntimeWarning, stacklevel=3)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if isinstance(item, tuple) and item and item[0] is _STOP:
+                    self._finish(item[1])
+                    return
+                if item is _FLUSH:
+                    if self._file is not None:
+                        self._file.flush()
+                    continue
+                if isinstance(item, _SetAttr):
+                    if self._file is not None:
+                        self._file.attrs[item.key] = item.value
+                        self._file.flush()
+                    self._flush_each_call = False
+                    continue
+                self._write_or_stop(item)
+            except BaseException as exc:  # surfaced by close(); keep draining
+                self._fail(exc)
+            finally:
+                if isinstance(item, CallRecord):
+                    with self._cond:
+                        self._pending -= item.nbytes
+                        self._cond.notify_all()
+
+    def _write_or_stop(self, record: CallRecord) -> None:
+        if self._file is None:
+            return
+        shortage = _space_shortage(self.path, record.nbytes)
+        if shortage:
+            self._stopped_reason = f"recording stopped at call {record.seq} ({record.submodel}): {shortage}; {self.path} holds the {self.calls_written} calls before it"
+            self._finish({"stopped": shortage})
+            return
+        _write_call(self._file, record)
+        self.calls_written += 1
+        if self._flush_each_call:
+            self._file.flush()  # no step boundary seen yet: keep every call durable
+
+    def _finish(self, metadata: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        try:
+            for key, value in metadata.items():
+                self._file.attrs[key] = value
+            self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
+            self._file.attrs["num_calls"] = self.calls_written
+        finally:
+            self._file.close()
+            self._file = None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+            self._stopped_reason = f"recording stopped: {exc}"
+        try:
+            if self._file is not None:
+                self._file.close()
+        except Exception:
+            pass
+        self._file = None
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """Set a root attribute, in order with the queued calls (e.g. the step source)."""
+        self._queue.put(_SetAttr(key, value))
+
+
+@dataclass
+class _SetAttr:
+    key: str
+    value: Any
+
+
+def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
+    f = h5py.File(path, "w", fs_strategy="none", track_order=True)
+    config = f.id.get_mdc_config()
+    config.evictions_enabled = False
+    config.incr_mode = 0
+    config.flash_incr_mode = 0
+    config.decr_mode = 0
+    f.id.set_mdc_config(config)
+    f.attrs["format"] = FORMAT_NAME
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["complete"] = False
+    f.attrs["step_source"] = "none"
+    for key, value in metadata.items():
+        f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    f.create_group("calls", track_order=True)
+    f.create_dataset(INDEX, shape=(0,), maxshape=(None,), dtype=INDEX_DTYPE, chunks=(256,))
+    f.flush()
+    return f
+
+
+def _write_call(f: h5py.File, record: CallRecord) -> None:
+    group = f.create_group(call_group_name(record.seq), track_order=True)
+    group.attrs.update(
+        {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
+    )
+    if record.error is not None:
+        group.attrs["error"] = record.error
+    for io, tensors in (("inputs", record.inputs), ("outputs", record.outputs), ("layers", record.layers)):
+        sub = group.create_group(io, track_order=True)
+        for i, tensor in enumerate(tensors):
+            ds = sub.create_dataset(escape_name(tensor.name), data=tensor.data)
+            ds.attrs.update({"name": tensor.name, "dtype": tensor.dtype, "source": tensor.source, "device": tensor.device, "index": i})
+        for key, text in {"inputs": record.values, "outputs": record.output_values}.get(io, {}).items():
+            sub.attrs[key] = text
+    index = f[INDEX]
+    n = index.shape[0]
+    index.resize((n + 1,))
+    index[n] = (record.seq, record.submodel, record.step, record.call, record.ordinal)
+
+
+def _space_shortage(path: Path, nbytes: int) -> str | None:
+    """Why writing ``nbytes`` more would fail, or None when there is room."""
+    need = nbytes + _HEADROOM
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
+    if free < need:
+        return f"the disk is full ({free} bytes free, {need} needed)"
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY and path.stat().st_size + need > soft:
+            return f"the file-size limit of {soft} bytes is reached"
+    except (ImportError, OSError, ValueError):
+        return None
+    return None
