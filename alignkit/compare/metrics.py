@@ -1,0 +1,212 @@
+"""Metrics between a reference tensor r and a target tensor t, streamed block by block.
+
+Every block is widened to float64 before subtracting, so memory stays bounded by the block
+size and sums do not lose precision. Definitions (DESIGN.md), over the elements that are
+finite on both sides:
+
+- ``l1``      mean |t − r|                 - ``rel_l1``  Σ|t − r| / Σ|r|
+- ``max_abs`` max |t − r|                  - ``rmse``    sqrt(mean (t − r)²)
+- ``cos``     ⟨r,t⟩ / (‖r‖‖t‖); both all-zero → 1, one all-zero → 0
+- ``cos_dist`` 1 − cos, computed as (‖r − t‖² − (‖r‖ − ‖t‖)²) / (2‖r‖‖t‖) so that it does
+  not cancel for nearly identical tensors
+- ``sqnr_db`` 10·log10(Σr² / Σ(t − r)²)
+
+The noise floor (``floor_*``) is the same error between r and r rounded to the target's dtype:
+what a target that stores the tensor in fp16 or bf16 cannot do better than.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from alignkit.store.schema import decode, round_to_bf16
+
+BLOCK_ELEMENTS = 1 << 18  # 2 MiB of float64 per side
+
+_LOW_PRECISION = {"float16": 11, "bfloat16": 8, "float8_e4m3fn": 4, "float8_e5m2": 3}
+_FLOAT_BITS = {"float64": 53, "float32": 24, **_LOW_PRECISION}
+
+
+@dataclass
+class Sums:
+    """Running sums for one tensor pair; ``add`` a block, ``metrics`` at the end."""
+
+    n: int = 0
+    abs_diff: float = 0.0
+    abs_ref: float = 0.0
+    max_abs: float = 0.0
+    ref_sq: float = 0.0
+    tgt_sq: float = 0.0
+    diff_sq: float = 0.0
+    nan_ref: int = 0
+    nan_tgt: int = 0
+    inf_ref: int = 0
+    inf_tgt: int = 0
+    nonfinite_mismatch: int = 0
+    floor_abs: float = 0.0
+    floor_sq: float = 0.0
+    floor_tgt_sq: float = 0.0
+
+    def add(self, r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> None:
+        r = np.asarray(r, dtype=np.float64).ravel()
+        t = np.asarray(t, dtype=np.float64).ravel()
+        fr, ft = np.isfinite(r), np.isfinite(t)
+        both = fr & ft
+        self.nan_ref += int(np.isnan(r).sum())
+        self.nan_tgt += int(np.isnan(t).sum())
+        self.inf_ref += int(np.isinf(r).sum())
+        self.inf_tgt += int(np.isinf(t).sum())
+        if not both.all():
+            same = (r == t) | (np.isnan(r) & np.isnan(t))
+            self.nonfinite_mismatch += int((~both & ~same).sum())
+            r, t = r[both], t[both]
+        d = t - r
+        ad = np.abs(d)
+        self.n += r.size
+        self.abs_diff += float(ad.sum())
+        self.abs_ref += float(np.abs(r).sum())
+        if ad.size:
+            self.max_abs = max(self.max_abs, float(ad.max()))
+        self.ref_sq += float(np.dot(r, r))
+        self.tgt_sq += float(np.dot(t, t))
+        self.diff_sq += float(np.dot(d, d))
+        if floor_dtype is not None:
+            q = round_to(r, floor_dtype)
+            fq = np.isfinite(q)
+            dq = np.where(fq, q - r, 0.0)
+            self.floor_abs += float(np.abs(dq).sum())
+            self.floor_sq += float(np.dot(dq, dq))
+            q = np.where(fq, q, 0.0)
+            self.floor_tgt_sq += float(np.dot(q, q))
+
+    def metrics(self) -> dict[str, float]:
+        n = self.n
+        cos_dist = _cos_distance(self.ref_sq, self.tgt_sq, self.diff_sq)
+        out = {
+            "l1": self.abs_diff / n if n else 0.0,
+            "rel_l1": _ratio(self.abs_diff, self.abs_ref),
+            "max_abs": self.max_abs,
+            "cos": 1.0 - cos_dist,
+            "cos_dist": cos_dist,
+            "rmse": math.sqrt(self.diff_sq / n) if n else 0.0,
+            "sqnr_db": _sqnr(self.ref_sq, self.diff_sq),
+            "nan_ref": self.nan_ref,
+            "nan_tgt": self.nan_tgt,
+            "inf_ref": self.inf_ref,
+            "inf_tgt": self.inf_tgt,
+            "nonfinite_mismatch": self.nonfinite_mismatch,
+        }
+        return out
+
+    def floor(self) -> dict[str, float]:
+        """The noise floor: the same metrics for r against r rounded to the target dtype."""
+        return {
+            "floor_rel_l1": _ratio(self.floor_abs, self.abs_ref),
+            "floor_cos_dist": _cos_distance(self.ref_sq, self.floor_tgt_sq, self.floor_sq),
+        }
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _cos_distance(ref_sq: float, tgt_sq: float, diff_sq: float) -> float:
+    """1 − cos without cancellation; both all-zero → 0, one all-zero → 1."""
+    if ref_sq == 0.0 and tgt_sq == 0.0:
+        return 0.0
+    if ref_sq == 0.0 or tgt_sq == 0.0:
+        return 1.0
+    nr, nt = math.sqrt(ref_sq), math.sqrt(tgt_sq)
+    norm_gap_sq = ((ref_sq - tgt_sq) / (nr + nt)) ** 2
+    value = (diff_sq - norm_gap_sq) / (2.0 * nr * nt)
+    return min(max(value, 0.0), 2.0)
+
+
+def cos_distance(r: np.ndarray, t: np.ndarray) -> float:
+    """1 − cos of two whole arrays (a convenience for tests and callers with arrays in hand)."""
+    s = Sums()
+    s.add(r, t)
+    return s.metrics()["cos_dist"]
+
+
+def pair_metrics(r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> dict[str, float]:
+    """All metrics of two in-memory arrays."""
+    s = Sums()
+    for rb, tb in zip(_chunks(np.ravel(r)), _chunks(np.ravel(t))):
+        s.add(rb, tb, floor_dtype)
+    return {**s.metrics(), **(s.floor() if floor_dtype else {})}
+
+
+def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
+    for i in range(0, max(flat.size, 1), BLOCK_ELEMENTS):
+        yield flat[i : i + BLOCK_ELEMENTS]
+
+
+def floor_dtype_for(ref_dtype: str, tgt_dtype: str) -> str | None:
+    """The target dtype when it is a lower-precision float than the reference, else None."""
+    if tgt_dtype in _LOW_PRECISION and _FLOAT_BITS.get(ref_dtype, 0) > _LOW_PRECISION[tgt_dtype]:
+        return tgt_dtype
+    return None
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values to ``dtype`` and back, as a target storing them would."""
+    if dtype == "bfloat16":
+        return round_to_bf16(x.astype(np.float32)).astype(np.float64)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(np.float64)
+    try:
+        import ml_dtypes
+
+        return x.astype(getattr(ml_dtypes, dtype)).astype(np.float64)
+    except (ImportError, AttributeError):
+        return x
+
+
+def iter_blocks(ds, max_elements: int = BLOCK_ELEMENTS) -> Iterator[np.ndarray]:
+    """Read an h5py dataset in C-order blocks of at most ``max_elements`` (or one row)."""
+    dtype = str(ds.attrs.get("dtype", ds.dtype.name))
+    shape = tuple(ds.shape)
+    if not shape:
+        yield decode(np.asarray(ds[()]), dtype)
+        return
+    yield from (decode(block, dtype) for block in _blocks(ds, (), shape, max_elements))
+
+
+def _blocks(ds, prefix: tuple, shape: tuple, max_elements: int) -> Iterator[np.ndarray]:
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    if row <= max_elements or len(shape) == 1:
+        rows = max(1, max_elements // max(row, 1))
+        for i in range(0, shape[0], rows):
+            yield ds[prefix + (slice(i, min(i + rows, shape[0])),)]
+        return
+    for i in range(shape[0]):
+        yield from _blocks(ds, prefix + (i,), shape[1:], max_elements)
+
+
+def dataset_metrics(ref_ds, tgt_ds, floor_dtype: str | None) -> dict[str, float]:
+    """Metrics of two stored tensors of equal element count, streamed."""
+    s = Sums()
+    if tuple(ref_ds.shape) == tuple(tgt_ds.shape):
+        for rb, tb in zip(iter_blocks(ref_ds), iter_blocks(tgt_ds)):
+            s.add(rb, tb, floor_dtype)
+    else:  # same size, other shape ([1, 77] vs [77]): compare flattened, in memory
+        r = next(iter_blocks(ref_ds, max_elements=1 << 62))
+        t = next(iter_blocks(tgt_ds, max_elements=1 << 62))
+        s.add(r, t, floor_dtype)
+    return {**s.metrics(), **(s.floor() if floor_dtype else {})}

@@ -1,0 +1,1 @@
+"""Reporting: the terminal summary, plots, and the self-contained HTML report."""
