@@ -118,6 +118,7 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
             "map target names with --map target=reference"
         )
     joined = r.merge(t[["submodel", "step", "call", "tgt_seq"]], on=["submodel", "step", "call"], how="outer")
+    joined = joined.sort_values(["ref_seq", "tgt_seq"], kind="stable").reset_index(drop=True)
     return joined, _one_side_notes(joined, r, t)
 
 

@@ -65,6 +65,7 @@ class Recorder:
         self._calls: collections.Counter = collections.Counter()
         self._ordinals: collections.Counter = collections.Counter()
         self._writer: DumpWriter | None = None
+        self._written = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Recorder:
@@ -79,7 +80,10 @@ class Recorder:
             _ACTIVE.remove(self)
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            writer.close(closing_metadata())
+            try:
+                writer.close(closing_metadata())
+            finally:
+                self._written = writer.calls_written
 
     def __enter__(self) -> Recorder:
         return self.start()
@@ -92,6 +96,11 @@ class Recorder:
             self.stop()
         except Exception as close_error:  # never mask the user's own exception
             warnings.warn(str(close_error), RuntimeWarning, stacklevel=2)
+
+    @property
+    def calls_recorded(self) -> int:
+        """Calls written so far (final once recording has stopped)."""
+        return self._written if self._writer is None else self._writer.calls_written
 
     @property
     def hooks(self) -> list[Hook]:

@@ -32,7 +32,11 @@ def submodel_table(result: Comparison) -> pd.DataFrame:
                 "min cos": float(group["out_cos"].min()) if worst is not None else None,
             }
         )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for col in ("first step", "worst step"):
+        if col in frame:
+            frame[col] = frame[col].astype("Int64")
+    return frame
 
 
 def render(result: Comparison) -> Group:

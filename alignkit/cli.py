@@ -1,0 +1,171 @@
+"""The ``alignkit`` command: a thin shell over the library. Each command parses its options,
+makes one public call and prints the result. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from alignkit.errors import AlignkitError
+
+app = typer.Typer(
+    name="alignkit",
+    help="Find where a ported pipeline first parts ways with its reference, and why.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err = Console(stderr=True)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def record(
+    ctx: typer.Context,
+    output: Path = typer.Option(..., "-o", "--output", help="The dump to write (.h5)."),
+    label: Optional[str] = typer.Option(None, help="A name for this run, shown in reports."),
+    hook: list[str] = typer.Option([], "--hook", help="module:Qualified.name of an engine to record (repeatable)."),
+    step_on: list[str] = typer.Option([], "--step-on", help="module:qualname whose calls end a step."),
+    include: Optional[str] = typer.Option(None, help="Record only submodels matching this regex."),
+    exclude: Optional[str] = typer.Option(None, help="Skip submodels matching this regex."),
+    tensors: Optional[str] = typer.Option(None, help="Record only tensors matching this regex."),
+    layers: list[str] = typer.Option([], "--layers", help="Also record every leaf layer of this torch submodel."),
+    module: Optional[str] = typer.Option(None, "-m", help="Run a module instead of a script."),
+) -> None:
+    """Run a script unmodified and record every submodel call: alignkit record -o ref.h5 -- script.py [args]"""
+    from alignkit.record.cli_run import record_command
+
+    command = ([sys.executable, "-m", module] if module else []) + list(ctx.args)
+    code = record_command(output, command, label=label, hooks=hook, step_on=step_on, include=include, exclude=exclude, tensors=tensors, layers=layers, console=err)
+    raise typer.Exit(code)
+
+
+@app.command()
+def inspect(
+    dump: Path = typer.Argument(..., help="A dump written by alignkit record."),
+    shapes: bool = typer.Option(False, "--shapes", help="Print input shapes in the forms converters take."),
+) -> None:
+    """List submodels, steps, calls and tensors with shapes, dtypes and statistics."""
+    from alignkit.report.inspect import print_inspection, print_shapes
+    from alignkit.store import open_dump
+
+    with open_dump(dump) as d:
+        (print_shapes if shapes else print_inspection)(d, console)
+
+
+@app.command()
+def compare(
+    ref: Path = typer.Argument(..., help="The reference dump."),
+    tgt: Path = typer.Argument(..., help="The target dump."),
+    map: list[str] = typer.Option([], "--map", help="target=reference name, e.g. unet.input.1=sample (repeatable)."),
+    map_file: Optional[Path] = typer.Option(None, "--map-file", help="A JSON or target=reference text file of names."),
+    cos_min: float = typer.Option(0.999, "--cos-min", help="Aligned when cos ≥ this..."),
+    rel_l1_max: float = typer.Option(1e-3, "--rel-l1-max", help="...and rel_l1 ≤ this."),
+    floor_factor: float = typer.Option(10.0, "--floor-factor", help="Errors within this multiple of the dtype noise floor are expected precision loss."),
+    replay: Optional[Path] = typer.Option(None, "--replay", help="A replay dump (alignkit replay -o) to draw beside the pipeline drift."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the table as CSV."),
+    json: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Where to write the report (default reports/<ref>_vs_<tgt>.html)."),
+    no_html: bool = typer.Option(False, "--no-html", help="Do not write the HTML report."),
+) -> None:
+    """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input."""
+    from alignkit.report.progress import compare_with_progress
+
+    result = compare_with_progress(ref, tgt, console=err, name_map=map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor, replay=replay)
+    console.print(result)
+    _write_outputs(result, ref, tgt, csv, json, None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html"))
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def demo(
+    bug: str = typer.Option("timestep", help="The planted bug: timestep, timestep-dtype, weights, fp16, none."),
+    steps: int = typer.Option(12, help="Denoising steps."),
+    out: Path = typer.Option(Path("reports/demo.html"), help="Where to write the report."),
+    dumps: Path = typer.Option(Path("dumps"), help="Where to write the two dumps."),
+) -> None:
+    """Record a tiny Stable Diffusion reference and a target with a planted bug, compare, report."""
+    from alignkit.demo import run_demo
+
+    result = run_demo(bug=bug, steps=steps, dumps=dumps, console=err)
+    console.print(result)
+    result.to_html(out)
+    console.print(f"report: {out}")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def replay(
+    ref: Path = typer.Argument(..., help="The reference dump."),
+    submodel: str = typer.Option(..., "--submodel", help="The submodel whose recorded inputs are replayed."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="An ONNX model run with onnxruntime."),
+    callable_: Optional[str] = typer.Option(None, "--callable", help="module:factory returning the target callable."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the target's outputs as a dump."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Steps to replay, e.g. 0-4,10."),
+    layers: bool = typer.Option(False, "--layers", help="Also record the target's layers."),
+) -> None:
+    """Feed the reference inputs of every recorded call into a target submodel and compare."""
+    from alignkit.replay import replay as run_replay, parse_steps
+
+    result = run_replay(ref, submodel=submodel, target=str(onnx) if onnx else callable_, out=output, steps=parse_steps(steps), layers=layers)
+    console.print(result)
+    raise typer.Exit(result.exit_code)
+
+
+def _write_outputs(result, ref: Path, tgt: Path, csv: Optional[Path], json: Optional[Path], html: Optional[Path]) -> None:
+    if csv:
+        result.to_csv(csv)
+    if json:
+        result.to_json(json)
+    if html:
+        result.to_html(html)
+        console.print(f"report: {html}")
+
+
+def _click_errors() -> tuple[type, ...]:
+    """The usage-error classes of the click that typer runs on (vendored in newer typer)."""
+    classes: list[type] = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = __import__(name, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        classes.append(module.ClickException)
+    return tuple(classes)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: user errors get one line and exit 2; bugs keep their traceback."""
+    try:
+        code = app(args=argv, prog_name="alignkit", standalone_mode=False)
+    except AlignkitError as exc:
+        _fail(str(exc))
+    except _click_errors() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            err.print(app_help(), markup=False, highlight=False)
+            sys.exit(2)
+        _fail(exc.format_message())
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("alignkit: interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    err.print(f"alignkit: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def app_help() -> str:
+    return "usage: alignkit [record|compare|inspect|replay|demo] ... (alignkit COMMAND --help for more)"
+
+
+if __name__ == "__main__":
+    main()

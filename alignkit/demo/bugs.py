@@ -1,0 +1,51 @@
+"""Planted bugs: what a target port gets wrong, applied to a freshly built pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+BUGS: dict[str, str] = {
+    "timestep": "the glue truncates the scheduler's fractional timesteps to integers before the UNet (accumulating drift)",
+    "timestep-dtype": "the glue feeds the timestep as int64 where the reference feeds float32, with equal values (aligned, with a warning)",
+    "weights": "the ported UNet's weights are off by about 1% (a local error in the UNet itself)",
+    "none": "no bug: the target is the reference run again",
+}
+
+
+def scheduler_for(bug: str) -> str:
+    """Integer-valued timesteps for the dtype bug; fractional ones otherwise."""
+    return "leading" if bug == "timestep-dtype" else "euler"
+
+
+def plant(pipe: Any, bug: str) -> None:
+    """Apply ``bug`` to ``pipe`` in place."""
+    _PLANTERS[bug](pipe)
+
+
+def _timesteps_rewritten(pipe: Any, rewrite: Callable[[Any], Any]) -> None:
+    scheduler = pipe.scheduler
+    original = scheduler.set_timesteps
+
+    def set_timesteps(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        scheduler.timesteps = rewrite(scheduler.timesteps)
+
+    scheduler.set_timesteps = set_timesteps
+
+
+def _perturb_weights(pipe: Any) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.01 * p.abs().mean())
+
+
+_PLANTERS: dict[str, Callable[[Any], None]] = {
+    "timestep": lambda pipe: _timesteps_rewritten(pipe, lambda t: t.floor()),
+    "timestep-dtype": lambda pipe: _timesteps_rewritten(pipe, lambda t: t.long()),
+    "weights": _perturb_weights,
+    "none": lambda pipe: None,
+}

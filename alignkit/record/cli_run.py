@@ -1,0 +1,53 @@
+"""``alignkit record``: a recording around an unmodified script."""
+
+from __future__ import annotations
+
+import shlex
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+
+from alignkit.errors import RecordingError
+from alignkit.record import script
+from alignkit.record.auto import AutoWatch
+from alignkit.record.recorder import Recorder
+
+
+def record_command(
+    output: Path,
+    command: list[str],
+    *,
+    label: str | None = None,
+    hooks: list[str] = (),
+    step_on: list[str] = (),
+    include: str | None = None,
+    exclude: str | None = None,
+    tensors: str | None = None,
+    layers: list[str] = (),
+    console: Console | None = None,
+) -> int:
+    """Record ``command``; returns the script's exit code (2 if recording itself failed)."""
+    console = console or Console(stderr=True)
+    kind, target, argv = script.split_command(command)
+    recorder = Recorder(output, label=label, include=include, exclude=exclude, tensors=tensors, layers=layers, command=shlex.join(command))
+    auto = AutoWatch(recorder, hooks, step_on)
+    auto.install()  # resolves --hook targets first: a bad one fails before the run
+    recorder.start()
+    code = 1
+    try:
+        code = script.run(kind, target, argv)
+    finally:
+        auto.remove()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                recorder.stop()
+            except RecordingError as exc:
+                console.print(f"alignkit: error: {exc}", markup=False, highlight=False)
+                code = code or 2
+        for w in caught:
+            console.print(f"alignkit: warning: {w.message}", markup=False, highlight=False)
+    n = recorder.calls_recorded
+    console.print(f"alignkit: recorded {n} calls to {output}", markup=False, highlight=False)
+    return code

@@ -1,0 +1,63 @@
+"""Run a user's script or module unmodified inside a recording."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import traceback
+from pathlib import Path
+
+from alignkit.errors import UsageError
+
+_PYTHONS = {"python", "python3", Path(sys.executable).name}
+
+
+def split_command(command: list[str]) -> tuple[str, str, list[str]]:
+    """``[python] script.py args`` or ``[python] -m module args`` → (kind, target, argv)."""
+    args = list(command)
+    if args and (Path(args[0]).name in _PYTHONS or args[0] == sys.executable):
+        args = args[1:]
+    if not args:
+        raise UsageError("record needs a script to run: alignkit record -o dump.h5 -- script.py [args]")
+    if args[0] == "-m":
+        if len(args) < 2:
+            raise UsageError("record -m needs a module name")
+        return "module", args[1], args[1:]
+    script = Path(args[0])
+    if not script.is_file():
+        raise UsageError(f"{script}: no such script")
+    return "script", str(script), args
+
+
+def run(kind: str, target: str, argv: list[str]) -> int:
+    """Run it as ``__main__``; returns its exit code (its own traceback printed as Python would)."""
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = argv if kind == "module" else [target, *argv[1:]]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(target)) if kind == "script" else os.getcwd())
+    try:
+        if kind == "module":
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(target, run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    except BaseException:
+        _print_user_traceback()
+        return 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def _print_user_traceback() -> None:
+    etype, value, tb = sys.exc_info()
+    while tb is not None and "alignkit" in tb.tb_frame.f_code.co_filename or (tb is not None and "runpy" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    traceback.print_exception(etype, value, tb)
