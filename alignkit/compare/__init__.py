@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 
 from alignkit.compare.comparison import Comparison
-from alignkit.compare.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.compare.diagnosis import Divergence, classify_calls, drill_down, first_divergence, growth, tolerance, warnings_for
 from alignkit.compare.matching import NameMap, match_calls
 from alignkit.compare.table import Thresholds, build_table
 from alignkit.errors import UsageError
@@ -25,18 +25,23 @@ def compare(
     rel_l1_max: float = 1e-3,
     floor_factor: float = 10.0,
     replay: Comparison | str | os.PathLike | None = None,
+    submodels: Iterable[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Comparison:
     """Compare a target dump against a reference dump and diagnose the first divergence.
 
     ``name_map`` maps target names to reference names (``{"unet.input.1": "sample"}`` or
-    ``["input.1=sample"]``); ``replay`` attaches a replay comparison (or a replay dump to
+    ``["input.1=sample"]``); ``submodels`` limits the comparison to those; ``replay`` attaches a replay comparison (or a replay dump to
     compare against ``ref``) so the report can draw local error beside pipeline drift.
     """
     names = NameMap.build(name_map, map_file)
     limits = Thresholds(cos_min, rel_l1_max, floor_factor)
     with _opened(ref) as r, _opened(tgt) as t:
         calls, notes = match_calls(r, t, names)
+        if submodels is not None:
+            keep = set(submodels)
+            calls = calls[calls["submodel"].isin(keep)].reset_index(drop=True)
+            notes = [n for n in notes if n.split(":", 1)[0] in keep]
         total = len(calls)
         table = build_table(r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None)
         unused = names.unused()
@@ -59,6 +64,7 @@ def compare(
             tolerance=tolerance(table),
             ref_meta=dict(r.metadata),
             tgt_meta=dict(t.metadata),
+            layers=drill_down(table, first) if first is not None else {},
         )
     if replay is not None:
         result.replay = replay if isinstance(replay, Comparison) else compare(ref, replay, name_map=name_map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor)

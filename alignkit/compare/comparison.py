@@ -37,6 +37,7 @@ class Comparison:
     tgt_meta: dict[str, Any] = field(default_factory=dict)
     replay: Comparison | None = None
     kind: str = "pipeline"
+    layers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def aligned(self) -> bool:
@@ -98,6 +99,7 @@ class Comparison:
             "notes": self.notes,
             "growth": self.growth,
             "tolerance": self.tolerance,
+            "layers": self.layers,
             "reference_metadata": self.ref_meta,
             "target_metadata": self.tgt_meta,
             "table": json.loads(self.table.to_json(orient="records")),

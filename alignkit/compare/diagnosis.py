@@ -188,3 +188,40 @@ def _missing(v: Any) -> bool:
 
 def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
+
+
+def drill_down(table: pd.DataFrame, first: Divergence) -> dict[str, Any]:
+    """Inside the first divergent call's recorded layers: the first layer that diverges, where
+    NaN/Inf first appear on one side, and the layers that add the most error (a list to keep
+    in higher precision)."""
+    layers = table[(table["seq"] == first.seq) & (table["io"] == "layers") & table["rel_l1"].notna()]
+    if layers.empty:
+        return {}
+    out: dict[str, Any] = {}
+    bad = layers[layers["status"].isin(BAD)]
+    if len(bad):
+        out["first_layer"] = str(bad["tensor"].iloc[0])
+    for side in ("tgt", "ref"):
+        other = "ref" if side == "tgt" else "tgt"
+        nf = layers[(layers[f"nan_{side}"] + layers[f"inf_{side}"] > 0) & (layers[f"nan_{other}"] + layers[f"inf_{other}"] == 0)]
+        if len(nf):
+            out[f"first_nonfinite_{side}"] = str(nf["tensor"].iloc[0])
+    err = layers["rel_l1"].replace(float("inf"), 1e300).to_numpy()
+    added = err - pd.Series(err).cummax().shift(1, fill_value=0.0).to_numpy()
+    ranked = layers.assign(added=added).sort_values("added", ascending=False)
+    ranked = ranked[ranked["added"] > 0]
+    out["keep_fp32"] = [str(t) for t in ranked["tensor"].head(10)]
+    return out
+
+
+def drill_down_text(d: dict[str, Any]) -> str:
+    parts = []
+    if "first_layer" in d:
+        parts.append(f"first divergent layer: {d['first_layer']}")
+    if "first_nonfinite_tgt" in d:
+        parts.append(f"NaN/Inf first appear in the target at layer {d['first_nonfinite_tgt']}")
+    if "first_nonfinite_ref" in d:
+        parts.append(f"NaN/Inf first appear in the reference at layer {d['first_nonfinite_ref']}")
+    if d.get("keep_fp32"):
+        parts.append("keep in higher precision: " + ", ".join(d["keep_fp32"][:5]))
+    return "; ".join(parts)

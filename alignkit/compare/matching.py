@@ -147,7 +147,7 @@ def _span(steps: list[int]) -> str:
 def match_tensors(ref_call: Call, tgt_call: Call, names: NameMap) -> list[TensorPair]:
     """Pair the tensors of two matched calls, io by io."""
     pairs: list[TensorPair] = []
-    for io in ("inputs", "outputs"):
+    for io in ("inputs", "outputs", "layers"):
         pairs.extend(_match_io(io, ref_call.info(io), tgt_call.info(io), tgt_call.submodel, names))
     return pairs
 

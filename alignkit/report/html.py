@@ -97,6 +97,12 @@ def _verdict(result: Comparison) -> str:
         out.append(f"<div class='evidence'>{e(chr(10).join(lines))}</div>")
         if result.growth_text():
             out.append(f"<p><b>How the error grows:</b> {e(result.growth_text())}</p>")
+        if result.layers:
+            from alignkit.compare.diagnosis import drill_down_text
+
+            out.append(f"<p><b>Layers:</b> {e(drill_down_text(result.layers))}</p>")
+            if result.layers.get("keep_fp32"):
+                out.append(f"<div class='evidence'>keep-fp32 list: {e(','.join(result.layers['keep_fp32']))}</div>")
         out.append(f"<p>{e(_advice(fd.kind))}</p>")
     if result.tolerance:
         tol = result.tolerance

@@ -48,6 +48,10 @@ def render(result: Comparison) -> Group:
         parts.append(Text("First divergence: ", style="bold") + Text(result.first_divergence.message))
         if result.growth_text():
             parts.append(Text("Error growth: ", style="bold") + Text(result.growth_text()))
+        if result.layers:
+            from alignkit.compare.diagnosis import drill_down_text
+
+            parts.append(Text("Layers: ", style="bold") + Text(drill_down_text(result.layers)))
     if result.tolerance:
         tol = result.tolerance
         parts.append(Text(f"Would pass with: --cos-min {tol['cos_min']:.9f} --rel-l1-max {tol['rel_l1_max']:.3g}", style="dim"))
