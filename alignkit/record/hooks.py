@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import inspect
 import threading
 from collections.abc import Callable
@@ -148,7 +149,8 @@ class ModuleHook(Hook):
 
         def post(mod: Any, args: tuple, kwargs: dict, result: Any) -> None:
             stack = local.__dict__.get("stack") or [None]
-            recorder._end(stack.pop(), lambda: name_outputs(result))
+            raised = sys.exc_info()[1] if result is None else None  # always_call runs it on errors
+            recorder._end(stack.pop(), lambda: name_outputs(result), error=raised)
 
         self._handles = [
             module.register_forward_pre_hook(pre, with_kwargs=True),

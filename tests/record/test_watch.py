@@ -1,0 +1,149 @@
+"""Every kind of watched object records the same names, and leaves no trace."""
+
+import inspect
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import alignkit as ak
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        return (self.lin(sample) + timestep.float(),)
+
+
+class EngineOV:
+    """Like seed 001's engine: a dict feed with compiler-made names, a bare array back."""
+
+    def __init__(self, model_path):
+        self.model_path = model_path
+
+    def __call__(self, args):
+        return args["input.1"] * 2 + args["timesteps.1"][:, None]
+
+
+def test_torch_module_positional_and_keyword_calls_record_the_same(tmp_path):
+    net = Net()
+    x, t = torch.ones(2, 4), torch.tensor(3)
+    with ak.record(tmp_path / "d.h5", net, label="x") as rec:
+        net(x, t)
+        ak.step()
+        net(sample=x, timestep=t)
+    assert not net._forward_hooks and not net._forward_pre_hooks
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        a, b = d["Net", 0], d["Net", 1]
+        assert [i.name for i in a.info("inputs")] == [i.name for i in b.info("inputs")] == ["sample", "timestep"]
+        assert a.values() == {}  # only what the caller passed; defaults are not invented
+        np.testing.assert_array_equal(a.outputs["output.0"], b.outputs["output.0"])
+        assert a.tensor("inputs", "timestep").dtype == np.int64
+
+
+def test_hooks_are_removed_after_an_exception(tmp_path):
+    net = Net()
+    forward = net.forward
+    with pytest.raises(RuntimeError):
+        with ak.record(tmp_path / "d.h5", net):
+            net(torch.ones(3, 5), torch.tensor(1))  # wrong shape: raises inside forward
+    assert not net._forward_hooks and not net._forward_pre_hooks
+    assert net.forward == forward
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        assert "RuntimeError" in d["Net", 0].error
+
+
+def test_engine_with_dict_feed_and_class_swap_is_undone(tmp_path):
+    engine = EngineOV("./unet/compilation.bmodel")
+    feed = {"input.1": np.ones((2, 4), np.float32), "timesteps.1": np.array([999, 999], np.int64)}
+    with ak.record(tmp_path / "d.h5") as rec:
+        rec.watch(engine, "unet")
+        assert isinstance(engine, EngineOV)
+        engine(feed)
+    assert type(engine) is EngineOV
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        call = d["unet", 0]
+        assert list(call.inputs) == ["input.1", "timesteps.1"]
+        assert call.inputs["timesteps.1"].dtype == np.int64
+        assert list(call.outputs) == ["output"]
+
+
+def test_method_and_function_watching(tmp_path):
+    class Vae:
+        def decode(self, z, return_dict=True):
+            return {"sample": z + 1}
+
+    vae = Vae()
+
+    def postprocess(image, scale=2.0):
+        return image * scale
+
+    with ak.record(tmp_path / "d.h5") as rec:
+        rec.watch(vae, "vae.decode", method="decode")
+        assert inspect.signature(vae.decode) == inspect.signature(Vae().decode)
+        wrapped = rec.watch(postprocess)
+        assert inspect.signature(wrapped) == inspect.signature(postprocess)
+        wrapped(vae.decode(np.zeros(3))["sample"])
+    assert "decode" not in vae.__dict__
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        assert d.submodels == ["vae.decode", "postprocess"]
+        np.testing.assert_array_equal(d["postprocess", 0].outputs["output"], [2, 2, 2])
+
+
+def test_onnxruntime_session_records_feed_and_output_names(tmp_path, tiny_onnx):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    x = np.ones((2, 4), np.float32)
+    with ak.record(tmp_path / "d.h5", session):
+        (y,) = session.run(None, {"x": x})
+    assert "run" not in session.__dict__
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        call = d["unet", 0]
+        np.testing.assert_array_equal(call.inputs["x"], x)
+        np.testing.assert_array_equal(call.outputs["y"], y)
+
+
+def test_calls_from_several_threads_are_all_recorded(tmp_path):
+    net = Net()
+    with ak.record(tmp_path / "d.h5", net):
+        def work(i):
+            for _ in range(10):
+                net(torch.full((1, 4), float(i)), torch.tensor(i))
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        assert len(d) == 40
+        for call in d:
+            i = int(call.inputs["timestep"])
+            np.testing.assert_array_equal(call.inputs["sample"], np.full((1, 4), float(i)))
+
+
+def test_filters_by_submodel_tensor_and_step(tmp_path):
+    a, b = Net(), Net()
+    with ak.record(tmp_path / "d.h5", include="^keep", tensors="sample|output", steps=[1]) as rec:
+        rec.watch(a, "keep")
+        rec.watch(b, "drop")
+        for _ in range(3):
+            a(torch.ones(1, 4), torch.tensor(0))
+            b(torch.ones(1, 4), torch.tensor(0))
+            ak.step()
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        assert d.submodels == ["keep"] and list(d.calls["step"]) == [1]
+        assert [i.name for i in d["keep", 1].info("inputs")] == ["sample"]
+
+
+def test_without_a_step_source_each_call_is_a_step(tmp_path):
+    net = Net()
+    with ak.record(tmp_path / "d.h5", net):
+        for _ in range(3):
+            net(torch.ones(1, 4), torch.tensor(0))
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        assert d.steps("Net") == [0, 1, 2]

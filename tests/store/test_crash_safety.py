@@ -1,0 +1,76 @@
+"""A killed run, a full disk and a crashing script never cost the dump already written."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import alignkit as ak
+from tests.conftest import ROOT
+
+LOOP = textwrap.dedent(
+    """
+    import sys, time, torch, alignkit as ak
+    net = torch.nn.Linear(64, 64)
+    with ak.record(sys.argv[1], net, label="long run"):
+        for step in range(10_000):
+            for _ in range(3):
+                net(torch.full((8, 64), float(step)))
+            ak.step()
+            time.sleep(0.05)
+            print("step", step, flush=True)
+    """
+)
+
+
+def test_kill_9_leaves_every_completed_step(tmp_path):
+    script, dump = tmp_path / "loop.py", tmp_path / "killed.h5"
+    script.write_text(LOOP)
+    proc = subprocess.Popen([sys.executable, str(script), str(dump)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stdout:
+        if line.strip() == "step 8":
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with ak.open_dump(dump) as d:
+        assert d.metadata["complete"] is False or d.metadata["complete"] == 0
+        steps = d.steps("Linear")
+        assert set(range(9)) <= set(steps)
+        for step in range(9):
+            for call in range(3):
+                x = d["Linear", step, call].inputs["input"]
+                np.testing.assert_array_equal(x, np.full((8, 64), float(step), np.float32))
+
+
+FULL = textwrap.dedent(
+    """
+    import resource, signal, sys, warnings, numpy as np, alignkit as ak
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, 6 << 20))
+    total = 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ak.Recorder(sys.argv[1]) as rec:
+            f = rec.watch(lambda x: x.sum(), "big")
+            for i in range(40):
+                total += float(f(np.full((256, 1024), i, np.float32)))
+                ak.step()
+    print("finished", total, "warned", any("stopped" in str(w.message) for w in caught))
+    """
+)
+
+
+def test_a_full_disk_stops_recording_but_not_the_run(tmp_path):
+    script, dump = tmp_path / "full.py", tmp_path / "full.h5"
+    script.write_text(FULL)
+    proc = subprocess.run([sys.executable, str(script), str(dump)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "finished" in proc.stdout and "warned True" in proc.stdout
+    with ak.open_dump(dump) as d:
+        assert 0 < len(d) < 40
+        assert "file-size limit" in d.metadata["stopped"]
+        last = d["big", int(d.calls["step"].max())]
+        assert last.inputs["x"].shape == (256, 1024)

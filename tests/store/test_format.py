@@ -1,0 +1,68 @@
+"""The dump is readable with plain h5py following docs/format.md; foreign files are refused."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import alignkit as ak
+from alignkit.errors import CallNotFoundError, FormatVersionError, NotADumpError
+
+
+@pytest.fixture()
+def dump_path(tmp_path):
+    path = tmp_path / "run.h5"
+    with ak.Recorder(path, label="ref") as rec:
+        fn = rec.watch(lambda sample, timestep, mode="x": {"out/put": sample * 2}, "my/model")
+        for step in range(3):
+            fn(torch.full((2, 2), float(step)).to(torch.bfloat16), torch.tensor(step, dtype=torch.int64), mode="fast")
+            ak.step()
+    return path
+
+
+def test_plain_h5py_reads_the_documented_layout(dump_path):
+    with h5py.File(dump_path, "r") as f:
+        assert f.attrs["format"] == "alignkit-dump" and f.attrs["format_version"] == 1
+        assert f.attrs["label"] == "ref" and f.attrs["complete"]
+        assert f.attrs["step_source"] == "explicit"
+        assert "torch" in json.loads(f.attrs["versions"])
+        index = f["index"][()]
+        assert [s.decode() if isinstance(s, bytes) else s for s in index["submodel"]] == ["my/model"] * 3
+        assert list(index["step"]) == [0, 1, 2]
+        group = f["calls/00000002"]
+        assert group.attrs["submodel"] == "my/model" and group.attrs["step"] == 2 and group.attrs["call"] == 0
+        sample = group["inputs/sample"]
+        assert sample.attrs["dtype"] == "bfloat16" and sample.dtype == np.uint16
+        widened = (sample[()].astype(np.uint32) << 16).view(np.float32)
+        np.testing.assert_array_equal(widened, np.full((2, 2), 2.0))
+        timestep = group["inputs/timestep"]
+        assert timestep.shape == () and timestep.dtype == np.int64 and timestep[()] == 2
+        assert json.loads(group["inputs"].attrs["mode"]) == "fast"
+        out = group["outputs/out%2Fput"]
+        assert out.attrs["name"] == "out/put"
+
+
+def test_reader_index_and_keyed_access(dump_path):
+    with ak.open_dump(dump_path) as d:
+        assert list(d.calls.columns[:4]) == ["seq", "submodel", "step", "call"]
+        assert set(d.tensors["io"]) == {"inputs", "outputs"}
+        assert d["my/model", 1].inputs["timestep"] == 1
+        assert d["my/model@step2"].seq == 2 and d["my/model:0"].step == 0
+        with pytest.raises(CallNotFoundError, match="my/model has 3 steps: 0–2"):
+            d["my/model", 7]
+        with pytest.raises(CallNotFoundError, match="the dump has: my/model"):
+            d["unet", 0]
+
+
+def test_foreign_and_future_files_are_refused(tmp_path, dump_path):
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(NotADumpError, match="not an alignkit dump"):
+        ak.open_dump(plain)
+    with h5py.File(dump_path, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(FormatVersionError, match="version 99 is newer"):
+        ak.open_dump(dump_path)
