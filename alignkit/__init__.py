@@ -16,9 +16,6 @@ code that needs it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from alignkit._version import __version__
 from alignkit.errors import (
     AlignkitError,
@@ -55,32 +52,13 @@ __all__ = [
     "step",
 ]
 
-_LAZY = {
-    "Recorder": "alignkit.record",
-    "record": "alignkit.record",
-    "step": "alignkit.record",
-    "Dump": "alignkit.store",
-    "Call": "alignkit.store",
-    "open_dump": "alignkit.store",
-    "compare": "alignkit.compare",
-    "Comparison": "alignkit.compare",
-    "Divergence": "alignkit.compare",
-    "replay": "alignkit.replay",
-}
-
-if TYPE_CHECKING:
-    from alignkit.compare import Comparison, Divergence, compare
-    from alignkit.record import Recorder, record, step
-    from alignkit.replay import replay
-    from alignkit.store import Call, Dump, open_dump
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'alignkit' has no attribute {name!r}")
+# Submodules share names with the functions they export (alignkit.record the package,
+# alignkit.record() the function): import them here, before anything else can, so that the
+# package attribute is the function. None of them imports torch, onnxruntime or matplotlib.
+from alignkit.compare import Comparison, Divergence, compare  # noqa: E402
+from alignkit.record import Recorder, record, step  # noqa: E402
+from alignkit.replay import replay  # noqa: E402
+from alignkit.store import Call, Dump, open_dump  # noqa: E402
 
 
 def __dir__() -> list[str]:

@@ -34,6 +34,20 @@ def _timesteps_rewritten(pipe: Any, rewrite: Callable[[Any], Any]) -> None:
     scheduler.set_timesteps = set_timesteps
 
 
+def _unet_timestep_cast(pipe: Any) -> None:
+    """Glue that casts the timestep to int64 on its way into the UNet (values unchanged)."""
+    import torch
+
+    def cast(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) > 1:
+            args = (args[0], torch.as_tensor(args[1]).long(), *args[2:])
+        elif "timestep" in kwargs:
+            kwargs = {**kwargs, "timestep": torch.as_tensor(kwargs["timestep"]).long()}
+        return args, kwargs
+
+    pipe.unet.register_forward_pre_hook(cast, with_kwargs=True)
+
+
 def _perturb_weights(pipe: Any) -> None:
     import torch
 
@@ -45,7 +59,7 @@ def _perturb_weights(pipe: Any) -> None:
 
 _PLANTERS: dict[str, Callable[[Any], None]] = {
     "timestep": lambda pipe: _timesteps_rewritten(pipe, lambda t: t.floor()),
-    "timestep-dtype": lambda pipe: _timesteps_rewritten(pipe, lambda t: t.long()),
+    "timestep-dtype": lambda pipe: _unet_timestep_cast(pipe),
     "weights": _perturb_weights,
     "none": lambda pipe: None,
 }

@@ -1,0 +1,134 @@
+"""Planted bugs on the tiny real diffusers pipeline are found and classified."""
+
+import numpy as np
+import pytest
+import torch
+
+import alignkit as ak
+from alignkit.errors import UsageError
+
+
+def test_truncated_timestep_is_an_input_mismatch_with_growing_drift(demo_dumps):
+    result = ak.compare(*demo_dumps["timestep"])
+    fd = result.first_divergence
+    assert result.verdict == "diverged" and result.exit_code == 1
+    assert (fd.submodel, fd.step, fd.io, fd.tensor, fd.kind) == ("unet", 1, "inputs", "timestep", "input mismatch")
+    assert fd.evidence["ref_value"] != fd.evidence["tgt_value"]
+    assert "reference float32" in fd.message and "target float32" in fd.message
+    kinds = result.calls.set_index(["submodel", "step"])["kind"]
+    assert kinds["unet", 0] == "" and kinds["scheduler", 1] == "propagated"
+    assert result.growth["submodel"] == "scheduler" and result.growth["steps"][0] == 1
+    assert result.growth["rel_l1"][-1] > result.growth["rel_l1"][0]
+    assert result.tolerance["rel_l1_max"] > 1e-3
+
+
+def test_perturbed_weights_are_a_local_error_at_step_0(demo_dumps):
+    result = ak.compare(*demo_dumps["weights"])
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.io, fd.kind) == ("unet", 0, "outputs", "local error")
+    inputs = result.table[(result.table["seq"] == fd.seq) & (result.table["io"] == "inputs")]
+    assert (inputs["status"] == "ok").all()
+
+
+def test_int64_vs_float32_timestep_with_equal_values_is_aligned_with_a_warning(demo_dumps):
+    result = ak.compare(*demo_dumps["timestep-dtype"])
+    assert result.verdict == "aligned" and result.first_divergence is None
+    assert any("`timestep`: reference float32, target int64 (values equal)" in w for w in result.warnings)
+
+
+def test_identical_rerun_is_aligned(demo_dumps):
+    result = ak.compare(*demo_dumps["none"])
+    assert result.verdict == "aligned" and result.exit_code == 0
+    assert (result.table["status"] == "ok").all()
+    assert (result.table["cos"] == 1.0).all()
+
+
+def test_outputs_are_views_of_one_table(demo_dumps, tmp_path):
+    import json
+
+    import pandas as pd
+
+    result = ak.compare(*demo_dumps["timestep"])
+    result.to_csv(tmp_path / "t.csv")
+    assert len(pd.read_csv(tmp_path / "t.csv")) == len(result.table)
+    data = json.loads(result.to_json(tmp_path / "t.json"))
+    assert data["first_divergence"]["tensor"] == "timestep" and len(data["table"]) == len(result.table)
+    assert "input mismatch" in result.summary()
+
+
+class Unet(torch.nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return (self.lin(sample) * timestep + encoder_hidden_states.sum(),)
+
+
+class EngineOV:
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, args):
+        with torch.no_grad():
+            x, t, e = (torch.from_numpy(args[k]) for k in ("input.1", "timesteps.1", "input0.1"))
+            return self.net(x, t, e)[0].numpy()
+
+
+def _record_pair(tmp_path, engine_feed):
+    net = Unet()
+    x, t, e = torch.randn(2, 4), torch.tensor(3), torch.randn(2, 3)
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        rec.watch(net, "unet")
+        with torch.no_grad():
+            net(x, t, e)
+    engine = EngineOV(net)
+    with ak.Recorder(tmp_path / "tgt.h5") as rec:
+        rec.watch(engine, "unet")
+        engine(engine_feed(x.numpy(), t.numpy(), e.numpy()))
+    return tmp_path / "ref.h5", tmp_path / "tgt.h5"
+
+
+def test_engine_names_are_mapped_to_the_reference(tmp_path):
+    ref, tgt = _record_pair(tmp_path, lambda x, t, e: {"input.1": x, "timesteps.1": t, "input0.1": e})
+    names = {"unet.input.1": "sample", "timesteps.1": "timestep", "input0.1": "encoder_hidden_states", "output": "output.0"}
+    result = ak.compare(ref, tgt, name_map=names)
+    assert result.verdict == "aligned"
+    assert set(result.table["matched_by"]) == {"map"}
+    with pytest.raises(UsageError, match="'nothing' matches no submodel or tensor"):
+        ak.compare(ref, tgt, name_map={**names, "nothing": "x"})
+
+
+def test_position_fallback_when_names_differ_but_shapes_agree(tmp_path):
+    ref, tgt = _record_pair(tmp_path, lambda x, t, e: {"input.1": x, "timesteps.1": t, "input0.1": e})
+    result = ak.compare(ref, tgt)
+    assert set(result.table["matched_by"]) == {"position"}
+    assert result.verdict == "aligned"
+
+
+def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
+    r = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    for path, value in ((tmp_path / "ref.h5", torch.from_numpy(r)), (tmp_path / "tgt.h5", torch.from_numpy(r).to(torch.bfloat16))):
+        with ak.Recorder(path) as rec:
+            rec.watch(lambda x: x, "layer")(value)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    outputs = result.table[result.table["io"] == "outputs"]
+    assert list(outputs["status"]) == ["precision"]
+    assert 0.9 < float(outputs["floor_ratio"].iloc[0]) < 1.1
+    assert result.verdict == "aligned"
+
+
+def test_dumps_with_different_step_counts_compare_the_shared_steps(tmp_path):
+    net = Unet()
+    for path, steps in ((tmp_path / "ref.h5", 5), (tmp_path / "tgt.h5", 3)):
+        x = torch.ones(2, 4)
+        with ak.Recorder(path) as rec, torch.no_grad():
+            rec.watch(net, "unet")
+            for _ in range(steps):
+                x = net(x, torch.tensor(1), torch.zeros(2, 3))[0]
+                ak.step()
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.verdict == "aligned"
+    assert sorted(set(result.table["step"])) == [0, 1, 2]
+    assert any("reference has steps 0–4, the target 0–2; compared the 3 shared steps" in n for n in result.notes)
