@@ -55,7 +55,7 @@ def inspect(
     from alignkit.store import open_dump
 
     with open_dump(dump) as d:
-        (print_shapes if shapes else print_inspection)(d, console)
+        (print_shapes if shapes else print_inspection)(d, _wide(console))
 
 
 @app.command()
@@ -77,7 +77,7 @@ def compare(
     from alignkit.report.progress import compare_with_progress
 
     result = compare_with_progress(ref, tgt, console=err, name_map=map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor, replay=replay)
-    console.print(result)
+    _wide(console).print(result)
     _write_outputs(result, ref, tgt, csv, json, None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html"))
     raise typer.Exit(result.exit_code)
 
@@ -115,6 +115,11 @@ def replay(
     result = run_replay(ref, submodel=submodel, target=str(onnx) if onnx else callable_, out=output, steps=parse_steps(steps), layers=layers)
     console.print(result)
     raise typer.Exit(result.exit_code)
+
+
+def _wide(c: Console) -> Console:
+    """Tables keep whole names when written to a file or pipe."""
+    return c if c.is_terminal else Console(width=200, highlight=False)
 
 
 def _write_outputs(result, ref: Path, tgt: Path, csv: Optional[Path], json: Optional[Path], html: Optional[Path]) -> None:

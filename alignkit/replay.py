@@ -62,7 +62,6 @@ def replay(
     ``target`` is a path to an ``.onnx`` file, ``"module:factory"`` (called with no
     arguments to make the target), a torch module, an ONNX Runtime session or a callable.
     """
-    runner = _make_runner(target)
     out_path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignkit-replay-")) / f"replay_{submodel}.h5"
     wanted = set(steps) if steps is not None else None
     notes: list[str] = []
@@ -71,6 +70,7 @@ def replay(
         if not calls:
             have = ", ".join(ref.submodels) or "none"
             raise UsageError(f"{ref.path}: no calls of {submodel!r} to replay (submodels: {have})")
+        runner = _make_runner(target)
         writer = DumpWriter(out_path, {**run_metadata(f"replay of {submodel}"), "replay_of": str(ref.path)})
         try:
             for call in calls:

@@ -215,7 +215,7 @@ def _open(path: Path) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        if "lock" in str(exc).lower():
+        if "unable to lock" in str(exc).lower():
             raise NotADumpError(f"{path}: is open for writing by another process") from exc
         raise DumpCorruptError(f"{path}: truncated or damaged HDF5 file ({_short(exc)})") from exc
     try:

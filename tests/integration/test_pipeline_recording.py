@@ -1,0 +1,77 @@
+"""End to end on a tiny real diffusers StableDiffusionPipeline."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import alignkit as ak
+from alignkit.demo.pipeline import generate, tiny_pipeline
+from tests.conftest import ROOT
+
+STEPS = 4
+
+
+def test_records_every_step_with_the_exact_timesteps_and_leaves_no_trace(tmp_path):
+    pipe = tiny_pipeline()
+    unwatched = generate(pipe, STEPS)
+    with ak.record(tmp_path / "ref.h5", pipe, label="torch-fp32") as rec:
+        watched = generate(pipe, STEPS)
+    np.testing.assert_array_equal(watched, unwatched)  # recording changes nothing
+    assert not rec.hooks
+    assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks
+    assert "decode" not in vars(pipe.vae) and "step" not in vars(pipe.scheduler)
+    expected_timesteps = pipe.scheduler.timesteps.numpy()
+    with ak.open_dump(tmp_path / "ref.h5") as d:
+        assert d.submodels == ["text_encoder", "unet", "scheduler", "vae.decode"]
+        assert d.steps("unet") == list(range(STEPS))
+        got = [d["unet", s].inputs["timestep"] for s in range(STEPS)]
+        np.testing.assert_array_equal(np.array(got), expected_timesteps)
+        assert d["unet", 0].inputs["timestep"].dtype == expected_timesteps.dtype
+        assert len(d.calls[d.calls["submodel"] == "text_encoder"]) == 2  # prompt and negative prompt
+        assert d.steps("vae.decode") == [STEPS]
+        np.testing.assert_array_equal(d["scheduler", 0].inputs["model_output"].shape, (1, 4, 16, 16))
+
+
+def test_watched_run_that_raises_removes_every_hook(tmp_path):
+    pipe = tiny_pipeline()
+    try:
+        with ak.record(tmp_path / "ref.h5", pipe):
+            pipe("x", num_inference_steps=2, height=31, width=31)  # not divisible by 8: raises
+    except ValueError:
+        pass
+    assert not pipe.unet._forward_hooks and not pipe.text_encoder._forward_pre_hooks
+    assert "step" not in vars(pipe.scheduler)
+
+
+SCRIPT = textwrap.dedent(
+    f"""
+    from alignkit.demo.pipeline import generate, tiny_pipeline
+    generate(tiny_pipeline(), {STEPS})
+    """
+)
+
+
+def test_record_cli_on_an_unmodified_script_matches_the_api(tmp_path):
+    script = tmp_path / "run_ref.py"
+    script.write_text(SCRIPT)
+    cli_dump, api_dump = tmp_path / "cli.h5", tmp_path / "api.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "record", "-o", str(cli_dump), "--label", "cli", "--", "python", str(script)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pipe = tiny_pipeline()
+    with ak.record(api_dump, pipe):
+        generate(pipe, STEPS)
+    with ak.open_dump(cli_dump) as c, ak.open_dump(api_dump) as a:
+        assert c.metadata["label"] == "cli"
+        assert c.calls[["submodel", "step", "call"]].equals(a.calls[["submodel", "step", "call"]])
+        for cc, ac in zip(c, a):
+            for io in ("inputs", "outputs"):
+                assert list(cc.outputs) == list(ac.outputs)
+                for name, value in getattr(ac, io).items():
+                    np.testing.assert_array_equal(getattr(cc, io)[name], value)
+    assert ak.compare(cli_dump, api_dump).verdict == "aligned"

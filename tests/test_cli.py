@@ -1,0 +1,184 @@
+"""The CLI: exit codes like diff, and one-line errors with no traceback for bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from alignkit.cli import main
+from tests.conftest import ROOT
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_compare_exit_codes_and_outputs(capsys, demo_dumps, tmp_path):
+    code, out, _ = run_cli(capsys, "compare", *demo_dumps["none"], "--html", tmp_path / "a.html")
+    assert code == 0 and "ALIGNED" in out and (tmp_path / "a.html").exists()
+    code, out, _ = run_cli(capsys, "compare", *demo_dumps["timestep"], "--no-html", "--csv", tmp_path / "t.csv", "--json", tmp_path / "t.json")
+    assert code == 1 and "DIVERGED" in out and "input mismatch" in out
+    assert (tmp_path / "t.csv").exists() and (tmp_path / "t.json").exists()
+    code, out, _ = run_cli(capsys, "compare", *demo_dumps["timestep"], "--no-html", "--rel-l1-max", "10", "--cos-min", "0")
+    assert code == 1  # a timestep is a control input: compared exactly whatever the tolerance
+
+
+def test_compare_writes_the_default_report_path(capsys, demo_dumps, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "compare", *demo_dumps["none"])
+    assert (tmp_path / "reports" / "demo_ref_vs_demo_tgt.html").exists()
+
+
+def test_inspect_and_shapes(capsys, demo_dumps):
+    code, out, _ = run_cli(capsys, "inspect", demo_dumps["none"][0])
+    assert code == 0 and "unet" in out and "encoder_hidden_states" in out
+    code, out, _ = run_cli(capsys, "inspect", "--shapes", demo_dumps["none"][0])
+    assert code == 0
+    assert '--inputShape="sample:2,4,16,16;timestep:;encoder_hidden_states:2,77,16"' in out
+    assert "--shapes=sample:2x4x16x16,timestep:,encoder_hidden_states:2x77x16" in out
+    assert '--inputShape="input_ids:1,77"' in out
+
+
+def bad_files(tmp_path, good):
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "text.h5").write_text("hello")
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["x"] = np.zeros(2)
+    shutil.copy(good, tmp_path / "future.h5")
+    with h5py.File(tmp_path / "future.h5", "a") as f:
+        f.attrs["format_version"] = 7
+    data = good.read_bytes()
+    cuts = {}
+    for frac in (0.1, 0.5, 0.9):
+        path = tmp_path / f"cut{int(frac * 100)}.h5"
+        path.write_bytes(data[: int(len(data) * frac)])
+        cuts[path.name] = path
+    return {
+        "missing": (tmp_path / "nope.h5", "no such file"),
+        "directory": (tmp_path, "is a directory"),
+        "empty": (tmp_path / "empty.h5", "empty file"),
+        "not hdf5": (tmp_path / "text.h5", "not an HDF5 file"),
+        "foreign hdf5": (tmp_path / "plain.h5", "not an alignkit dump"),
+        "future": (tmp_path / "future.h5", "newer than this alignkit reads"),
+        **{name: (path, "truncated or damaged") for name, path in cuts.items()},
+    }
+
+
+@pytest.mark.parametrize("command", ["compare", "inspect"])
+def test_bad_files_get_one_line_and_exit_2(capsys, demo_dumps, tmp_path, command):
+    good = demo_dumps["none"][0]
+    for label, (path, message) in bad_files(tmp_path, good).items():
+        args = [command, path] if command == "inspect" else [command, good, path, "--no-html"]
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2, label
+        assert message in err, (label, err)
+        assert str(path) in err, label
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (label, err)
+    assert good.exists() and h5py.is_hdf5(good)  # nothing touched the good dump
+
+
+def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
+    ref, tgt = demo_dumps["none"]
+    cases = [
+        (["compare", ref], "Missing argument"),
+        (["compare", ref, tgt, "--bogus"], "No such option"),
+        (["compare", ref, tgt, "--map", "nothing=sample", "--no-html"], "matches no submodel or tensor"),
+        (["compare", ref, tgt, "--map", "oops", "--no-html"], "not of the form target=reference"),
+        (["record", "-o", tmp_path / "x.h5"], "record needs a script"),
+        (["record", "-o", tmp_path / "x.h5", "--", "missing_script.py"], "no such script"),
+        (["record", "-o", tmp_path / "x.h5", "--hook", "no_such_module:Engine.__call__", "--", __file__], "cannot import"),
+        (["replay", ref, "--submodel", "nothing", "--callable", "os:getcwd"], "no calls of 'nothing'"),
+        (["demo", "--bug", "nonsense"], "unknown bug"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2, args
+        assert message in err, (args, err)
+        assert "Traceback" not in err
+
+
+def test_two_dumps_with_no_submodel_in_common(capsys, tmp_path, demo_dumps):
+    import alignkit as ak
+
+    with ak.Recorder(tmp_path / "other.h5") as rec:
+        rec.watch(lambda x: x, "something_else")(np.zeros(2))
+    code, _, err = run_cli(capsys, "compare", demo_dumps["none"][0], tmp_path / "other.h5", "--no-html")
+    assert code == 2 and "no submodel in common" in err
+
+
+ENGINE = textwrap.dedent(
+    """
+    import numpy as np
+    class EngineOV:
+        def __init__(self, model_path):
+            self.model_path = model_path
+        def __call__(self, args):
+            return args["input.1"] * 2
+    """
+)
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+    from engine import EngineOV
+    unet = EngineOV("./unet/compilation.bmodel")
+    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    for step in range(3):
+        unet({"input.1": np.full((2, 2), step, np.float32), "timesteps.1": np.array([step], np.int64)})
+        session.run(None, {"x": np.ones((2, 4), np.float32)})
+    raise SystemExit(3)
+    """
+)
+
+
+def test_record_script_with_hook_and_onnxruntime_keeps_the_exit_code(tmp_path, tiny_onnx):
+    (tmp_path / "engine.py").write_text(ENGINE)
+    (tmp_path / "run.py").write_text(SCRIPT)
+    dump = tmp_path / "tgt.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--hook", "engine:EngineOV.__call__", "--step-on", "engine:EngineOV.__call__", "--", "run.py", str(tiny_onnx)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr
+    import alignkit as ak
+
+    with ak.open_dump(dump) as d:
+        assert set(d.submodels) == {"unet", "unet#2"} or set(d.submodels) >= {"unet"}
+        engine_calls = d.calls[d.calls["submodel"] == "unet"]
+        assert len(engine_calls) == 3
+        assert list(next(iter(d)).inputs) == ["input.1", "timesteps.1"]
+
+
+CRASH = textwrap.dedent(
+    """
+    import numpy as np
+    import onnxruntime as ort, sys
+    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones((2, 4), np.float32)})
+    raise KeyError("user bug")
+    """
+)
+
+
+def test_a_script_that_raises_keeps_its_exception_and_the_dump(tmp_path, tiny_onnx):
+    (tmp_path / "crash.py").write_text(CRASH)
+    dump = tmp_path / "crash.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--", "crash.py", str(tiny_onnx)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "KeyError: 'user bug'" in proc.stderr and "Traceback" in proc.stderr
+    import alignkit as ak
+
+    with ak.open_dump(dump) as d:
+        assert d.submodels == ["unet"] and len(d) == 1
