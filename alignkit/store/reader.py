@@ -85,7 +85,7 @@ class Call:
     def tensor(self, io: str, name: str) -> np.ndarray:
         """One tensor as numpy (bfloat16 widened to float32 exactly)."""
         ds = self.dataset(io, name)
-        return decode(ds[()], str(ds.attrs["dtype"]))
+        return decode(np.asarray(ds[()]), str(ds.attrs["dtype"]))
 
     def _all(self, io: str) -> dict[str, np.ndarray]:
         return {t.name: self.tensor(io, t.name) for t in self.info(io)}

@@ -1,0 +1,86 @@
+"""The report: self-contained, escaped, and correct when a browser opens it."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import alignkit as ak
+
+
+def test_report_is_self_contained_and_reads_top_down(demo_dumps, tmp_path):
+    result = ak.compare(*demo_dumps["timestep"])
+    html = result.to_html(tmp_path / "r.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    order = [html.index(s) for s in ("id='verdict'", "Error per step", "Submodels", "Tensors × steps", "Calls and tensors", "Images", "Runs")]
+    assert order == sorted(order)
+    assert "input mismatch" in html and "unet step 1" in html and "timestep" in html
+    assert html.count("data:image/png;base64,") >= 4  # curves, heatmap, image panels
+    assert "port (timestep)" in html and "torch-fp32" in html  # both labels in the metadata table
+
+
+def test_aligned_report_says_aligned(demo_dumps, tmp_path):
+    html = ak.compare(*demo_dumps["none"]).to_html(tmp_path / "r.html").read_text()
+    assert "ALIGNED" in html and "DIVERGED" not in html
+
+
+def hostile_pair(tmp_path):
+    name = "<script>alert(1)</script>"
+    for path, scale in ((tmp_path / "ref.h5", 1.0), (tmp_path / "tgt.h5", 2.0)):
+        with ak.Recorder(path, label=f"{name} run") as rec:
+            f = rec.watch(lambda x: {name: x * scale, "ünï cødé/a.b c": x}, name)
+            f(np.ones((1, 3, 8, 8), np.float32))
+    return ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+
+
+def test_names_from_dumps_are_escaped(tmp_path):
+    result = hostile_pair(tmp_path)
+    assert result.first_divergence.submodel == "<script>alert(1)</script>"
+    html = result.to_html(tmp_path / "r.html").read_text()
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "ünï cødé/a.b c" in html
+
+
+def chromium_driver():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver must be installed in CI (.ci/run installs them)")
+        pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1600"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+@pytest.mark.parametrize("bug", ["timestep", "hostile"])
+def test_browser_opens_the_report_with_everything_loaded(demo_dumps, tmp_path, bug):
+    result = hostile_pair(tmp_path) if bug == "hostile" else ak.compare(*demo_dumps[bug])
+    path = result.to_html(tmp_path / "report.html")
+    driver = chromium_driver()
+    try:
+        driver.get(path.resolve().as_uri())
+        driver.save_screenshot(str(tmp_path / "shot.png"))
+        verdict = driver.find_element("id", "verdict").text
+        assert "DIVERGED" in verdict
+        if bug == "timestep":
+            assert "unet step 1" in verdict and "timestep" in verdict
+        else:
+            assert "<script>alert(1)</script>" in verdict  # shown as text, not run
+        images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        assert images and all(done and width > 0 for done, width in images)
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        requests = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
+        urls = [m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"]
+        assert all(u.startswith(("file:", "data:")) for u in urls), urls
+    finally:
+        driver.quit()
+    assert (tmp_path / "shot.png").stat().st_size > 10_000

@@ -1,0 +1,136 @@
+"""Replay and layer drill-down on tiny models built in-process."""
+
+import numpy as np
+import pytest
+import torch
+
+import alignkit as ak
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Linear(8, 8)
+        self.act = torch.nn.SiLU()
+        self.out = torch.nn.Linear(8, 8)
+
+    def forward(self, sample, timestep):
+        return self.out(self.act(self.conv(sample) + timestep.float()))
+
+
+def record_calls(path, model, name="unet", steps=3, layers=()):
+    with ak.Recorder(path, layers=layers) as rec, torch.no_grad():
+        rec.watch(model, name)
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+        for step in range(steps):
+            x = model(x, torch.tensor(step))
+            ak.step()
+    return path
+
+
+def test_onnx_export_replays_within_float32_noise(tmp_path):
+    model = Block().eval()
+    ref = record_calls(tmp_path / "ref.h5", model)
+    onnx_path = tmp_path / "unet.onnx"
+    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(onnx_path), dynamo=False, input_names=["sample", "timestep"], output_names=["output"])
+    result = ak.replay(ref, submodel="unet", target=onnx_path, out=tmp_path / "replay.h5")
+    assert result.verdict == "aligned", result.summary()
+    outputs = result.table[result.table["io"] == "outputs"]
+    assert len(outputs) == 3 and (outputs["cos"] > 0.999999).all()
+
+
+def test_replay_is_flat_while_the_pipeline_drifts(demo_dumps, tmp_path):
+    """The timestep bug lives in the glue: the UNet replayed on reference inputs is aligned."""
+    from alignkit.demo.pipeline import tiny_pipeline
+
+    ref, tgt = demo_dumps["timestep"]
+    unet = tiny_pipeline().unet  # the target's UNet is the same port
+    replayed = ak.replay(ref, submodel="unet", target=unet, out=tmp_path / "replay.h5")
+    assert replayed.verdict == "aligned"
+    pipeline = ak.compare(ref, tgt, replay=replayed)
+    assert pipeline.verdict == "diverged" and pipeline.replay is replayed
+    html = pipeline.to_html(tmp_path / "both.html").read_text()
+    assert "Blue: the replay" in html
+
+
+def test_replay_reports_dtype_adaptation(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["timestep"], ["t"], to=TensorProto.FLOAT), helper.make_node("Add", ["sample", "t"], ["output"])],
+        "g",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 8]), helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        f = rec.watch(lambda sample, timestep: sample + timestep, "unet")
+        f(np.ones((2, 8), np.float32), np.array(3, np.int64))
+    result = ak.replay(tmp_path / "ref.h5", submodel="unet", target=tmp_path / "m.onnx")
+    assert any("cast input `timestep` from int64" in w for w in result.warnings)
+
+
+class Overflowing(torch.nn.Module):
+    """A norm computed as sqrt(sum(x²)): fine in fp32, inf in fp16 for large activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Linear(16, 16)
+        self.square = Square()
+        self.reduce = SumLast()
+        self.root = Sqrt()
+
+    def forward(self, x):
+        return self.root(self.reduce(self.square(self.scale(x))))
+
+
+class Square(torch.nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+class SumLast(torch.nn.Module):
+    def forward(self, x):
+        return x.sum(-1)
+
+
+class Sqrt(torch.nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)
+
+
+def test_drill_down_names_the_first_layer_where_inf_appears_in_fp16(tmp_path):
+    torch.manual_seed(0)
+    ref_model = Overflowing()
+    with torch.no_grad():
+        ref_model.scale.weight.copy_(torch.eye(16) + 0.01 * torch.randn(16, 16))
+        ref_model.scale.bias.zero_()
+    tgt_model = Overflowing()
+    tgt_model.load_state_dict(ref_model.state_dict())
+    tgt_model = tgt_model.half()
+    x = torch.full((2, 16), 100.0)  # squares ~1e4 fit fp16; their sum ~1.6e5 does not
+    for path, model, value in ((tmp_path / "ref.h5", ref_model, x), (tmp_path / "tgt.h5", tgt_model, x.half())):
+        with ak.Recorder(path, layers=["model"]) as rec, torch.no_grad():
+            rec.watch(model, "model")
+            model(value)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.first_divergence.kind == "local error"
+    assert result.layers["first_nonfinite_tgt"] == "reduce"
+    assert "reduce" in result.layers["keep_fp32"]
+
+
+def test_drill_down_names_a_planted_layer_error(tmp_path):
+    ref_model = Block().eval()
+    tgt_model = Block().eval()
+    with torch.no_grad():
+        tgt_model.out.weight.mul_(1.05)
+    record_calls(tmp_path / "ref.h5", ref_model, layers=["unet"])
+    record_calls(tmp_path / "tgt.h5", tgt_model, layers=["unet"])
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert (result.first_divergence.kind, result.first_divergence.step) == ("local error", 0)
+    assert result.layers["first_layer"] == "out"
+    assert result.layers["keep_fp32"][0] == "out"
