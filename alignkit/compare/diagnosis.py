@@ -210,7 +210,8 @@ def drill_down(table: pd.DataFrame, first: Divergence) -> dict[str, Any]:
     added = err - pd.Series(err).cummax().shift(1, fill_value=0.0).to_numpy()
     ranked = layers.assign(added=added).sort_values("added", ascending=False)
     ranked = ranked[ranked["added"] > 0]
-    out["keep_fp32"] = [str(t) for t in ranked["tensor"].head(10)]
+    overflow = [out[k] for k in ("first_nonfinite_tgt",) if k in out]  # an overflow comes first
+    out["keep_fp32"] = list(dict.fromkeys([*overflow, *(str(t) for t in ranked["tensor"])]))[:10]
     return out
 
 
