@@ -211,7 +211,11 @@ class Recorder:
             self._ordinals[submodel] += 1
         if self._steps is not None and step not in self._steps:
             return None
-        tensors, values = split(named())
+        try:
+            tensors, values = split(named())
+        except Exception as exc:  # never break the user's run over a value we cannot copy
+            warnings.warn(f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3)
+            return None
         record = CallRecord(seq, submodel, step, call, ordinal, inputs=self._filter(tensors), values=values)
         _CURRENT.__dict__.setdefault("stack", []).append(record)
         return record
@@ -225,7 +229,11 @@ class Recorder:
         if error is not None:
             record.error = f"{type(error).__name__}: {error}"
         else:
-            tensors, values = split(named())
+            try:
+                tensors, values = split(named())
+            except Exception as exc:  # never break the user's run over a value we cannot copy
+                tensors, values = [], {}
+                record.error = f"alignkit could not record the outputs: {exc}"
             record.outputs = self._filter(tensors)
             record.output_values = values
         if self._writer is not None:
