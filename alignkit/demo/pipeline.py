@@ -82,9 +82,9 @@ def tiny_pipeline(seed: int = 0, scheduler: str = "euler") -> Any:
     return pipe
 
 
-def generate(pipe: Any, steps: int, seed: int = 0, prompt: str = "a red fox in the snow") -> Any:
-    """One run of the pipeline; returns the image array (1, H, W, 3)."""
+def generate(pipe: Any, steps: int, seed: int = 0, prompt: str = "a red fox in the snow", size: int = SIZE) -> Any:
+    """One run of the pipeline; returns the image array (1, size, size, 3)."""
     import torch
 
     with torch.no_grad():
-        return pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed), output_type="np", height=SIZE, width=SIZE).images
+        return pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed), output_type="np", height=size, width=size).images

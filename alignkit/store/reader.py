@@ -36,7 +36,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     path: str
-    index: int
+    index: int  # position in the call, in recorded (creation) order
 
 
 class Call:
@@ -69,11 +69,7 @@ class Call:
         group = self._group.get(io)
         if group is None:
             return []
-        found = [
-            TensorInfo(io, str(ds.attrs["name"]), str(ds.attrs["dtype"]), tuple(ds.shape), ds.name, int(ds.attrs.get("index", i)))
-            for i, ds in enumerate(group.values())
-        ]
-        return sorted(found, key=lambda t: t.index)
+        return [TensorInfo(io, str(ds.attrs["name"]), str(ds.attrs["dtype"]), tuple(ds.shape), ds.name, i) for i, ds in enumerate(group.values())]
 
     def dataset(self, io: str, name: str) -> h5py.Dataset:
         for info in self.info(io):

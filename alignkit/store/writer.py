@@ -80,6 +80,7 @@ class DumpWriter:
         self._warned = False
         self.calls_written = 0
         self._flush_each_call = True
+        self._unindexed: list[CallRecord] = []
         self._thread = threading.Thread(target=self._run, name="alignkit-writer", daemon=True)
         self._thread.start()
 
@@ -126,13 +127,12 @@ class DumpWriter:
                     self._finish(item[1])
                     return
                 if item is _FLUSH:
-                    if self._file is not None:
-                        self._file.flush()
+                    self._flush()
                     continue
                 if isinstance(item, _SetAttr):
                     if self._file is not None:
                         self._file.attrs[item.key] = item.value
-                        self._file.flush()
+                        self._flush()
                     self._flush_each_call = False
                     continue
                 self._write_or_stop(item)
@@ -153,14 +153,22 @@ class DumpWriter:
             self._finish({"stopped": shortage})
             return
         _write_call(self._file, record)
+        self._unindexed.append(record)
         self.calls_written += 1
         if self._flush_each_call:
-            self._file.flush()  # no step boundary seen yet: keep every call durable
+            self._flush()  # no step boundary seen yet: keep every call durable
+
+    def _flush(self) -> None:
+        """Index the calls written since the last flush, then make the file durable."""
+        if self._file is not None:
+            _append_index(self._file, self._unindexed)
+            self._file.flush()
 
     def _finish(self, metadata: dict[str, Any]) -> None:
         if self._file is None:
             return
         try:
+            _append_index(self._file, self._unindexed)
             for key, value in metadata.items():
                 self._file.attrs[key] = value
             self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
@@ -213,22 +221,34 @@ def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
 
 def _write_call(f: h5py.File, record: CallRecord) -> None:
     group = f.create_group(call_group_name(record.seq), track_order=True)
-    group.attrs.update(
-        {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
-    )
+    attrs = group.attrs
+    attrs["seq"], attrs["submodel"], attrs["step"] = record.seq, record.submodel, record.step
+    attrs["call"], attrs["ordinal"] = record.call, record.ordinal
     if record.error is not None:
-        group.attrs["error"] = record.error
-    for io, tensors in (("inputs", record.inputs), ("outputs", record.outputs), ("layers", record.layers)):
+        attrs["error"] = record.error
+    for io, tensors, values in (("inputs", record.inputs, record.values), ("outputs", record.outputs, record.output_values), ("layers", record.layers, {})):
+        if not tensors and not values and io == "layers":
+            continue
         sub = group.create_group(io, track_order=True)
-        for i, tensor in enumerate(tensors):
+        for tensor in tensors:
             ds = sub.create_dataset(escape_name(tensor.name), data=tensor.data)
-            ds.attrs.update({"name": tensor.name, "dtype": tensor.dtype, "source": tensor.source, "device": tensor.device, "index": i})
-        for key, text in {"inputs": record.values, "outputs": record.output_values}.get(io, {}).items():
+            ds.attrs["name"], ds.attrs["dtype"] = tensor.name, tensor.dtype
+            if tensor.source != "torch":
+                ds.attrs["source"] = tensor.source
+            if tensor.device != "cpu":
+                ds.attrs["device"] = tensor.device
+        for key, text in values.items():
             sub.attrs[key] = text
+
+
+def _append_index(f: h5py.File, rows: list[CallRecord]) -> None:
+    if not rows:
+        return
     index = f[INDEX]
     n = index.shape[0]
-    index.resize((n + 1,))
-    index[n] = (record.seq, record.submodel, record.step, record.call, record.ordinal)
+    index.resize((n + len(rows),))
+    index[n:] = np.array([(r.seq, r.submodel, r.step, r.call, r.ordinal) for r in rows], dtype=INDEX_DTYPE)
+    rows.clear()
 
 
 def _space_shortage(path: Path, nbytes: int) -> str | None:
