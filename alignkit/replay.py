@@ -54,7 +54,6 @@ def replay(
     target: Any,
     out: str | os.PathLike | None = None,
     steps: Iterable[int] | None = None,
-    layers: bool = False,
     **compare_options: Any,
 ) -> Comparison:
     """Replay ``submodel``'s recorded inputs into ``target`` and compare with the reference.

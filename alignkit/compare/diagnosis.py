@@ -173,11 +173,12 @@ def warnings_for(table: pd.DataFrame) -> list[str]:
     precision = table[table["status"] == "precision"]
     if len(precision):
         out.append(f"{len(precision)} tensors differ within {int(table.attrs.get('floor_factor', 10))}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
-    for side, other in (("tgt", "ref"), ("ref", "tgt")):
-        nf = table[(table[f"nan_{side}"].fillna(0) + table[f"inf_{side}"].fillna(0) > 0) & (table[f"nan_{other}"].fillna(0) + table[f"inf_{other}"].fillna(0) == 0)]
+    mismatched = table[table["nonfinite_mismatch"].fillna(0) > 0]
+    count = {side: mismatched[f"nan_{side}"] + mismatched[f"inf_{side}"] for side in ("ref", "tgt")}
+    for side, other, who in (("tgt", "ref", "target"), ("ref", "tgt", "reference")):
+        nf = mismatched[count[side] > count[other]]
         if len(nf):
             row = nf.iloc[0]
-            who = "target" if side == "tgt" else "reference"
             out.append(f"NaN/Inf first appear in the {who} only at {row['submodel']} step {row['step']} {row['io'][:-1]} `{row['tensor']}` ({int(row[f'nan_{side}'])} NaN, {int(row[f'inf_{side}'])} Inf)")
     return out
 
