@@ -107,11 +107,12 @@ def replay(
     callable_: Optional[str] = typer.Option(None, "--callable", help="module:factory returning the target callable."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the target's outputs as a dump."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Steps to replay, e.g. 0-4,10."),
+    layers: bool = typer.Option(False, "--layers", help="Also record the target's layers, to name the first that diverges."),
 ) -> None:
     """Feed the reference inputs of every recorded call into a target submodel and compare."""
     from alignkit.replay import replay as run_replay, parse_steps
 
-    result = run_replay(ref, submodel=submodel, target=str(onnx) if onnx else callable_, out=output, steps=parse_steps(steps))
+    result = run_replay(ref, submodel=submodel, target=str(onnx) if onnx else callable_, out=output, steps=parse_steps(steps), layers=layers)
     console.print(result)
     raise typer.Exit(result.exit_code)
 

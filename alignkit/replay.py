@@ -54,12 +54,16 @@ def replay(
     target: Any,
     out: str | os.PathLike | None = None,
     steps: Iterable[int] | None = None,
+    layers: bool = False,
     **compare_options: Any,
 ) -> Comparison:
     """Replay ``submodel``'s recorded inputs into ``target`` and compare with the reference.
 
     ``target`` is a path to an ``.onnx`` file, ``"module:factory"`` (called with no
     arguments to make the target), a torch module, an ONNX Runtime session or a callable.
+    ``layers`` records the target's layers too (every leaf module of a torch target, every
+    intermediate output of an ONNX target), so the comparison names the first layer that
+    diverges against a reference recorded with layers.
     """
     out_path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignkit-replay-")) / f"replay_{submodel}.h5"
     wanted = set(steps) if steps is not None else None
@@ -69,16 +73,17 @@ def replay(
         if not calls:
             have = ", ".join(ref.submodels) or "none"
             raise UsageError(f"{ref.path}: no calls of {submodel!r} to replay (submodels: {have})")
-        runner = _make_runner(target)
+        runner = _make_runner(target, layers)
         writer = DumpWriter(out_path, {**run_metadata(f"replay of {submodel}"), "replay_of": str(ref.path)})
         try:
             for call in calls:
                 feed, values, adapted = runner.feed(call)
                 notes.extend(n for n in adapted if n not in notes)
-                named_out = runner.run(feed, values)
+                named_out, named_layers = runner.run(feed, values)
                 inputs, in_values = split(list(feed.items()))
                 outputs, _ = split(named_out)
-                writer.put(CallRecord(call.seq, call.submodel, call.step, call.call, call.ordinal, inputs, outputs, values=in_values))
+                layer_tensors, _ = split(named_layers)
+                writer.put(CallRecord(call.seq, call.submodel, call.step, call.call, call.ordinal, inputs, outputs, layer_tensors, values=in_values))
                 writer.flush()
         finally:
             writer.close()
@@ -88,18 +93,23 @@ def replay(
     return result
 
 
+Named = list[tuple[str, Any]]
+
+
 class _Runner:
     def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         return call.inputs, call.values("inputs"), []
 
-    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> list[tuple[str, Any]]:
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
+        """(outputs, layer outputs) of one call."""
         raise NotImplementedError
 
 
 class _OrtRunner(_Runner):
-    def __init__(self, session: Any):
+    def __init__(self, session: Any, exposed: Any = None):
         self.session = session
         self.inputs = session.get_inputs()
+        self.exposed = exposed
 
     def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         recorded = call.inputs
@@ -120,27 +130,33 @@ class _OrtRunner(_Runner):
             chosen[meta.name] = value
         return chosen, {}, adapted
 
-    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> list[tuple[str, Any]]:
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
+        if self.exposed is not None:
+            return self.exposed.run(feed)
         result = self.session.run(None, feed)
-        return ort_outputs_for(self.session)(result, (None,), {})
+        return ort_outputs_for(self.session)(result, (None,), {}), []
 
 
 class _CallableRunner(_Runner):
-    def __init__(self, fn: Any):
+    def __init__(self, fn: Any, layers: bool = False):
         self.fn = fn
         self.torch = is_torch_module(fn)
+        if layers and not self.torch:
+            raise UsageError("layers can be replayed for torch modules and ONNX models only")
+        self.layers = layers
 
-    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> list[tuple[str, Any]]:
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
         args = {**_unflatten(feed), **{k: v for k, v in values.items() if "." not in k}}
-        if self.torch:
-            import torch
+        if not self.torch:
+            return name_outputs(self.fn(**args)), []
+        import torch
 
-            args = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
-            with torch.no_grad():
-                result = self.fn(**args)
-        else:
+        from alignkit.record.layers import capture_layers
+
+        args = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+        with torch.no_grad(), capture_layers(self.fn, enabled=self.layers) as layers:
             result = self.fn(**args)
-        return name_outputs(result)
+        return name_outputs(result), [(t.name, t.data) for t in layers]
 
 
 def _unflatten(feed: dict[str, Any]) -> dict[str, Any]:
@@ -155,18 +171,23 @@ def _unflatten(feed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _make_runner(target: Any) -> _Runner:
+def _make_runner(target: Any, layers: bool = False) -> _Runner:
     if isinstance(target, (str, os.PathLike)) and str(target).endswith(".onnx"):
         ort = require("onnxruntime", "onnx")
         if not Path(target).is_file():
             raise UsageError(f"{target}: no such ONNX file")
-        return _OrtRunner(ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]))
+        return _make_runner(ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]), layers)
     if isinstance(target, str):
-        return _make_runner(_factory(target)())
+        return _make_runner(_factory(target)(), layers)
     if is_ort_session(target):
-        return _OrtRunner(target)
+        exposed = None
+        if layers:
+            from alignkit.record.onnx_layers import expose
+
+            exposed = expose(target._model_path, providers=target.get_providers())
+        return _OrtRunner(target, exposed)
     if callable(target):
-        return _CallableRunner(target)
+        return _CallableRunner(target, layers)
     raise UsageError(f"cannot replay into {type(target).__name__}: give an .onnx path, module:factory, a torch module or a callable")
 
 

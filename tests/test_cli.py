@@ -182,3 +182,16 @@ def test_a_script_that_raises_keeps_its_exception_and_the_dump(tmp_path, tiny_on
 
     with ak.open_dump(dump) as d:
         assert d.submodels == ["unet"] and len(d) == 1
+
+
+def test_shapes_that_vary_give_dynamic_axes(capsys, tmp_path):
+    import alignkit as ak
+
+    with ak.Recorder(tmp_path / "dyn.h5") as rec:
+        f = rec.watch(lambda sample, ids: None, "unet")
+        for n in (1, 2):
+            f(np.zeros((n, 4, 8, 8), np.float32), np.zeros((1, 77), np.int64))
+    code, out, _ = run_cli(capsys, "inspect", "--shapes", tmp_path / "dyn.h5")
+    assert code == 0
+    assert '--inputShape="sample:1,4,8,8;ids:1,77"' in out
+    assert 'dynamic_axes={"sample": {"0": "sample_dim0"}}' in out

@@ -134,3 +134,50 @@ def test_drill_down_names_a_planted_layer_error(tmp_path):
     assert (result.first_divergence.kind, result.first_divergence.step) == ("local error", 0)
     assert result.layers["first_layer"] == "out"
     assert result.layers["keep_fp32"][0] == "out"
+
+
+def test_onnx_port_layers_are_matched_to_torch_modules_and_drilled_down(tmp_path):
+    """A planted error in one layer of an ONNX port: replay with layers names that layer."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = Block().eval()
+    ref = record_calls(tmp_path / "ref.h5", model, layers=["unet"])
+    path = tmp_path / "unet.onnx"
+    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(path), dynamo=False, input_names=["sample", "timestep"], output_names=["output"])
+    proto = onnx.load(path)
+    for init in proto.graph.initializer:
+        if init.name == "conv.weight":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.02, init.name))
+    onnx.save(proto, path)
+    result = ak.replay(ref, submodel="unet", target=path, layers=True)
+    layers = result.table[result.table["io"] == "layers"]
+    assert set(layers["tensor"]) == {"conv", "act", "out"} and set(layers["matched_by"]) == {"name"}
+    assert (result.first_divergence.kind, result.first_divergence.step) == ("local error", 0)
+    assert result.layers["first_layer"] == "conv"
+    assert result.layers["keep_fp32"][0] == "conv"
+
+
+def test_onnx_session_layers_are_recorded(tmp_path):
+    import onnxruntime as ort
+
+    model = Block().eval()
+    path = tmp_path / "unet" / "model.onnx"
+    path.parent.mkdir()
+    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(path), dynamo=False, input_names=["sample", "timestep"], output_names=["output"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with ak.Recorder(tmp_path / "d.h5", layers=["unet"]) as rec:
+        rec.watch(session)
+        (y,) = session.run(None, {"sample": np.ones((2, 8), np.float32), "timestep": np.array(1, np.int64)})
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        call = d["unet", 0]
+        assert list(call.layers) == ["conv", "act", "out"]
+        np.testing.assert_allclose(call.layers["out"], y)
+
+
+def test_torch_replay_with_layers(tmp_path):
+    model = Block().eval()
+    ref = record_calls(tmp_path / "ref.h5", model, layers=["unet"])
+    result = ak.replay(ref, submodel="unet", target=model, layers=True)
+    assert result.verdict == "aligned"
+    assert set(result.table.loc[result.table["io"] == "layers", "tensor"]) == {"conv", "act", "out"}

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from alignkit.record.flatten import Named, name_outputs, signature_binder
+from alignkit.record.flatten import Named, name_outputs, signature_binder, split
 
 if TYPE_CHECKING:
     from alignkit.record.recorder import Recorder
@@ -40,14 +40,21 @@ def recorded_call(
     bind: Binder,
     outputs: OutputNamer = default_outputs,
     after: Callable[[], None] | None = None,
+    layers: Binder | None = None,
 ) -> Any:
-    """Call ``fn`` and record its inputs (copied before) and outputs (copied after)."""
+    """Call ``fn`` and record its inputs (copied before) and outputs (copied after).
+
+    ``layers``, when given, computes named layer outputs for the same arguments (an ONNX
+    model's intermediate outputs) to store under the call.
+    """
     pending = recorder._begin(submodel, lambda: bind(args, kwargs))
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
         recorder._end(pending, lambda: [], error=exc)
         raise
+    if layers is not None and pending is not None:
+        pending.layers.extend(split(layers(args, kwargs))[0])
     recorder._end(pending, lambda: outputs(result, args, kwargs))
     if after is not None:
         after()
@@ -80,6 +87,7 @@ class MethodHook(Hook):
         outputs: OutputNamer = default_outputs,
         after: Callable[[], None] | None = None,
         record: bool = True,
+        layers: Binder | None = None,
     ):
         self.name, self._obj, self._method = name, obj, method
         self._had_own = method in getattr(obj, "__dict__", {})
@@ -89,7 +97,7 @@ class MethodHook(Hook):
 
         if record:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return recorded_call(recorder, name, original, args, kwargs, bind, outputs, after)
+                return recorded_call(recorder, name, original, args, kwargs, bind, outputs, after, layers)
         else:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 result = original(*args, **kwargs)

@@ -1,29 +1,32 @@
-"""Layer recording: the output of every leaf module of a torch submodel, stored under the
-submodel's call (``layers/<module path>``), so comparison can name the first layer that
-diverges. ``pattern`` (a regex on module paths) and the recorder's step filter keep it
-affordable."""
+"""Layer recording: the output of every leaf module of a torch submodel, copied when the layer
+runs and stored under the submodel's call (``layers/<module path>``), so comparison can name
+the first layer that diverges. ``pattern`` (a regex on module paths) and the recorder's step
+filter keep it affordable. A module called twice in one call gives ``path`` and ``path#2``;
+a tuple output gives ``path.0``, ``path.1``."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from alignkit.record.flatten import name_outputs, split
 from alignkit.record.hooks import Hook
+from alignkit.record.tensors import Tensor
 
 if TYPE_CHECKING:
     from alignkit.record.recorder import Recorder
 
+Sink = Callable[[], "list[Tensor] | None"]
+
 
 class LayerHooks(Hook):
-    """Forward hooks on every leaf module of ``module`` that append to the current call."""
+    """Forward hooks on the leaf modules of ``module`` that append to ``sink()`` (if not None)."""
 
-    def __init__(self, recorder: Recorder, module: Any, submodel: str, pattern: re.Pattern | None = None):
-        self.name = f"{submodel} layers"
-        self._handles = []
-        for path, sub in module.named_modules():
-            if path and next(sub.children(), None) is None and (pattern is None or pattern.search(path)):
-                self._handles.append(sub.register_forward_hook(_layer_hook(path, submodel)))
+    def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None):
+        self.name = name
+        self._handles = [sub.register_forward_hook(_hook(path, sink)) for path, sub in leaf_modules(module, pattern)]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -31,15 +34,42 @@ class LayerHooks(Hook):
         self._handles = []
 
 
-def _layer_hook(path: str, submodel: str):
+def recorder_layers(recorder: Recorder, module: Any, submodel: str, pattern: re.Pattern | None) -> LayerHooks:
+    """Layer hooks that add to whichever call of ``submodel`` is being recorded on this thread."""
     from alignkit.record.recorder import current_call
 
-    def hook(module: Any, args: tuple, output: Any) -> None:
+    def sink() -> list[Tensor] | None:
         record = current_call()
-        if record is None or record.submodel != submodel:
+        return record.layers if record is not None and record.submodel == submodel else None
+
+    return LayerHooks(module, f"{submodel} layers", sink, pattern)
+
+
+@contextmanager
+def capture_layers(module: Any, enabled: bool = True) -> Iterator[list[Tensor]]:
+    """Collect every leaf module's output while the block runs (replay of a torch target)."""
+    collected: list[Tensor] = []
+    hooks = LayerHooks(module, "replay layers", lambda: collected) if enabled else None
+    try:
+        yield collected
+    finally:
+        if hooks is not None:
+            hooks.remove()
+
+
+def leaf_modules(module: Any, pattern: re.Pattern | None = None) -> Iterator[tuple[str, Any]]:
+    for path, sub in module.named_modules():
+        if path and next(sub.children(), None) is None and (pattern is None or pattern.search(path)):
+            yield path, sub
+
+
+def _hook(path: str, sink: Sink):
+    def hook(module: Any, args: tuple, output: Any) -> None:
+        layers = sink()
+        if layers is None:
             return
         tensors, _ = split(name_outputs(output))
-        taken = {t.name for t in record.layers}
+        taken = {t.name for t in layers}
         for t in tensors:
             name = path if t.name == "output" else f"{path}.{t.name.removeprefix('output.')}"
             base, n = name, 2
@@ -47,6 +77,6 @@ def _layer_hook(path: str, submodel: str):
                 name, n = f"{base}#{n}", n + 1
             t.name = name
             taken.add(name)
-            record.layers.append(t)
+            layers.append(t)
 
     return hook

@@ -131,13 +131,14 @@ class Recorder:
             submodel = self._unique(name or type(obj).__name__)
             self._add(obj, ModuleHook(self, obj, submodel))
             if submodel in self._layers or (name and name in self._layers):
-                from alignkit.record.layers import LayerHooks
+                from alignkit.record.layers import recorder_layers
 
-                self._add(None, LayerHooks(self, obj, submodel, self._layer_filter))
+                self._add(None, recorder_layers(self, obj, submodel, self._layer_filter))
             return obj
         if is_ort_session(obj):
             submodel = self._unique(name or ort_session_name(obj))
-            hook = MethodHook(self, obj, "run", submodel, bind=ort_bind, outputs=ort_outputs_for(obj))
+            layers = self._onnx_layers(obj) if submodel in self._layers or (name and name in self._layers) else None
+            hook = MethodHook(self, obj, "run", submodel, bind=ort_bind, outputs=ort_outputs_for(obj), layers=layers)
             self._add(obj, hook)
             return obj
         if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
@@ -146,6 +147,16 @@ class Recorder:
             self._add(obj, CallHook(self, obj, self._unique(name or type(obj).__name__)))
             return obj
         raise UsageError(f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record")
+
+    def _onnx_layers(self, session: Any) -> Callable[[tuple, dict], Named]:
+        """Run a copy of the session's model with every intermediate output exposed."""
+        from alignkit.record.onnx_layers import expose
+
+        path = getattr(session, "_model_path", None)
+        if not isinstance(path, str) or not path:
+            raise UsageError("layer recording of an ONNX session needs a session created from a model file")
+        exposed = expose(path, self._layer_filter, session.get_providers())
+        return lambda args, kwargs: exposed.run(dict(ort_bind(args, kwargs)))[1]
 
     def _watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> None:
         if not callable(getattr(obj, method, None)):

@@ -1,0 +1,64 @@
+"""Layer outputs of an ONNX model: a copy of the model with every intermediate node output
+exposed as a graph output, run beside the real one.
+
+Exporters keep torch's module scopes in node names (``/down_blocks.0/resnets.0/conv1/Conv``),
+so each scope's last node output is named after the torch module it comes from
+(``down_blocks.0.resnets.0.conv1``) and matches the torch reference's layer by name. A graph
+without scopes keeps the ONNX tensor names; comparison then matches layers by position where
+count and shapes agree, and says so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from alignkit.errors import require
+
+
+@dataclass
+class ExposedModel:
+    session: Any  # onnxruntime.InferenceSession of the copy
+    graph_outputs: list[str]
+    layers: list[tuple[str, str]]  # (layer name, ONNX tensor name) in graph order
+
+    def run(self, feed: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """Run the copy: (graph outputs, layer outputs), each as (name, array)."""
+        names = self.graph_outputs + [onnx_name for _, onnx_name in self.layers if onnx_name not in self.graph_outputs]
+        values = dict(zip(names, self.session.run(names, feed)))
+        return [(n, values[n]) for n in self.graph_outputs], [(layer, values[onnx_name]) for layer, onnx_name in self.layers]
+
+
+def expose(model_path: str, pattern: re.Pattern | None = None, providers: list[str] | None = None) -> ExposedModel:
+    onnx = require("onnx", "onnx")
+    ort = require("onnxruntime", "onnx")
+    model = onnx.load(model_path)
+    typed = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    graph_outputs = [o.name for o in model.graph.output]
+    layers = layer_names(model.graph.node, set(typed) | set(graph_outputs), pattern)
+    for _, name in layers:
+        if name not in graph_outputs:
+            model.graph.output.append(typed[name])
+    session = ort.InferenceSession(model.SerializeToString(), providers=providers or ["CPUExecutionProvider"])
+    return ExposedModel(session, graph_outputs, layers)
+
+
+def layer_names(nodes: Any, available: set[str], pattern: re.Pattern | None = None) -> list[tuple[str, str]]:
+    """(layer name, tensor name): the last output of each module scope, or every output."""
+    by_scope: dict[str, str] = {}
+    for node in nodes:
+        scope = _scope(node.name)
+        for out in node.output:
+            if out in available and scope:
+                by_scope.pop(scope, None)  # keep graph order of each scope's last output
+                by_scope[scope] = out
+    pairs = list(by_scope.items())
+    if not pairs:
+        pairs = [(out, out) for node in nodes for out in node.output if out in available]
+    return [(layer, name) for layer, name in pairs if pattern is None or pattern.search(layer)]
+
+
+def _scope(node_name: str) -> str:
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[:-1]) if node_name.startswith("/") and len(parts) > 1 else ""
