@@ -48,7 +48,9 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame) -> pd.DataFrame:
         .groupby("seq", sort=True)
         .agg(bad_in=("bad_in", "any"), bad_out=("bad_out", "any"))
     )
-    outs = table[table["io"] == "outputs"].groupby("seq").agg(out_rel_l1=("rel_l1", "max"), out_cos=("cos", "min"))
+    outputs = table[table["io"] == "outputs"]
+    outs = outputs.groupby("seq").agg(out_rel_l1=("rel_l1", "max"), out_cos=("cos", "min"))
+    outs["out_l1"] = outputs.groupby("seq")["l1"].first()  # the primary output: latents, sample
     matched = calls.dropna(subset=["ref_seq", "tgt_seq"]).sort_values("ref_seq")
     frame = matched[["seq", "submodel", "step", "call"]].astype({"seq": "int64"}).set_index("seq")
     frame = frame.join(per_call).join(outs).fillna({"bad_in": False, "bad_out": False})
@@ -117,35 +119,39 @@ def _metrics_text(ev: dict[str, Any]) -> str:
 
 
 def growth(per_call: pd.DataFrame, first: Divergence) -> dict[str, Any]:
-    """How the error grows after the first divergence.
+    """How the error grows after the first divergence, in mean absolute error (L1).
 
     The drift curve follows the call that ends each step (in a diffusers loop, the scheduler
-    step that writes the next latents): the state carried into the next step.
+    step that writes the next latents): the state carried into the next step. Absolute L1
+    shows accumulation even while the latents themselves shrink towards the image.
     """
-    after = per_call[(per_call["seq"] >= first.seq) & per_call["out_rel_l1"].notna()].sort_values("seq")
+    after = per_call[(per_call["seq"] >= first.seq) & per_call["out_l1"].notna()].sort_values("seq")
     if after.empty:
         return {}
     enders = after.groupby("step").tail(1)
     carrier = enders["submodel"].mode().iloc[0]
     curve = enders[enders["submodel"] == carrier]
-    out: dict[str, Any] = {"submodel": str(carrier), "steps": [int(s) for s in curve["step"]], "rel_l1": [float(v) for v in curve["out_rel_l1"]]}
+    out: dict[str, Any] = {"submodel": str(carrier), "steps": [int(s) for s in curve["step"]], "l1": [float(v) for v in curve["out_l1"]]}
     last = after.iloc[-1]
-    out["final"] = {"submodel": str(last["submodel"]), "step": int(last["step"]), "rel_l1": float(last["out_rel_l1"]), "cos": float(last["out_cos"])}
-    start = next((v for v in out["rel_l1"] if v > 0), None)
-    out["factor"] = out["rel_l1"][-1] / start if start else None
+    out["final"] = {"submodel": str(last["submodel"]), "step": int(last["step"]), "l1": float(last["out_l1"]), "rel_l1": float(last["out_rel_l1"]), "cos": float(last["out_cos"])}
+    start = next((v for v in out["l1"] if v > 0), None)
+    out["factor"] = max(out["l1"]) / start if start else None
     return out
 
 
 def growth_text(g: dict[str, Any]) -> str:
-    if not g.get("rel_l1"):
+    if not g.get("l1"):
         return ""
-    vals, steps = g["rel_l1"], g["steps"]
-    text = f"{g['submodel']} output rel_l1 {vals[0]:.3g} at step {steps[0]}"
+    vals, steps = g["l1"], g["steps"]
+    text = f"{g['submodel']} output L1 {vals[0]:.3g} at step {steps[0]}"
     if len(vals) > 1:
+        peak = max(range(len(vals)), key=vals.__getitem__)
         text += f" → {vals[-1]:.3g} at step {steps[-1]}"
+        if peak != len(vals) - 1 and vals[peak] > vals[-1] * 1.05:
+            text += f" (peak {vals[peak]:.3g} at step {steps[peak]})"
         factor = g.get("factor")
         if factor and math.isfinite(factor) and factor > 1.05:
-            text += f" (×{factor:.3g})"
+            text += f", ×{factor:.3g} the first divergent step's"
     final = g.get("final")
     if final and (final["submodel"] != g["submodel"] or final["step"] != steps[-1]):
         text += f"; the final output ({final['submodel']}, step {final['step']}) has rel_l1 {final['rel_l1']:.3g}, cos {final['cos']:.6f}"

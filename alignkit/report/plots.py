@@ -32,7 +32,7 @@ def _data_uri(fig) -> str:
 
 
 def error_curves(result: Comparison) -> str | None:
-    """Per submodel: output rel_l1 and 1 − cos against step, log scale; replay drawn beside."""
+    """Per submodel: output L1 and 1 − cos against step, log scale; replay drawn beside."""
     outs = _outputs_by_step(result.table)
     if outs.empty:
         return None
@@ -43,7 +43,7 @@ def error_curves(result: Comparison) -> str | None:
     fig, axes = plt.subplots(len(submodels), 2, figsize=(10, 2.3 * len(submodels)), squeeze=False)
     for row, sub in enumerate(submodels):
         part = outs[outs["submodel"] == sub]
-        for col, (metric, title) in enumerate((("rel_l1", "relative L1"), ("cos_dist", "1 − cos"))):
+        for col, (metric, title) in enumerate((("l1", "L1 (mean |t − r|)"), ("cos_dist", "1 − cos"))):
             ax = axes[row][col]
             ax.plot(part["step"], part[metric].clip(lower=_TINY), marker="o", ms=3, label="pipeline (accumulated)", color="#c0392b")
             if replay is not None and sub in set(replay["submodel"]):
@@ -61,7 +61,7 @@ def error_curves(result: Comparison) -> str | None:
 
 def _outputs_by_step(table: pd.DataFrame) -> pd.DataFrame:
     outs = table[(table["io"] == "outputs") & table["rel_l1"].notna()]
-    return outs.groupby(["submodel", "step"], sort=False).agg(rel_l1=("rel_l1", "max"), cos_dist=("cos_dist", "max")).reset_index()
+    return outs.groupby(["submodel", "step"], sort=False).agg(l1=("l1", "max"), cos_dist=("cos_dist", "max")).reset_index()
 
 
 def heatmap(result: Comparison) -> str | None:
@@ -96,8 +96,9 @@ def image_panels(result: Comparison, ref_dump, tgt_dump, limit: int = 3) -> list
 def _image_rows(table: pd.DataFrame) -> list:
     """The final output of the run and the last latents: 4-d, 1–4 channels, at least 8×8."""
     cands = table[(table["io"] == "outputs") & table["ref_shape"].notna() & (table["ref_shape"] == table["tgt_shape"])]
+    cands = cands.assign(_order=range(len(cands))).sort_values(["seq", "_order"], ascending=[False, True])
     picked, seen = [], set()
-    for row in cands.iloc[::-1].itertuples(index=False):
+    for row in cands.itertuples(index=False):
         dims = [int(x) for x in row.ref_shape.strip("[]").split(",") if x]
         if len(dims) == 4 and dims[1] in (1, 3, 4) and min(dims[2:]) >= 8 and row.submodel not in seen:
             picked.append(row)

@@ -18,7 +18,7 @@ def test_truncated_timestep_is_an_input_mismatch_with_growing_drift(demo_dumps):
     kinds = result.calls.set_index(["submodel", "step"])["kind"]
     assert kinds["unet", 0] == "" and kinds["scheduler", 1] == "propagated"
     assert result.growth["submodel"] == "scheduler" and result.growth["steps"][0] == 1
-    assert result.growth["rel_l1"][-1] > result.growth["rel_l1"][0]
+    assert result.growth["l1"][-1] > 2 * result.growth["l1"][0]  # the drift accumulates
     assert result.tolerance["rel_l1_max"] > 1e-3
 
 
