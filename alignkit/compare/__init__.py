@@ -6,7 +6,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 
 from alignkit.compare.comparison import Comparison
-from alignkit.compare.diagnosis import Divergence, classify_calls, drill_down, first_divergence, growth, tolerance, warnings_for
+from alignkit.compare.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.compare.layers import drill_down
 from alignkit.compare.matching import NameMap, match_calls
 from alignkit.compare.table import Thresholds, build_table
 from alignkit.errors import UsageError

@@ -106,7 +106,7 @@ def split(named: Named) -> tuple[list[Tensor], dict[str, str]]:
 
 
 def _unique(name: str, seen: set[str]) -> str:
-    candidate, n = name, 1
+    candidate, n = name, 2
     while candidate in seen:
         candidate, n = f"{name}#{n}", n + 1
     seen.add(candidate)

@@ -98,7 +98,7 @@ def _verdict(result: Comparison) -> str:
         if result.growth_text():
             out.append(f"<p><b>How the error grows:</b> {e(result.growth_text())}</p>")
         if result.layers:
-            from alignkit.compare.diagnosis import drill_down_text
+            from alignkit.compare.layers import drill_down_text
 
             out.append(f"<p><b>Layers:</b> {e(drill_down_text(result.layers))}</p>")
             if result.layers.get("keep_fp32"):

@@ -49,10 +49,10 @@ def render(result: Comparison) -> Group:
         if result.growth_text():
             parts.append(Text("Error growth: ", style="bold") + Text(result.growth_text()))
         if result.layers:
-            from alignkit.compare.diagnosis import drill_down_text
+            from alignkit.compare.layers import drill_down_text
 
             parts.append(Text("Layers: ", style="bold") + Text(drill_down_text(result.layers)))
-    if result.tolerance:
+    if result.tolerance and not result.aligned:
         tol = result.tolerance
         parts.append(Text(f"Would pass with: --cos-min {tol['cos_min']:.9f} --rel-l1-max {tol['rel_l1_max']:.3g}", style="dim"))
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)

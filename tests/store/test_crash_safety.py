@@ -20,7 +20,7 @@ LOOP = textwrap.dedent(
             for _ in range(3):
                 net(torch.full((8, 64), float(step)))
             ak.step()
-            time.sleep(0.05)
+            time.sleep(0.2)  # time for the writer to flush the step
             print("step", step, flush=True)
     """
 )
