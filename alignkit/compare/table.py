@@ -21,6 +21,7 @@ import pandas as pd
 
 from alignkit.compare.matching import NameMap, TensorPair, match_tensors
 from alignkit.compare.metrics import dataset_metrics, floor_dtype_for
+from alignkit.errors import DumpCorruptError
 from alignkit.store.reader import Call, Dump
 
 EXACT_NUMEL = 64
@@ -79,7 +80,10 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thr
         return {**base, "status": "shape"}
     exact = pair.io == "inputs" and (numel_r <= EXACT_NUMEL or _discrete(r.dtype) or _discrete(t.dtype))
     floor = floor_dtype_for(r.dtype, t.dtype)
-    m = dataset_metrics(ref._file[r.path], tgt._file[t.path], floor)
+    try:
+        m = dataset_metrics(ref._file[r.path], tgt._file[t.path], floor)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DumpCorruptError(f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` ({exc})") from exc
     if floor:
         m["floor_ratio"] = _floor_ratio(m)
     status = _status(m, exact, limits)

@@ -204,8 +204,8 @@ class Recorder:
 
     # -- called by hooks -------------------------------------------------------------------
     def _wants(self, submodel: str) -> bool:
-        if self._writer is None:
-            return False
+        if self._writer is None or self._writer.stopped_reason is not None:
+            return False  # not recording, or stopped early (disk full): copy nothing
         if self._include is not None and not self._include.search(submodel):
             return False
         return not (self._exclude is not None and self._exclude.search(submodel))
