@@ -159,9 +159,8 @@ class DumpWriter:
             self._flush()  # no step boundary seen yet: keep every call durable
 
     def _flush(self) -> None:
-        """Index the calls written since the last flush, then make the file durable."""
+        """Make the file durable as it stands (the index is written when recording ends)."""
         if self._file is not None:
-            _append_index(self._file, self._unindexed)
             self._file.flush()
 
     def _finish(self, metadata: dict[str, Any]) -> None:
@@ -221,24 +220,39 @@ def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
 
 def _write_call(f: h5py.File, record: CallRecord) -> None:
     group = f.create_group(call_group_name(record.seq), track_order=True)
-    attrs = group.attrs
-    attrs["seq"], attrs["submodel"], attrs["step"] = record.seq, record.submodel, record.step
-    attrs["call"], attrs["ordinal"] = record.call, record.ordinal
-    if record.error is not None:
-        attrs["error"] = record.error
+    head = {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
+    _set_attrs(group.id, head if record.error is None else {**head, "error": record.error})
     for io, tensors, values in (("inputs", record.inputs, record.values), ("outputs", record.outputs, record.output_values), ("layers", record.layers, {})):
         if not tensors and not values and io == "layers":
             continue
         sub = group.create_group(io, track_order=True)
         for tensor in tensors:
             ds = sub.create_dataset(escape_name(tensor.name), data=tensor.data)
-            ds.attrs["name"], ds.attrs["dtype"] = tensor.name, tensor.dtype
+            attrs = {"name": tensor.name, "dtype": tensor.dtype}
             if tensor.source != "torch":
-                ds.attrs["source"] = tensor.source
+                attrs["source"] = tensor.source
             if tensor.device != "cpu":
-                ds.attrs["device"] = tensor.device
-        for key, text in values.items():
-            sub.attrs[key] = text
+                attrs["device"] = tensor.device
+            _set_attrs(ds.id, attrs)
+        _set_attrs(sub.id, values)
+
+
+_STR = (h5py.h5t.py_create(h5py.string_dtype(), logical=True), h5py.h5t.py_create(h5py.string_dtype()))
+_SCALAR = h5py.h5s.create(h5py.h5s.SCALAR)
+
+
+def _set_attrs(oid: Any, attrs: dict[str, Any]) -> None:
+    """Create scalar attributes on a new object, as ``obj.attrs[k] = v`` would, at a quarter
+    of its cost (h5py's high-level path checks for and deletes an existing attribute first)."""
+    for key, value in attrs.items():
+        if isinstance(value, str):
+            data, (file_type, mem_type) = np.array(value, dtype=h5py.string_dtype()), _STR
+        else:
+            data = np.asarray(value)
+            file_type, mem_type = h5py.h5t.py_create(data.dtype, logical=True), h5py.h5t.py_create(data.dtype)
+        attr = h5py.h5a.create(oid, key.encode("utf-8"), file_type, _SCALAR)
+        attr.write(data, mtype=mem_type)
+        attr.close()
 
 
 def _append_index(f: h5py.File, rows: list[CallRecord]) -> None:
