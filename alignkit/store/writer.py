@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from alignkit.errors import RecordingError
-from alignkit.record.tensors import Tensor
+from alignkit.record.tensors import POOL, Tensor
 from alignkit.store.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -140,6 +140,7 @@ class DumpWriter:
                 self._fail(exc)
             finally:
                 if isinstance(item, CallRecord):
+                    _give_back(item)
                     with self._cond:
                         self._pending -= item.nbytes
                         self._cond.notify_all()
@@ -196,6 +197,14 @@ class DumpWriter:
 class _SetAttr:
     key: str
     value: Any
+
+
+def _give_back(record: CallRecord) -> None:
+    """Return the record's pooled copy buffers once they are written (or dropped)."""
+    for tensor in (*record.inputs, *record.outputs, *record.layers):
+        if tensor.pooled:
+            POOL.give(tensor.data)
+            tensor.pooled = False
 
 
 def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
