@@ -7,11 +7,11 @@ from pathlib import Path
 from rich.console import Console
 
 from alignkit.compare import Comparison, compare
-from alignkit.demo.bugs import BUGS, plant, scheduler_for
+from alignkit.demo.bugs import BUGS, EXPECTED_VERDICT, plant, scheduler_for
 from alignkit.errors import UsageError
 from alignkit.record import record
 
-__all__ = ["BUGS", "record_demo_pair", "run_demo"]
+__all__ = ["BUGS", "EXPECTED_VERDICT", "record_demo_pair", "run_demo"]
 
 
 def record_demo_pair(bug: str, steps: int, dumps: Path) -> tuple[Path, Path]:

@@ -13,6 +13,9 @@ BUGS: dict[str, str] = {
 }
 
 
+EXPECTED_VERDICT: dict[str, str] = {"timestep": "diverged", "timestep-dtype": "aligned", "weights": "diverged", "none": "aligned"}
+
+
 def scheduler_for(bug: str) -> str:
     """Integer-valued timesteps for the dtype bug; fractional ones otherwise."""
     return "leading" if bug == "timestep-dtype" else "euler"

@@ -13,7 +13,7 @@ def test_demo_command_writes_a_report_that_names_the_bug(tmp_path):
         [sys.executable, "-m", "alignkit", "demo", "--steps", "6"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
     )
-    assert proc.returncode == 1, proc.stderr  # diverged, like diff
+    assert proc.returncode == 0, proc.stderr  # the planted bug was found
     assert "unet step 1: input mismatch" in proc.stdout.replace("\n", " ")
     html = (tmp_path / "reports" / "demo.html").read_text()
     assert "input mismatch" in html and (tmp_path / "dumps" / "demo_ref.h5").exists()
