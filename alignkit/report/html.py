@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignkit.report import plots
-from alignkit.report.summary import submodel_table
+from alignkit.report.summary import exact_mismatches, submodel_table
 
 if TYPE_CHECKING:
     from alignkit.compare.comparison import Comparison
@@ -104,9 +104,11 @@ def _verdict(result: Comparison) -> str:
             if result.layers.get("keep_fp32"):
                 out.append(f"<div class='evidence'>keep-fp32 list: {e(','.join(result.layers['keep_fp32']))}</div>")
         out.append(f"<p>{e(_advice(fd.kind))}</p>")
-    if result.tolerance:
+    if result.tolerance and not result.aligned:
         tol = result.tolerance
-        out.append(f"<p class='muted'>Tolerance that would pass every tensor: cos ≥ {tol['cos_min']:.9f}, rel_l1 ≤ {tol['rel_l1_max']:.3g} (current: cos ≥ {result.thresholds.cos_min}, rel_l1 ≤ {result.thresholds.rel_l1_max:g})</p>")
+        exact = exact_mismatches(result)
+        note = f"; control inputs must match exactly, and these do not: {', '.join(exact)}" if exact else ""
+        out.append(f"<p class='muted'>Loosest tolerance the measured tensors need: cos ≥ {tol['cos_min']:.9f}, rel_l1 ≤ {tol['rel_l1_max']:.3g} (current: cos ≥ {result.thresholds.cos_min}, rel_l1 ≤ {result.thresholds.rel_l1_max:g}){e(note)}</p>")
     if result.replay is not None:
         out.append(f"<p><b>Replay</b> (reference inputs fed to the target submodel, no accumulation): {e(result.replay.headline())}</p>")
     if result.warnings or result.notes:

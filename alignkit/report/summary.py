@@ -39,6 +39,13 @@ def submodel_table(result: Comparison) -> pd.DataFrame:
     return frame
 
 
+def exact_mismatches(result: Comparison) -> list[str]:
+    """Control inputs (compared exactly) that differ, as ``submodel.tensor``."""
+    t = result.table
+    rows = t[t["exact"].fillna(False).astype(bool) & (t["status"] == "mismatch")]
+    return list(dict.fromkeys(rows["submodel"] + "." + rows["tensor"]))
+
+
 def render(result: Comparison) -> Group:
     """A rich renderable: what ``print(result)`` shows in a terminal."""
     parts: list[Any] = []
@@ -54,7 +61,9 @@ def render(result: Comparison) -> Group:
             parts.append(Text("Layers: ", style="bold") + Text(drill_down_text(result.layers)))
     if result.tolerance and not result.aligned:
         tol = result.tolerance
-        parts.append(Text(f"Would pass with: --cos-min {tol['cos_min']:.9f} --rel-l1-max {tol['rel_l1_max']:.3g}", style="dim"))
+        exact = exact_mismatches(result)
+        note = f"; control inputs must match exactly ({', '.join(exact)})" if exact else ""
+        parts.append(Text(f"Loosest tolerance the measured tensors need: --cos-min {tol['cos_min']:.9f} --rel-l1-max {tol['rel_l1_max']:.3g}{note}", style="dim"))
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     frame = submodel_table(result)
     for col in frame.columns:
@@ -79,7 +88,7 @@ def plain_summary(result: Comparison, width: int = 120) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}" if value < 0.99 else f"{value:.6f}"
