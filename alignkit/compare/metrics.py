@@ -42,6 +42,7 @@ class Sums:
     ref_sq: float = 0.0
     tgt_sq: float = 0.0
     diff_sq: float = 0.0
+    dot: float = 0.0
     nan_ref: int = 0
     nan_tgt: int = 0
     inf_ref: int = 0
@@ -74,6 +75,7 @@ class Sums:
         self.ref_sq += float(np.dot(r, r))
         self.tgt_sq += float(np.dot(t, t))
         self.diff_sq += float(np.dot(d, d))
+        self.dot += float(np.dot(r, t))
         if floor_dtype is not None:
             q = round_to(r, floor_dtype)
             fq = np.isfinite(q)
@@ -85,7 +87,7 @@ class Sums:
 
     def metrics(self) -> dict[str, float]:
         n = self.n
-        cos_dist = _cos_distance(self.ref_sq, self.tgt_sq, self.diff_sq)
+        cos_dist = _cos_distance(self.ref_sq, self.tgt_sq, self.diff_sq, self.dot)
         out = {
             "l1": self.abs_diff / n if n else 0.0,
             "rel_l1": _ratio(self.abs_diff, self.abs_ref),
@@ -106,7 +108,7 @@ class Sums:
         """The noise floor: the same metrics for r against r rounded to the target dtype."""
         return {
             "floor_rel_l1": _ratio(self.floor_abs, self.abs_ref),
-            "floor_cos_dist": _cos_distance(self.ref_sq, self.floor_tgt_sq, self.floor_sq),
+            "floor_cos_dist": _cos_distance(self.ref_sq, self.floor_tgt_sq, self.floor_sq, None),
         }
 
 
@@ -121,26 +123,25 @@ def _sqnr(signal: float, noise: float) -> float:
         return math.inf
     if signal == 0.0:
         return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return 10.0 * (math.log10(signal) - math.log10(noise))  # no underflow of the ratio
 
 
-def _cos_distance(ref_sq: float, tgt_sq: float, diff_sq: float) -> float:
-    """1 − cos without cancellation; both all-zero → 0, one all-zero → 1."""
+def _cos_distance(ref_sq: float, tgt_sq: float, diff_sq: float, dot: float | None) -> float:
+    """1 − cos without cancellation; both all-zero → 0, one all-zero → 1.
+
+    Near cos = 1 the difference form keeps its digits; far from it (one tensor much smaller
+    than the other, say) the dot-product form does, and ``1 −`` no longer cancels.
+    """
     if ref_sq == 0.0 and tgt_sq == 0.0:
         return 0.0
     if ref_sq == 0.0 or tgt_sq == 0.0:
         return 1.0
     nr, nt = math.sqrt(ref_sq), math.sqrt(tgt_sq)
+    if dot is not None and dot / (nr * nt) < 0.5:
+        return min(max(1.0 - dot / (nr * nt), 0.0), 2.0)
     norm_gap_sq = ((ref_sq - tgt_sq) / (nr + nt)) ** 2
     value = (diff_sq - norm_gap_sq) / (2.0 * nr * nt)
     return min(max(value, 0.0), 2.0)
-
-
-def cos_distance(r: np.ndarray, t: np.ndarray) -> float:
-    """1 − cos of two whole arrays (a convenience for tests and callers with arrays in hand)."""
-    s = Sums()
-    s.add(r, t)
-    return s.metrics()["cos_dist"]
 
 
 def pair_metrics(r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> dict[str, float]:

@@ -198,10 +198,6 @@ class Recorder:
     def _scheduler_step(self) -> None:
         self.step("scheduler")
 
-    @property
-    def current_step(self) -> int:
-        return self._step
-
     # -- called by hooks -------------------------------------------------------------------
     def _wants(self, submodel: str) -> bool:
         if self._writer is None or self._writer.stopped_reason is not None:

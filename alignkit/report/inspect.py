@@ -29,23 +29,20 @@ def tensor_summary(dump: Dump) -> pd.DataFrame:
 
 def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
     n, total, sq, lo, hi, nonfinite = 0, 0.0, 0.0, np.inf, -np.inf, 0
-    for row in group.itertuples(index=False):
-        ds = dump._file[f"calls/{row.seq:08d}/{row.io}"]
-        for child in ds.values():
-            if child.attrs["name"] != row.name:
-                continue
-            for block in iter_blocks(child):
-                b = np.asarray(block, dtype=np.float64).ravel()
-                finite = b[np.isfinite(b)]
-                nonfinite += b.size - finite.size
-                if finite.size:
-                    n += finite.size
-                    total += float(finite.sum())
-                    sq += float(np.dot(finite, finite))
-                    lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
-    mean = total / n if n else float("nan")
-    std = float(np.sqrt(max(sq / n - mean * mean, 0.0))) if n else float("nan")
-    return {"min": lo if n else float("nan"), "max": hi if n else float("nan"), "mean": mean, "std": std, "nan/inf": nonfinite}
+    for path in group["path"]:
+        for block in iter_blocks(dump._file[path]):
+            b = np.asarray(block, dtype=np.float64).ravel()
+            finite = b[np.isfinite(b)]
+            nonfinite += b.size - finite.size
+            if finite.size:
+                n += finite.size
+                total += float(finite.sum())
+                sq += float(np.dot(finite, finite))
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if not n:
+        return {"min": float("nan"), "max": float("nan"), "mean": float("nan"), "std": float("nan"), "nan/inf": nonfinite}
+    mean = total / n
+    return {"min": lo, "max": hi, "mean": mean, "std": float(np.sqrt(max(sq / n - mean * mean, 0.0))), "nan/inf": nonfinite}
 
 
 def print_inspection(dump: Dump, console: Console) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
-from alignkit.store.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, decode
+from alignkit.store.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, call_group_name, decode
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Call:
         self.step = int(row.step)
         self.call = int(row.call)
         self.ordinal = int(row.ordinal)
-        self.group_path = f"{CALLS}/{self.seq:08d}"
+        self.group_path = call_group_name(self.seq)
 
     def __repr__(self) -> str:
         return f"<Call {self.submodel} step {self.step} call {self.call} (seq {self.seq})>"
@@ -147,13 +147,14 @@ class Dump:
 
     @cached_property
     def tensors(self) -> pd.DataFrame:
-        """One row per stored tensor: seq, submodel, step, call, io, name, dtype, shape."""
+        """One row per stored tensor: seq, submodel, step, call, io, name, dtype, shape, numel,
+        and the HDF5 path of its dataset."""
         rows = []
         for call in self:
             for io in IO_GROUPS:
                 for t in call.info(io):
-                    rows.append((call.seq, call.submodel, call.step, call.call, io, t.name, t.dtype, t.shape, int(np.prod(t.shape))))
-        columns = ["seq", "submodel", "step", "call", "io", "name", "dtype", "shape", "numel"]
+                    rows.append((call.seq, call.submodel, call.step, call.call, io, t.name, t.dtype, t.shape, int(np.prod(t.shape)), t.path))
+        columns = ["seq", "submodel", "step", "call", "io", "name", "dtype", "shape", "numel", "path"]
         return pd.DataFrame(rows, columns=columns)
 
     @property

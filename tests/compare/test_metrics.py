@@ -69,7 +69,8 @@ def test_noise_floor_of_a_lower_precision_target():
     assert 1e-4 < mb["floor_rel_l1"] < 1e-2
 
 
-finite = st.floats(-1e3, 1e3, allow_nan=False, width=64)
+# Tensors reach alignkit as float32 or narrower: their squares stay normal in float64.
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32)
 
 
 @settings(max_examples=200, deadline=None)
