@@ -80,7 +80,7 @@ class DumpWriter:
         self._warned = False
         self.calls_written = 0
         self._flush_each_call = True
-        self._unindexed: list[CallRecord] = []
+        self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal), not the tensors
         self._thread = threading.Thread(target=self._run, name="alignkit-writer", daemon=True)
         self._thread.start()
 
@@ -154,7 +154,7 @@ class DumpWriter:
             self._finish({"stopped": shortage})
             return
         _write_call(self._file, record)
-        self._unindexed.append(record)
+        self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
         self.calls_written += 1
         if self._flush_each_call:
             self._flush()  # no step boundary seen yet: keep every call durable
@@ -168,7 +168,7 @@ class DumpWriter:
         if self._file is None:
             return
         try:
-            _append_index(self._file, self._unindexed)
+            _append_index(self._file, self._index_rows)
             for key, value in metadata.items():
                 self._file.attrs[key] = value
             self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
@@ -264,13 +264,13 @@ def _set_attrs(oid: Any, attrs: dict[str, Any]) -> None:
         attr.close()
 
 
-def _append_index(f: h5py.File, rows: list[CallRecord]) -> None:
+def _append_index(f: h5py.File, rows: list[tuple]) -> None:
     if not rows:
         return
     index = f[INDEX]
     n = index.shape[0]
     index.resize((n + len(rows),))
-    index[n:] = np.array([(r.seq, r.submodel, r.step, r.call, r.ordinal) for r in rows], dtype=INDEX_DTYPE)
+    index[n:] = np.array(rows, dtype=INDEX_DTYPE)
     rows.clear()
 
 
