@@ -39,7 +39,7 @@ from alignkit.store.schema import (
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
 
 
-@dataclass
+@dataclass(eq=False)  # identity: records hold arrays
 class CallRecord:
     """Everything recorded about one submodel call."""
 
