@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, UsageError
 
 app = typer.Typer(
     name="alignkit",
@@ -114,8 +114,10 @@ def replay(
     """Feed the reference inputs of every recorded call into a target submodel and compare."""
     from alignkit.replay import replay as run_replay, parse_steps
 
+    if (onnx is None) == (callable_ is None):
+        raise UsageError("replay needs one target: --onnx model.onnx or --callable module:factory")
     result = run_replay(ref, submodel=submodel, target=str(onnx) if onnx else callable_, out=output, steps=parse_steps(steps), layers=layers)
-    console.print(result)
+    _wide(console).print(result)
     raise typer.Exit(result.exit_code)
 
 
