@@ -108,11 +108,13 @@ def _status(m: dict, exact: bool, limits: Thresholds) -> str:
 
 
 def _floor_ratio(m: dict) -> float:
-    """The error as a multiple of the noise floor (the larger of the L1 and cosine ratios)."""
+    """The error as a multiple of the noise floor: the larger of the relative-L1 ratio and the
+    square root of the cosine-distance ratio (1 − cos grows with the square of the error, so
+    its ratio is taken back to the same amplitude scale)."""
     ratios = []
-    for err, floor in ((m["rel_l1"], m["floor_rel_l1"]), (m["cos_dist"], m["floor_cos_dist"])):
+    for err, floor, power in ((m["rel_l1"], m["floor_rel_l1"], 1.0), (m["cos_dist"], m["floor_cos_dist"], 0.5)):
         if floor > 0:
-            ratios.append(err / floor)
+            ratios.append((err / floor) ** power)
         elif err > 0:
             ratios.append(math.inf)
     return max(ratios) if ratios else 0.0

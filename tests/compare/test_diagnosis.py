@@ -1,5 +1,7 @@
 """Planted bugs on the tiny real diffusers pipeline are found and classified."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,20 @@ def test_dumps_with_different_step_counts_compare_the_shared_steps(tmp_path):
     assert result.verdict == "aligned"
     assert sorted(set(result.table["step"])) == [0, 1, 2]
     assert any("reference has steps 0–4, the target 0–2; compared the 3 shared steps" in n for n in result.notes)
+
+
+def test_a_bf16_computation_is_precision_loss_not_a_divergence(tmp_path):
+    """A layer computed in bf16 errs a few times the floor of storing its output in bf16."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
+    x = torch.randn(16, 256)
+    for path, model, value in ((tmp_path / "ref.h5", layer, x), (tmp_path / "tgt.h5", copy.deepcopy(layer).to(torch.bfloat16), x.to(torch.bfloat16))):
+        with ak.Recorder(path) as rec, torch.no_grad():
+            rec.watch(model, "mlp")
+            model(value)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.verdict == "aligned", result.summary()
+    assert set(result.table["status"]) == {"precision"}
+    ratio = result.table.set_index("io")["floor_ratio"]
+    assert ratio["inputs"] == pytest.approx(1.0)  # the input is only rounded to bf16
+    assert ratio["outputs"] > 1.5  # computing in bf16 is worse than rounding alone, and still expected
