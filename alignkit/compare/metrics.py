@@ -18,6 +18,7 @@ what a target that stores the tensor in fp16 or bf16 cannot do better than.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,37 +54,44 @@ class Sums:
     floor_tgt_sq: float = 0.0
 
     def add(self, r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> None:
-        r = np.asarray(r, dtype=np.float64).ravel()
-        t = np.asarray(t, dtype=np.float64).ravel()
-        fr, ft = np.isfinite(r), np.isfinite(t)
-        both = fr & ft
-        self.nan_ref += int(np.isnan(r).sum())
-        self.nan_tgt += int(np.isnan(t).sum())
-        self.inf_ref += int(np.isinf(r).sum())
-        self.inf_tgt += int(np.isinf(t).sum())
-        if not both.all():
-            same = (r == t) | (np.isnan(r) & np.isnan(t))
-            self.nonfinite_mismatch += int((~both & ~same).sum())
-            r, t = r[both], t[both]
-        d = t - r
-        ad = np.abs(d)
-        self.n += r.size
-        self.abs_diff += float(ad.sum())
-        self.abs_ref += float(np.abs(r).sum())
-        if ad.size:
-            self.max_abs = max(self.max_abs, float(ad.max()))
-        self.ref_sq += float(np.dot(r, r))
-        self.tgt_sq += float(np.dot(t, t))
+        scratch = _scratch(np.size(r))
+        r64, t64, d, work = (buf[: np.size(r)] for buf in scratch)
+        np.copyto(r64, np.ravel(r), casting="unsafe")  # widen into reused buffers: fresh pages
+        np.copyto(t64, np.ravel(t), casting="unsafe")  # cost more than the arithmetic
+        if not (np.isfinite(r64).all() and np.isfinite(t64).all()):
+            r64, t64 = self._nonfinite(r64, t64)
+            d, work = d[: r64.size], work[: r64.size]
+        np.subtract(t64, r64, out=d)
+        np.abs(d, out=work)
+        self.n += r64.size
+        self.abs_diff += float(work.sum())
+        if work.size:
+            self.max_abs = max(self.max_abs, float(work.max()))
+        np.abs(r64, out=work)
+        self.abs_ref += float(work.sum())
+        self.ref_sq += float(np.dot(r64, r64))
+        self.tgt_sq += float(np.dot(t64, t64))
         self.diff_sq += float(np.dot(d, d))
-        self.dot += float(np.dot(r, t))
+        self.dot += float(np.dot(r64, t64))
         if floor_dtype is not None:
-            q = round_to(r, floor_dtype)
+            q = round_to(r64, floor_dtype)
             fq = np.isfinite(q)
-            dq = np.where(fq, q - r, 0.0)
+            dq = np.where(fq, q - r64, 0.0)
             self.floor_abs += float(np.abs(dq).sum())
             self.floor_sq += float(np.dot(dq, dq))
             q = np.where(fq, q, 0.0)
             self.floor_tgt_sq += float(np.dot(q, q))
+
+    def _nonfinite(self, r: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Count NaN/Inf on each side and where they disagree; keep the jointly finite elements."""
+        self.nan_ref += int(np.isnan(r).sum())
+        self.nan_tgt += int(np.isnan(t).sum())
+        self.inf_ref += int(np.isinf(r).sum())
+        self.inf_tgt += int(np.isinf(t).sum())
+        both = np.isfinite(r) & np.isfinite(t)
+        same = (r == t) | (np.isnan(r) & np.isnan(t))
+        self.nonfinite_mismatch += int((~both & ~same).sum())
+        return r[both], t[both]
 
     def metrics(self) -> dict[str, float]:
         n = self.n
@@ -110,6 +118,17 @@ class Sums:
             "floor_rel_l1": _ratio(self.floor_abs, self.abs_ref),
             "floor_cos_dist": _cos_distance(self.ref_sq, self.floor_tgt_sq, self.floor_sq, None),
         }
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> list[np.ndarray]:
+    """Four float64 work buffers of at least ``n`` elements, reused per thread."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].size < n:
+        bufs = _SCRATCH.bufs = [np.empty(max(n, BLOCK_ELEMENTS)) for _ in range(4)]
+    return bufs
 
 
 def _ratio(num: float, den: float) -> float:
@@ -190,11 +209,16 @@ def iter_blocks(ds, max_elements: int = BLOCK_ELEMENTS) -> Iterator[np.ndarray]:
 
 
 def _blocks(ds, prefix: tuple, shape: tuple, max_elements: int) -> Iterator[np.ndarray]:
+    """Blocks read into one reused buffer: each is valid until the next is read."""
     row = int(np.prod(shape[1:], dtype=np.int64))
     if row <= max_elements or len(shape) == 1:
-        rows = max(1, max_elements // max(row, 1))
+        rows = min(shape[0], max(1, max_elements // max(row, 1)))
+        buffer = np.empty((rows, *shape[1:]), dtype=ds.dtype)
         for i in range(0, shape[0], rows):
-            yield ds[prefix + (slice(i, min(i + rows, shape[0])),)]
+            n = min(rows, shape[0] - i)
+            if buffer.size:
+                ds.read_direct(buffer, np.s_[prefix + (slice(i, i + n),)], np.s_[0:n])
+            yield buffer[:n]
         return
     for i in range(shape[0]):
         yield from _blocks(ds, prefix + (i,), shape[1:], max_elements)

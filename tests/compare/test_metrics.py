@@ -96,6 +96,6 @@ def test_blocks_cover_the_dataset_in_order(tmp_path):
     data = np.arange(2 * 3 * 50_000, dtype=np.float32).reshape(2, 3, 50_000)
     with h5py.File(tmp_path / "x.h5", "w") as f:
         ds = f.create_dataset("x", data=data)
-        blocks = list(iter_blocks(ds, max_elements=40_000))
+        blocks = [b.copy() for b in iter_blocks(ds, max_elements=40_000)]  # each block is valid until the next
         assert all(b.size <= 50_000 for b in blocks)
         np.testing.assert_array_equal(np.concatenate([b.ravel() for b in blocks]), data.ravel())
