@@ -212,7 +212,7 @@ def _blocks(ds, prefix: tuple, shape: tuple, max_elements: int) -> Iterator[np.n
     """Blocks read into one reused buffer: each is valid until the next is read."""
     row = int(np.prod(shape[1:], dtype=np.int64))
     if row <= max_elements or len(shape) == 1:
-        rows = min(shape[0], max(1, max_elements // max(row, 1)))
+        rows = max(1, min(shape[0], max_elements // max(row, 1)))
         buffer = np.empty((rows, *shape[1:]), dtype=ds.dtype)
         for i in range(0, shape[0], rows):
             n = min(rows, shape[0] - i)
