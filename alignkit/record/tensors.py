@@ -3,7 +3,8 @@
 Copies happen at call time because pipelines update latents in place. Large copies go into
 buffers recycled from calls already written (:class:`BufferPool`): a denoising loop copies
 the same shapes every step, and reusing memory spares the page faults of fresh allocations,
-which cost more than the copy itself.
+which cost more than the copy itself. CUDA tensors are copied asynchronously into pinned
+memory, so recording does not make the pipeline wait for the GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,8 @@ class Tensor:
     dtype: str
     source: str  # "torch", "numpy" or "python"
     device: str = "cpu"
-    pooled: bool = False  # data is a buffer of POOL, to give back once written
+    ready: Callable[[], None] | None = None  # wait for an asynchronous device copy to land
+    release: Callable[[], None] | None = None  # give a recycled buffer back once written
 
     @property
     def nbytes(self) -> int:
@@ -38,39 +41,45 @@ class Tensor:
 
 
 class BufferPool:
-    """Recycled copy buffers, keyed by shape and dtype, up to ``limit`` bytes kept free."""
+    """Recycled copy buffers (numpy arrays, pinned host tensors), keyed by kind, shape and
+    dtype, with at most ``limit`` bytes kept free."""
 
     MIN_BYTES = 1 << 20
 
     def __init__(self, limit: int = 512 << 20):
         self.limit = limit
-        self._free: dict[tuple, list[np.ndarray]] = defaultdict(list)
+        self._free: dict[tuple, list[Any]] = defaultdict(list)
         self._held = 0
         self._lock = threading.Lock()
 
-    def copy(self, source: np.ndarray) -> tuple[np.ndarray, bool]:
-        """A C-ordered copy of ``source``; True when the buffer comes from (and goes back to) the pool."""
-        if source.nbytes < self.MIN_BYTES:
-            return np.array(source, copy=True, order="C"), False
-        key = (source.shape, source.dtype.str)
+    def take(self, key: tuple, nbytes: int) -> Any | None:
         with self._lock:
             free = self._free.get(key)
-            buffer = free.pop() if free else None
-            if buffer is not None:
-                self._held -= buffer.nbytes
-        if buffer is None:
-            buffer = np.empty(source.shape, source.dtype)
-        np.copyto(buffer, source, casting="no")
-        return buffer, True
+            if not free:
+                return None
+            self._held -= nbytes
+            return free.pop()
 
-    def give(self, buffer: np.ndarray) -> None:
+    def give(self, key: tuple, buffer: Any, nbytes: int) -> None:
         with self._lock:
-            if self._held + buffer.nbytes <= self.limit:
-                self._free[(buffer.shape, buffer.dtype.str)].append(buffer)
-                self._held += buffer.nbytes
+            if self._held + nbytes <= self.limit:
+                self._free[key].append(buffer)
+                self._held += nbytes
 
 
 POOL = BufferPool()
+
+
+def _copy_numpy(name: str, source: np.ndarray, dtype: str, origin: str, device: str = "cpu") -> Tensor:
+    """A C-ordered copy; large ones go into a recycled buffer."""
+    if source.nbytes < BufferPool.MIN_BYTES:
+        return Tensor(name, np.array(source, copy=True, order="C"), dtype, origin, device)
+    key = ("numpy", source.shape, source.dtype.str)
+    buffer = POOL.take(key, source.nbytes)
+    if buffer is None:
+        buffer = np.empty(source.shape, source.dtype)
+    np.copyto(buffer, source, casting="no")
+    return Tensor(name, buffer, dtype, origin, device, release=lambda: POOL.give(key, buffer, buffer.nbytes))
 
 
 def _torch_tensor_type():
@@ -106,8 +115,7 @@ def capture(name: str, value: Any) -> Tensor:
     if _is_bit_stored(source.dtype):
         bits = np.array(source, copy=True, order="C").view(BIT_STORED[source.dtype.name])
         return Tensor(name, bits, source.dtype.name, "numpy")
-    array, pooled = POOL.copy(source)
-    return Tensor(name, array, array.dtype.name, "numpy", pooled=pooled)
+    return _copy_numpy(name, source, source.dtype.name, "numpy")
 
 
 def _capture_torch(name: str, value: Any) -> Tensor:
@@ -119,14 +127,41 @@ def _capture_torch(name: str, value: Any) -> Tensor:
     t = t.resolve_conj().resolve_neg()
     device = str(t.device)
     dtype = str(t.dtype).removeprefix("torch.")
+    if t.device.type == "cuda":
+        captured = _capture_cuda(name, t, dtype, device)
+        if captured is not None:
+            return captured
     if dtype in BIT_STORED:
         view = torch.int16 if dtype == "bfloat16" else torch.uint8
         bits = t.contiguous().view(view).to("cpu", copy=True).numpy().view(BIT_STORED[dtype])
         return Tensor(name, bits, dtype, "torch", device)
     if t.device.type != "cpu":
         return Tensor(name, t.to("cpu").numpy(), dtype, "torch", device)
-    data, pooled = POOL.copy(t.numpy())
-    return Tensor(name, data, dtype, "torch", device, pooled=pooled)
+    return _copy_numpy(name, t.numpy(), dtype, "torch", device)
+
+
+def _capture_cuda(name: str, t: Any, dtype: str, device: str) -> Tensor | None:
+    """Copy into pinned host memory without waiting for the GPU: the copy is queued on the
+    tensor's stream, before anything the pipeline does to the tensor next, and the writer
+    waits for it. None when pinned memory cannot be had (then the copy is synchronous)."""
+    import torch
+
+    key = ("pinned", tuple(t.shape), t.dtype)
+    nbytes = t.numel() * t.element_size()
+    host = POOL.take(key, nbytes)
+    if host is None:
+        try:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        except RuntimeError:
+            return None
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    if dtype in BIT_STORED:
+        data = host.view(torch.int16 if dtype == "bfloat16" else torch.uint8).numpy().view(BIT_STORED[dtype])
+    else:
+        data = host.numpy()
+    return Tensor(name, data, dtype, "torch", device, ready=event.synchronize, release=lambda: POOL.give(key, host, nbytes))
 
 
 def describe_value(value: Any) -> str:

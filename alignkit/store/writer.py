@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from alignkit.errors import RecordingError
-from alignkit.record.tensors import POOL, Tensor
+from alignkit.record.tensors import Tensor
 from alignkit.store.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -153,6 +153,9 @@ class DumpWriter:
             self._stopped_reason = f"recording stopped at call {record.seq} ({record.submodel}): {shortage}; {self.path} holds the {self.calls_written} calls before it"
             self._finish({"stopped": shortage})
             return
+        for tensor in _tensors(record):
+            if tensor.ready is not None:
+                tensor.ready()  # an asynchronous device copy must land before it is written
         _write_call(self._file, record)
         self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
         self.calls_written += 1
@@ -199,12 +202,18 @@ class _SetAttr:
     value: Any
 
 
+def _tensors(record: CallRecord) -> tuple[Tensor, ...]:
+    return (*record.inputs, *record.outputs, *record.layers)
+
+
 def _give_back(record: CallRecord) -> None:
-    """Return the record's pooled copy buffers once they are written (or dropped)."""
-    for tensor in (*record.inputs, *record.outputs, *record.layers):
-        if tensor.pooled:
-            POOL.give(tensor.data)
-            tensor.pooled = False
+    """Return the record's recycled copy buffers once they are written (or dropped)."""
+    for tensor in _tensors(record):
+        if tensor.release is not None:
+            if tensor.ready is not None:
+                tensor.ready()  # a dropped record's device copy may still be landing
+            release, tensor.release = tensor.release, None
+            release()
 
 
 def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
