@@ -97,6 +97,9 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         (["record", "-o", tmp_path / "x.h5", "--hook", "no_such_module:Engine.__call__", "--", __file__], "cannot import"),
         (["replay", ref, "--submodel", "nothing", "--callable", "os:getcwd"], "no calls of 'nothing'"),
         (["demo", "--bug", "nonsense"], "unknown bug"),
+        (["replay", ref, "--submodel", "unet"], "replay needs one target"),
+        (["replay", ref, "--submodel", "unet", "--onnx", tmp_path / "missing.onnx"], "no such ONNX file"),
+        (["replay", ref, "--submodel", "unet", "--steps", "a-b", "--callable", "os:getcwd"], "expected numbers and ranges"),
     ]
     for args, message in cases:
         code, out, err = run_cli(capsys, *args)
