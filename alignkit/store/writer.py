@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from alignkit.store.schema import (
 )
 
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
+FLUSH_INTERVAL = 0.5  # seconds: at most two step-boundary flushes a second
 
 
 @dataclass(eq=False)  # identity: records hold arrays
@@ -80,6 +82,7 @@ class DumpWriter:
         self._warned = False
         self.calls_written = 0
         self._flush_each_call = True
+        self._last_flush, self._unflushed = 0.0, False
         self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal), not the tensors
         self._thread = threading.Thread(target=self._run, name="alignkit-writer", daemon=True)
         self._thread.start()
@@ -121,13 +124,17 @@ class DumpWriter:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._flush_due())
+            except queue.Empty:  # idle with a step boundary not yet durable: flush now
+                self._flush()
+                continue
             try:
                 if isinstance(item, tuple) and item and item[0] is _STOP:
                     self._finish(item[1])
                     return
                 if item is _FLUSH:
-                    self._flush()
+                    self._step_ended()
                     continue
                 if isinstance(item, _SetAttr):
                     if self._file is not None:
@@ -162,10 +169,24 @@ class DumpWriter:
         if self._flush_each_call:
             self._flush()  # no step boundary seen yet: keep every call durable
 
+    def _step_ended(self) -> None:
+        """Flush at a step boundary, but not more often than every FLUSH_INTERVAL seconds."""
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
+            self._flush()
+        else:
+            self._unflushed = True
+
+    def _flush_due(self) -> float | None:
+        """How long the queue may stay idle before an unflushed step boundary is flushed."""
+        if not self._unflushed:
+            return None
+        return max(0.0, FLUSH_INTERVAL - (time.monotonic() - self._last_flush))
+
     def _flush(self) -> None:
         """Make the file durable as it stands (the index is written when recording ends)."""
         if self._file is not None:
             self._file.flush()
+        self._last_flush, self._unflushed = time.monotonic(), False
 
     def _finish(self, metadata: dict[str, Any]) -> None:
         if self._file is None:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 
@@ -20,7 +21,7 @@ LOOP = textwrap.dedent(
             for _ in range(3):
                 net(torch.full((8, 64), float(step)))
             ak.step()
-            time.sleep(0.2)  # time for the writer to flush the step
+            time.sleep(0.05)
             print("step", step, flush=True)
     """
 )
@@ -33,6 +34,7 @@ def test_kill_9_leaves_every_completed_step(tmp_path):
     for line in proc.stdout:
         if line.strip() == "step 8":
             break
+    time.sleep(1.0)  # step boundaries are flushed at most every 0.5 s, and when the writer idles
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with ak.open_dump(dump) as d:
