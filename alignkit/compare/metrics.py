@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignkit.store.schema import decode, round_to_bf16
+from alignkit.store.schema import decode, logical_dtype, round_to_bf16
 
 BLOCK_ELEMENTS = 1 << 18  # 2 MiB of float64 per side
 
@@ -200,7 +200,7 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def iter_blocks(ds, max_elements: int = BLOCK_ELEMENTS) -> Iterator[np.ndarray]:
     """Read an h5py dataset in C-order blocks of at most ``max_elements`` (or one row)."""
-    dtype = str(ds.attrs.get("dtype", ds.dtype.name))
+    dtype = logical_dtype(ds)
     shape = tuple(ds.shape)
     if not shape:
         yield decode(np.asarray(ds[()]), dtype)

@@ -129,8 +129,8 @@ def _shape(shape: tuple) -> str:
 
 
 def _value(ds) -> str:
-    from alignkit.store.schema import decode
+    from alignkit.store.schema import decode, logical_dtype
 
-    value = decode(np.asarray(ds[()]), str(ds.attrs.get("dtype", ds.dtype.name)))
+    value = decode(np.asarray(ds[()]), logical_dtype(ds))
     text = np.array2string(np.asarray(value), precision=6, separator=", ", threshold=8)
     return text

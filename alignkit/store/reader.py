@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
-from alignkit.store.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, call_group_name, decode
+from alignkit.store.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, call_group_name, decode, logical_dtype, tensor_name
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,10 @@ class Call:
         group = self._group.get(io)
         if group is None:
             return []
-        return [TensorInfo(io, str(ds.attrs["name"]), str(ds.attrs["dtype"]), tuple(ds.shape), ds.name, i) for i, ds in enumerate(group.values())]
+        return [
+            TensorInfo(io, tensor_name(link, ds.attrs), logical_dtype(ds), tuple(ds.shape), ds.name, i)
+            for i, (link, ds) in enumerate(group.items())
+        ]
 
     def dataset(self, io: str, name: str) -> h5py.Dataset:
         for info in self.info(io):
@@ -81,7 +84,7 @@ class Call:
     def tensor(self, io: str, name: str) -> np.ndarray:
         """One tensor as numpy (bfloat16 widened to float32 exactly)."""
         ds = self.dataset(io, name)
-        return decode(np.asarray(ds[()]), str(ds.attrs["dtype"]))
+        return decode(np.asarray(ds[()]), logical_dtype(ds))
 
     def _all(self, io: str) -> dict[str, np.ndarray]:
         return {t.name: self.tensor(io, t.name) for t in self.info(io)}

@@ -5,13 +5,14 @@
     /                      attrs: format="alignkit-dump", format_version=1, run metadata
     /index                 table: seq, submodel, step, call, ordinal (one row per call)
     /calls/<seq:08d>/      one group per call; attrs: seq, submodel, step, call, ordinal
-        inputs/<name>      one dataset per tensor; attrs: name, dtype, source, index
+        inputs/<name>      one dataset per tensor; attrs only where needed: name, dtype, source, device
         outputs/<name>     (same)
         layers/<name>      leaf-layer outputs, when layer recording is on
         inputs.attrs       non-tensor arguments, JSON-encoded
 
 Tensor names are stored percent-encoded where HDF5 cannot hold them (``/``, ``%``, ``.``
-alone); the exact name is always in the dataset's ``name`` attribute.
+alone), and then the exact name is in the dataset's ``name`` attribute; a logical dtype that
+HDF5 cannot hold (bfloat16, float8) is in its ``dtype`` attribute.
 """
 
 from __future__ import annotations
@@ -55,6 +56,25 @@ def escape_name(name: str) -> str:
     if out in ("", ".", ".."):
         out = "".join(f"%{ord(c):02X}" for c in out) or "%00"
     return out
+
+
+def unescape_name(link: str) -> str:
+    """The tensor name behind a link name written by :func:`escape_name`."""
+    from urllib.parse import unquote
+
+    return unquote(link)
+
+
+def tensor_name(link: str, attrs) -> str:
+    """A dataset's tensor name: its ``name`` attribute where the link had to be escaped."""
+    name = attrs.get("name")
+    return str(name) if name is not None else unescape_name(link)
+
+
+def logical_dtype(ds) -> str:
+    """A dataset's logical dtype: its ``dtype`` attribute where HDF5 cannot hold it (bfloat16)."""
+    dtype = ds.attrs.get("dtype")
+    return str(dtype) if dtype is not None else ds.dtype.name
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:

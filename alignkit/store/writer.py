@@ -266,8 +266,13 @@ def _write_call(f: h5py.File, record: CallRecord) -> None:
             continue
         sub = group.create_group(io, track_order=True)
         for tensor in tensors:
-            ds = sub.create_dataset(escape_name(tensor.name), data=tensor.data)
-            attrs = {"name": tensor.name, "dtype": tensor.dtype}
+            link = escape_name(tensor.name)
+            ds = sub.create_dataset(link, data=tensor.data)
+            attrs = {}
+            if link != tensor.name:
+                attrs["name"] = tensor.name
+            if tensor.dtype != tensor.data.dtype.name:
+                attrs["dtype"] = tensor.dtype
             if tensor.source != "torch":
                 attrs["source"] = tensor.source
             if tensor.device != "cpu":
