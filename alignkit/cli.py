@@ -34,14 +34,18 @@ def record(
     include: Optional[str] = typer.Option(None, help="Record only submodels matching this regex."),
     exclude: Optional[str] = typer.Option(None, help="Skip submodels matching this regex."),
     tensors: Optional[str] = typer.Option(None, help="Record only tensors matching this regex."),
-    layers: list[str] = typer.Option([], "--layers", help="Also record every leaf layer of this torch submodel."),
+    layers: list[str] = typer.Option([], "--layers", help="Also record every leaf layer (torch) or intermediate output (ONNX) of this submodel."),
+    layer_filter: Optional[str] = typer.Option(None, "--layer-filter", help="Record only layers whose name matches this regex."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Record only these steps, e.g. 0-4,10."),
     module: Optional[str] = typer.Option(None, "-m", help="Run a module instead of a script."),
 ) -> None:
     """Run a script unmodified and record every submodel call: alignkit record -o ref.h5 -- script.py [args]"""
     from alignkit.record.cli_run import record_command
+    from alignkit.replay import parse_steps
 
     command = ([sys.executable, "-m", module] if module else []) + list(ctx.args)
-    code = record_command(output, command, label=label, hooks=hook, step_on=step_on, include=include, exclude=exclude, tensors=tensors, layers=layers, console=err)
+    filters = {"include": include, "exclude": exclude, "tensors": tensors, "steps": parse_steps(steps), "layers": layers, "layer_filter": layer_filter}
+    code = record_command(output, command, label=label, hooks=hook, step_on=step_on, console=err, **filters)
     raise typer.Exit(code)
 
 

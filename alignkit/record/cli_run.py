@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -21,16 +22,16 @@ def record_command(
     label: str | None = None,
     hooks: list[str] = (),
     step_on: list[str] = (),
-    include: str | None = None,
-    exclude: str | None = None,
-    tensors: str | None = None,
-    layers: list[str] = (),
     console: Console | None = None,
+    **filters: Any,
 ) -> int:
-    """Record ``command``; returns the script's exit code (2 if recording itself failed)."""
+    """Record ``command``; returns the script's exit code (2 if recording itself failed).
+
+    ``filters`` are the Recorder's: include, exclude, tensors, steps, layers, layer_filter.
+    """
     console = console or Console(stderr=True)
     kind, target, argv = script.split_command(command)
-    recorder = Recorder(output, label=label, include=include, exclude=exclude, tensors=tensors, layers=layers, command=shlex.join(command))
+    recorder = Recorder(output, label=label, command=shlex.join(command), **filters)
     auto = AutoWatch(recorder, hooks, step_on)
     auto.install()  # resolves --hook targets first: a bad one fails before the run
     recorder.start()

@@ -75,3 +75,17 @@ def test_record_cli_on_an_unmodified_script_matches_the_api(tmp_path):
                 for name, value in getattr(ac, io).items():
                     np.testing.assert_array_equal(getattr(cc, io)[name], value)
     assert ak.compare(cli_dump, api_dump).verdict == "aligned"
+
+
+def test_record_cli_filters_steps_and_layers(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    dump = tmp_path / "layers.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--layers", "unet", "--layer-filter", "^conv", "--steps", "1", "--", str(script)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with ak.open_dump(dump) as d:
+        assert set(d.calls["step"]) == {1}
+        assert [t.name for t in d["unet", 1].info("layers")] == ["conv_in", "conv_norm_out", "conv_act", "conv_out"]
