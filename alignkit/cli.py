@@ -82,7 +82,7 @@ def compare(
 
     result = compare_with_progress(ref, tgt, console=err, name_map=map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor, replay=replay)
     _wide(console).print(result)
-    _write_outputs(result, ref, tgt, csv, json, None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html"))
+    _write_outputs(result, csv, json, None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html"))
     raise typer.Exit(result.exit_code)
 
 
@@ -130,7 +130,7 @@ def _wide(c: Console) -> Console:
     return c if c.is_terminal else Console(width=200, highlight=False)
 
 
-def _write_outputs(result, ref: Path, tgt: Path, csv: Optional[Path], json: Optional[Path], html: Optional[Path]) -> None:
+def _write_outputs(result, csv: Optional[Path], json: Optional[Path], html: Optional[Path]) -> None:
     if csv:
         result.to_csv(csv)
     if json:

@@ -88,7 +88,6 @@ def replay(
         finally:
             writer.close()
     result = compare(ref_dump, out_path, submodels=[submodel], **compare_options)
-    result.kind = "replay"
     result.warnings[:0] = notes
     return result
 

@@ -48,7 +48,6 @@ def compare(
         unused = names.unused()
         if unused:
             raise UsageError(f"name map entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no submodel or tensor in {t.path}")
-        table.attrs["floor_factor"] = floor_factor
         per_call = classify_calls(table, calls)
         first = first_divergence(table, per_call)
         result = Comparison(
@@ -59,7 +58,7 @@ def compare(
             table=table,
             calls=per_call,
             thresholds=limits,
-            warnings=warnings_for(table),
+            warnings=warnings_for(table, floor_factor),
             notes=notes,
             growth=growth(per_call, first) if first is not None else {},
             tolerance=tolerance(table),

@@ -36,7 +36,6 @@ class Comparison:
     ref_meta: dict[str, Any] = field(default_factory=dict)
     tgt_meta: dict[str, Any] = field(default_factory=dict)
     replay: Comparison | None = None
-    kind: str = "pipeline"
     layers: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -166,7 +166,7 @@ def tolerance(table: pd.DataFrame) -> dict[str, float]:
     return {"cos_min": float(measured["cos"].min()), "rel_l1_max": float(measured["rel_l1"].max())}
 
 
-def warnings_for(table: pd.DataFrame) -> list[str]:
+def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     """Dtype differences (even with equal values), precision-floor rows, one-sided NaN/Inf."""
     out = []
     both = table.dropna(subset=["ref_dtype", "tgt_dtype"])
@@ -178,7 +178,7 @@ def warnings_for(table: pd.DataFrame) -> list[str]:
         out.append(f"{sub} {io[:-1]} `{tensor}`: reference {rd}, target {td} ({note}) at {len(steps)} step{'s' if len(steps) != 1 else ''}")
     precision = table[table["status"] == "precision"]
     if len(precision):
-        out.append(f"{len(precision)} tensors differ within {int(table.attrs.get('floor_factor', 10))}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
+        out.append(f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
     mismatched = table[table["nonfinite_mismatch"].fillna(0) > 0]
     count = {side: mismatched[f"nan_{side}"] + mismatched[f"inf_{side}"] for side in ("ref", "tgt")}
     for side, other, who in (("tgt", "ref", "target"), ("ref", "tgt", "reference")):

@@ -41,12 +41,19 @@ def recorded_call(
     outputs: OutputNamer = default_outputs,
     after: Callable[[], None] | None = None,
     layers: Binder | None = None,
+    record: bool = True,
 ) -> Any:
     """Call ``fn`` and record its inputs (copied before) and outputs (copied after).
 
     ``layers``, when given, computes named layer outputs for the same arguments (an ONNX
-    model's intermediate outputs) to store under the call.
+    model's intermediate outputs) to store under the call. ``after`` runs once the call has
+    returned (a step boundary); with ``record=False`` it is all that happens (``--step-on``).
     """
+    if not record:
+        result = fn(*args, **kwargs)
+        if after is not None:
+            after()
+        return result
     pending = recorder._begin(submodel, lambda: bind(args, kwargs))
     try:
         result = fn(*args, **kwargs)
@@ -86,7 +93,6 @@ class MethodHook(Hook):
         bind: Binder | None = None,
         outputs: OutputNamer = default_outputs,
         after: Callable[[], None] | None = None,
-        record: bool = True,
         layers: Binder | None = None,
     ):
         self.name, self._obj, self._method = name, obj, method
@@ -95,19 +101,10 @@ class MethodHook(Hook):
         original = getattr(obj, method)
         bind = bind or signature_binder(original)
 
-        if record:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return recorded_call(recorder, name, original, args, kwargs, bind, outputs, after, layers)
-        else:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                result = original(*args, **kwargs)
-                if after is not None:
-                    after()
-                return result
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return recorded_call(recorder, name, original, args, kwargs, bind, outputs, after, layers)
 
-        functools.update_wrapper(wrapper, original)
-        wrapper.__alignkit_hook__ = self  # type: ignore[attr-defined]
-        object.__setattr__(obj, method, wrapper)
+        object.__setattr__(obj, method, functools.update_wrapper(wrapper, original))
 
     def remove(self) -> None:
         if self._obj is None:
@@ -184,13 +181,8 @@ class ClassHook(Hook):
 
         @functools.wraps(original)
         def wrapper(this: Any, *args: Any, **kwargs: Any) -> Any:
-            bound = functools.partial(original, this)
-            if not record:
-                result = bound(*args, **kwargs)
-                if after is not None:
-                    after()
-                return result
-            return recorded_call(recorder, namer(this), bound, args, kwargs, bind, after=after)
+            name = namer(this) if record else ""
+            return recorded_call(recorder, name, functools.partial(original, this), args, kwargs, bind, after=after, record=record)
 
         setattr(owner, method, wrapper)
 
@@ -225,12 +217,7 @@ def wrap_function(recorder: Recorder, fn: Callable[..., Any], name: str, *, afte
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not record:
-            result = fn(*args, **kwargs)
-            if after is not None:
-                after()
-            return result
-        return recorded_call(recorder, name, fn, args, kwargs, bind, after=after)
+        return recorded_call(recorder, name, fn, args, kwargs, bind, after=after, record=record)
 
     return wrapper
 

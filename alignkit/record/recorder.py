@@ -130,14 +130,14 @@ class Recorder:
         if is_torch_module(obj):
             submodel = self._unique(name or type(obj).__name__)
             self._add(obj, ModuleHook(self, obj, submodel))
-            if submodel in self._layers or (name and name in self._layers):
+            if self._records_layers(submodel):
                 from alignkit.record.layers import recorder_layers
 
                 self._add(None, recorder_layers(self, obj, submodel, self._layer_filter))
             return obj
         if is_ort_session(obj):
             submodel = self._unique(name or ort_session_name(obj))
-            layers = self._onnx_layers(obj) if submodel in self._layers or (name and name in self._layers) else None
+            layers = self._onnx_layers(obj) if self._records_layers(submodel) else None
             hook = MethodHook(self, obj, "run", submodel, bind=ort_bind, outputs=ort_outputs_for(obj), layers=layers)
             self._add(obj, hook)
             return obj
@@ -147,6 +147,9 @@ class Recorder:
             self._add(obj, CallHook(self, obj, self._unique(name or type(obj).__name__)))
             return obj
         raise UsageError(f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record")
+
+    def _records_layers(self, submodel: str) -> bool:
+        return submodel in self._layers
 
     def _onnx_layers(self, session: Any) -> Callable[[tuple, dict], Named]:
         """Run a copy of the session's model with every intermediate output exposed."""

@@ -36,7 +36,6 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     path: str
-    index: int  # position in the call, in recorded (creation) order
 
 
 class Call:
@@ -65,14 +64,11 @@ class Call:
         return str(value) if value is not None else None
 
     def info(self, io: str) -> list[TensorInfo]:
-        """The tensors of one side (inputs, outputs, layers), in recorded order."""
+        """The tensors of one side (inputs, outputs, layers), in recorded (creation) order."""
         group = self._group.get(io)
         if group is None:
             return []
-        return [
-            TensorInfo(io, tensor_name(link, ds.attrs), logical_dtype(ds), tuple(ds.shape), ds.name, i)
-            for i, (link, ds) in enumerate(group.items())
-        ]
+        return [TensorInfo(io, tensor_name(link, ds.attrs), logical_dtype(ds), tuple(ds.shape), ds.name) for link, ds in group.items()]
 
     def dataset(self, io: str, name: str) -> h5py.Dataset:
         for info in self.info(io):
@@ -87,7 +83,11 @@ class Call:
         return decode(np.asarray(ds[()]), logical_dtype(ds))
 
     def _all(self, io: str) -> dict[str, np.ndarray]:
-        return {t.name: self.tensor(io, t.name) for t in self.info(io)}
+        out = {}
+        for t in self.info(io):
+            ds = self._dump._file[t.path]
+            out[t.name] = decode(np.asarray(ds[()]), t.dtype)
+        return out
 
     @property
     def inputs(self) -> dict[str, np.ndarray]:
