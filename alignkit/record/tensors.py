@@ -34,10 +34,12 @@ class Tensor:
     device: str = "cpu"
     ready: Callable[[], None] | None = None  # wait for an asynchronous device copy to land
     release: Callable[[], None] | None = None  # give a recycled buffer back once written
+    staged: str | None = None  # already in the dump at this path; ``data`` is then a stand-in
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes)
+        """Bytes held in memory until written (none for a staged tensor)."""
+        return 0 if self.staged is not None else int(self.data.nbytes)
 
 
 class BufferPool:

@@ -28,14 +28,8 @@ import numpy as np
 
 from alignkit.errors import RecordingError
 from alignkit.record.tensors import Tensor
-from alignkit.store.schema import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX,
-    INDEX_DTYPE,
-    call_group_name,
-    escape_name,
-)
+from alignkit.store.objects import create_dataset, create_group, relink, set_attrs
+from alignkit.store.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, call_group_name, escape_name
 
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
 FLUSH_INTERVAL = 0.5  # seconds: at most two step-boundary flushes a second
@@ -245,58 +239,45 @@ def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
     config.flash_incr_mode = 0
     config.decr_mode = 0
     f.id.set_mdc_config(config)
-    f.attrs["format"] = FORMAT_NAME
-    f.attrs["format_version"] = FORMAT_VERSION
+    plain = {key: value if isinstance(value, (str, int, float, bool)) else json.dumps(value) for key, value in metadata.items()}
+    set_attrs(f.id, {**plain, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step_source": "none"})
     f.attrs["complete"] = False
-    f.attrs["step_source"] = "none"
-    for key, value in metadata.items():
-        f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
-    f.create_group("calls", track_order=True)
+    create_group(f.id, CALLS)
     f.create_dataset(INDEX, shape=(0,), maxshape=(None,), dtype=INDEX_DTYPE, chunks=(256,))
     f.flush()
     return f
 
 
 def _write_call(f: h5py.File, record: CallRecord) -> None:
-    group = f.create_group(call_group_name(record.seq), track_order=True)
+    group = create_group(f.id, call_group_name(record.seq))
     head = {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
-    _set_attrs(group.id, head if record.error is None else {**head, "error": record.error})
+    set_attrs(group, head if record.error is None else {**head, "error": record.error})
     for io, tensors, values in (("inputs", record.inputs, record.values), ("outputs", record.outputs, record.output_values), ("layers", record.layers, {})):
         if not tensors and not values and io == "layers":
             continue
-        sub = group.create_group(io, track_order=True)
+        sub = create_group(group, io)
         for tensor in tensors:
             link = escape_name(tensor.name)
-            ds = sub.create_dataset(link, data=tensor.data)
-            attrs = {}
-            if link != tensor.name:
-                attrs["name"] = tensor.name
-            if tensor.dtype != tensor.data.dtype.name:
-                attrs["dtype"] = tensor.dtype
-            if tensor.source != "torch":
-                attrs["source"] = tensor.source
-            if tensor.device != "cpu":
-                attrs["device"] = tensor.device
-            _set_attrs(ds.id, attrs)
-        _set_attrs(sub.id, values)
+            if tensor.staged is not None:
+                dataset = relink(f.id, tensor.staged, sub, link)
+            else:
+                dataset = create_dataset(sub, link, tensor.data)
+            set_attrs(dataset, _dataset_attrs(tensor, link))
+        set_attrs(sub, values)
 
 
-_STR = (h5py.h5t.py_create(h5py.string_dtype(), logical=True), h5py.h5t.py_create(h5py.string_dtype()))
-_SCALAR = h5py.h5s.create(h5py.h5s.SCALAR)
-
-
-def _set_attrs(oid: Any, attrs: dict[str, Any]) -> None:
-    """Create scalar attributes on a new object, as ``obj.attrs[k] = v`` would, at a quarter
-    of its cost (h5py's high-level path checks for and deletes an existing attribute first)."""
-    for key, value in attrs.items():
-        if isinstance(value, str):
-            data, (file_type, mem_type) = np.array(value, dtype=h5py.string_dtype()), _STR
-        else:
-            data = np.asarray(value)
-            file_type, mem_type = h5py.h5t.py_create(data.dtype, logical=True), h5py.h5t.py_create(data.dtype)
-        attr = h5py.h5a.create(oid, key.encode("utf-8"), file_type, _SCALAR)
-        attr.write(data, mtype=mem_type)
-        attr.close()
+def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
+    """Only what the link name and the HDF5 type cannot say (docs/format.md)."""
+    attrs = {}
+    if link != tensor.name:
+        attrs["name"] = tensor.name
+    if tensor.dtype != tensor.data.dtype.name:
+        attrs["dtype"] = tensor.dtype
+    if tensor.source != "torch":
+        attrs["source"] = tensor.source
+    if tensor.device != "cpu":
+        attrs["device"] = tensor.device
+    return attrs
 
 
 def _append_index(f: h5py.File, rows: list[tuple]) -> None:
