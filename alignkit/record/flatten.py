@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from alignkit.record.tensors import Tensor, capture, describe_value, is_tensor
+from alignkit.record.tensors import Stage, Tensor, capture, describe_value, is_tensor
 
 Named = list[tuple[str, Any]]
 
@@ -90,18 +90,19 @@ def name_outputs(result: Any) -> Named:
     return [("output", result)]
 
 
-def split(named: Named) -> tuple[list[Tensor], dict[str, str]]:
-    """Copy out every tensor leaf; describe every other leaf as JSON text."""
+def split(named: Named, *, stage: Stage | None = None, keep: Callable[[str], Any] | None = None) -> tuple[list[Tensor], dict[str, str]]:
+    """Copy out every tensor leaf (only those whose name ``keep`` accepts, when given; large
+    ones written straight into the dump through ``stage``); describe every other leaf as JSON."""
     tensors: list[Tensor] = []
     values: dict[str, str] = {}
     seen: set[str] = set()
     for top, value in named:
         for name, leaf in flatten(value, top):
             name = _unique(name or "output", seen)
-            if is_tensor(leaf):
-                tensors.append(capture(name, leaf))
-            else:
+            if not is_tensor(leaf):
                 values[name] = describe_value(leaf)
+            elif keep is None or keep(name):
+                tensors.append(capture(name, leaf, stage))
     return tensors, values
 
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from alignkit.record.flatten import Named, name_outputs, signature_binder, split
+from alignkit.record.flatten import Named, name_outputs, signature_binder
 
 if TYPE_CHECKING:
     from alignkit.record.recorder import Recorder
@@ -61,7 +61,7 @@ def recorded_call(
         recorder._end(pending, lambda: [], error=exc)
         raise
     if layers is not None and pending is not None:
-        pending.layers.extend(split(layers(args, kwargs))[0])
+        pending.layers.extend(recorder.capture(layers(args, kwargs), layers=True)[0])
     recorder._end(pending, lambda: outputs(result, args, kwargs))
     if after is not None:
         after()

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from alignkit.record.flatten import name_outputs, split
+from alignkit.record.flatten import Named, name_outputs, split
 from alignkit.record.hooks import Hook
 from alignkit.record.tensors import Tensor
 
@@ -21,12 +21,16 @@ if TYPE_CHECKING:
 Sink = Callable[[], "list[Tensor] | None"]
 
 
-class LayerHooks(Hook):
-    """Forward hooks on the leaf modules of ``module`` that append to ``sink()`` (if not None)."""
+Capture = Callable[[Named], "tuple[list[Tensor], dict[str, str]]"]
 
-    def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None):
+
+class LayerHooks(Hook):
+    """Forward hooks on the leaf modules of ``module`` that append to ``sink()`` (if not None),
+    taking each output's values with ``capture``."""
+
+    def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None, capture: Capture = split):
         self.name = name
-        self._handles = [sub.register_forward_hook(_hook(path, sink)) for path, sub in leaf_modules(module, pattern)]
+        self._handles = [sub.register_forward_hook(_hook(path, sink, capture)) for path, sub in leaf_modules(module, pattern)]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -42,7 +46,7 @@ def recorder_layers(recorder: Recorder, module: Any, submodel: str, pattern: re.
         record = current_call()
         return record.layers if record is not None and record.submodel == submodel else None
 
-    return LayerHooks(module, f"{submodel} layers", sink, pattern)
+    return LayerHooks(module, f"{submodel} layers", sink, pattern, lambda named: recorder.capture(named, layers=True))
 
 
 @contextmanager
@@ -63,12 +67,12 @@ def leaf_modules(module: Any, pattern: re.Pattern | None = None) -> Iterator[tup
             yield path, sub
 
 
-def _hook(path: str, sink: Sink):
+def _hook(path: str, sink: Sink, capture: Capture):
     def hook(module: Any, args: tuple, output: Any) -> None:
         layers = sink()
         if layers is None:
             return
-        tensors, _ = split(name_outputs(output))
+        tensors, _ = capture(name_outputs(output))
         taken = {t.name for t in layers}
         for t in tensors:
             name = path if t.name == "output" else f"{path}.{t.name.removeprefix('output.')}"

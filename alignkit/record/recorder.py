@@ -17,6 +17,7 @@ from alignkit.errors import UsageError
 from alignkit.record.flatten import Named, split
 from alignkit.record.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.record.metadata import closing_metadata, run_metadata
+from alignkit.record.tensors import Tensor
 from alignkit.record.targets import is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name
 from alignkit.store.writer import CallRecord, DumpWriter
 
@@ -222,11 +223,11 @@ class Recorder:
         if self._steps is not None and step not in self._steps:
             return None
         try:
-            tensors, values = split(named())
+            tensors, values = self.capture(named())
         except Exception as exc:  # never break the user's run over a value we cannot copy
             warnings.warn(f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3)
             return None
-        record = CallRecord(seq, submodel, step, call, ordinal, inputs=self._filter(tensors), values=values)
+        record = CallRecord(seq, submodel, step, call, ordinal, inputs=tensors, values=values)
         _CURRENT.__dict__.setdefault("stack", []).append(record)
         return record
 
@@ -240,19 +241,21 @@ class Recorder:
             record.error = f"{type(error).__name__}: {error}"
         else:
             try:
-                tensors, values = split(named())
+                tensors, values = self.capture(named())
             except Exception as exc:  # never break the user's run over a value we cannot copy
                 tensors, values = [], {}
                 record.error = f"alignkit could not record the outputs: {exc}"
-            record.outputs = self._filter(tensors)
+            record.outputs = tensors
             record.output_values = values
         if self._writer is not None:
             self._writer.put(record)
 
-    def _filter(self, tensors: list) -> list:
-        if self._tensors is None:
-            return tensors
-        return [t for t in tensors if self._tensors.search(t.name)]
+    def capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
+        """Take a call's values now: tensors the ``tensors`` filter keeps (layers are filtered
+        by module path instead), large host tensors written straight into the dump."""
+        writer = self._writer
+        keep = self._tensors.search if self._tensors is not None and not layers else None
+        return split(named, stage=writer.stage if writer is not None else None, keep=keep)
 
 
 _CURRENT = threading.local()

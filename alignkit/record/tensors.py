@@ -1,10 +1,10 @@
 """Copy a value out of a running pipeline into an exact numpy array, or say it is no tensor.
 
-Copies happen at call time because pipelines update latents in place. Large copies go into
-buffers recycled from calls already written (:class:`BufferPool`): a denoising loop copies
-the same shapes every step, and reusing memory spares the page faults of fresh allocations,
-which cost more than the copy itself. CUDA tensors are copied asynchronously into pinned
-memory, so recording does not make the pipeline wait for the GPU.
+Values are taken at call time because pipelines update latents in place. Small host tensors
+are copied; large ones are written straight into the dump when a recorder offers to (one pass
+over the bytes instead of a copy and a later write, and nothing held in memory). CUDA tensors
+are copied asynchronously into pinned buffers recycled across calls (:class:`BufferPool`), so
+recording does not make the pipeline wait for the GPU, nor pin fresh memory every step.
 """
 
 from __future__ import annotations
@@ -43,10 +43,8 @@ class Tensor:
 
 
 class BufferPool:
-    """Recycled copy buffers (numpy arrays, pinned host tensors), keyed by kind, shape and
-    dtype, with at most ``limit`` bytes kept free."""
-
-    MIN_BYTES = 1 << 20
+    """Recycled pinned host buffers, keyed by shape and dtype, with at most ``limit`` bytes
+    kept free."""
 
     def __init__(self, limit: int = 512 << 20):
         self.limit = limit
@@ -72,16 +70,22 @@ class BufferPool:
 POOL = BufferPool()
 
 
-def _copy_numpy(name: str, source: np.ndarray, dtype: str, origin: str, device: str = "cpu") -> Tensor:
-    """A C-ordered copy; large ones go into a recycled buffer."""
-    if source.nbytes < BufferPool.MIN_BYTES:
-        return Tensor(name, np.array(source, copy=True, order="C"), dtype, origin, device)
-    key = ("numpy", source.shape, source.dtype.str)
-    buffer = POOL.take(key, source.nbytes)
-    if buffer is None:
-        buffer = np.empty(source.shape, source.dtype)
-    np.copyto(buffer, source, casting="no")
-    return Tensor(name, buffer, dtype, origin, device, release=lambda: POOL.give(key, buffer, buffer.nbytes))
+Stage = Callable[[np.ndarray], "str | None"]
+"""Writes a large array into the dump at once and says where (None: it could not)."""
+
+STAGE_MIN_BYTES = 1 << 20
+
+
+def _from_array(name: str, source: np.ndarray, dtype: str, origin: str, device: str, stage: Stage | None) -> Tensor:
+    """Take a host array's values now: a large C-ordered one is written straight into the dump
+    when a recorder offers ``stage`` (one pass over the bytes, nothing held in memory), any
+    other is copied."""
+    if stage is not None and source.nbytes >= STAGE_MIN_BYTES and source.flags.c_contiguous:
+        path = stage(source)
+        if path is not None:
+            stand_in = np.broadcast_to(np.zeros((), source.dtype), source.shape)
+            return Tensor(name, stand_in, dtype, origin, device, staged=path)
+    return Tensor(name, np.array(source, copy=True, order="C"), dtype, origin, device)
 
 
 def _torch_tensor_type():
@@ -105,11 +109,11 @@ def _is_bit_stored(dtype: np.dtype) -> bool:
     return dtype.name in BIT_STORED
 
 
-def capture(name: str, value: Any) -> Tensor:
+def capture(name: str, value: Any, stage: Stage | None = None) -> Tensor:
     """Copy ``value`` (a tensor per :func:`is_tensor`) into a :class:`Tensor`."""
     tensor_type = _torch_tensor_type()
     if tensor_type is not None and isinstance(value, tensor_type):
-        return _capture_torch(name, value)
+        return _capture_torch(name, value, stage)
     if isinstance(value, (int, float)):
         array = np.asarray(value, dtype=np.int64 if isinstance(value, int) else np.float64)
         return Tensor(name, array, array.dtype.name, "python")
@@ -117,10 +121,10 @@ def capture(name: str, value: Any) -> Tensor:
     if _is_bit_stored(source.dtype):
         bits = np.array(source, copy=True, order="C").view(BIT_STORED[source.dtype.name])
         return Tensor(name, bits, source.dtype.name, "numpy")
-    return _copy_numpy(name, source, source.dtype.name, "numpy")
+    return _from_array(name, source, source.dtype.name, "numpy", "cpu", stage)
 
 
-def _capture_torch(name: str, value: Any) -> Tensor:
+def _capture_torch(name: str, value: Any, stage: Stage | None) -> Tensor:
     import torch
 
     t = value.detach()
@@ -133,13 +137,15 @@ def _capture_torch(name: str, value: Any) -> Tensor:
         captured = _capture_cuda(name, t, dtype, device)
         if captured is not None:
             return captured
-    if dtype in BIT_STORED:
-        view = torch.int16 if dtype == "bfloat16" else torch.uint8
-        bits = t.contiguous().view(view).to("cpu", copy=True).numpy().view(BIT_STORED[dtype])
-        return Tensor(name, bits, dtype, "torch", device)
-    if t.device.type != "cpu":
-        return Tensor(name, t.to("cpu").numpy(), dtype, "torch", device)
-    return _copy_numpy(name, t.numpy(), dtype, "torch", device)
+    if dtype in BIT_STORED:  # HDF5 has no such type: keep the bits (a same-width view copies nothing)
+        t = t.view(torch.int16 if dtype == "bfloat16" else torch.uint8)
+    if t.device.type != "cpu":  # the move to the host is the copy
+        return Tensor(name, _bits(t.to("cpu").numpy(), dtype), dtype, "torch", device)
+    return _from_array(name, _bits(t.numpy(), dtype), dtype, "torch", device, stage)
+
+
+def _bits(array: np.ndarray, dtype: str) -> np.ndarray:
+    return array.view(BIT_STORED[dtype]) if dtype in BIT_STORED else array
 
 
 def _capture_cuda(name: str, t: Any, dtype: str, device: str) -> Tensor | None:

@@ -36,6 +36,7 @@ _ORDERED = _ordered_group_plist()
 _SCALAR = h5py.h5s.create(h5py.h5s.SCALAR)
 _STR = (h5py.h5t.py_create(h5py.string_dtype(), logical=True), h5py.h5t.py_create(h5py.string_dtype()))
 _TYPES: dict[str, Any] = {}
+_SPACES: dict[tuple[int, ...], Any] = {}
 
 
 def _encode(name: str) -> tuple[bytes, h5py.h5p.PropLCID]:
@@ -43,11 +44,24 @@ def _encode(name: str) -> tuple[bytes, h5py.h5p.PropLCID]:
 
 
 def _file_type(dtype: np.dtype) -> Any:
-    """The HDF5 type h5py would store ``dtype`` as (bool as its enum), cached per dtype."""
+    """The HDF5 type h5py would store ``dtype`` as (bool as its enum), cached per dtype.
+
+    It doubles as the memory type of a write: the types being the same object, HDF5 finds
+    its no-op conversion at once (h5py would build a fresh memory type for every write)."""
     file_type = _TYPES.get(dtype.str)
     if file_type is None:
         file_type = _TYPES[dtype.str] = h5py.h5t.py_create(dtype, logical=True)
     return file_type
+
+
+def _space(shape: tuple[int, ...]) -> Any:
+    """A dataspace of ``shape``, shared by every dataset of that shape (a loop repeats them)."""
+    space = _SPACES.get(shape)
+    if space is None:
+        if len(_SPACES) > 4096:
+            _SPACES.clear()
+        space = _SPACES[shape] = h5py.h5s.create_simple(shape) if shape else _SCALAR
+    return space
 
 
 def create_group(parent: Any, name: str) -> h5py.h5g.GroupID:
@@ -57,12 +71,14 @@ def create_group(parent: Any, name: str) -> h5py.h5g.GroupID:
 
 
 def create_dataset(parent: Any, name: str, data: np.ndarray) -> h5py.h5d.DatasetID:
-    """A contiguous dataset holding ``data`` (C-ordered) exactly."""
+    """A contiguous dataset holding ``data`` exactly."""
+    if not data.flags.c_contiguous:
+        data = np.array(data, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
     encoded, lcpl = _encode(name)
-    space = h5py.h5s.create_simple(data.shape) if data.ndim else _SCALAR
-    dataset = h5py.h5d.create(parent, encoded, _file_type(data.dtype), space, lcpl=lcpl)
+    file_type = _file_type(data.dtype)
+    dataset = h5py.h5d.create(parent, encoded, file_type, _space(data.shape), lcpl=lcpl)
     if data.size:
-        dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+        dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data, mtype=file_type)
     return dataset
 
 
@@ -84,7 +100,7 @@ def set_attrs(oid: Any, attrs: dict[str, Any]) -> None:
             data, (file_type, mem_type) = np.array(value, dtype=h5py.string_dtype()), _STR
         else:
             data = np.asarray(value)
-            file_type, mem_type = _file_type(data.dtype), h5py.h5t.py_create(data.dtype)
+            file_type = mem_type = _file_type(data.dtype)
         attr = h5py.h5a.create(oid, key.encode("utf-8"), file_type, _SCALAR)
         attr.write(data, mtype=mem_type)
         attr.close()

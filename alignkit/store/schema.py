@@ -9,6 +9,7 @@
         outputs/<name>     (same)
         layers/<name>      leaf-layer outputs, when layer recording is on
         inputs.attrs       non-tensor arguments, JSON-encoded
+    /staging/<n>           a large tensor written at call time, until its call is written; gone once recording ends
 
 Tensor names are stored percent-encoded where HDF5 cannot hold them (``/``, ``%``, ``.``
 alone), and then the exact name is in the dataset's ``name`` attribute; a logical dtype that
@@ -23,6 +24,7 @@ import numpy as np
 FORMAT_NAME = "alignkit-dump"
 FORMAT_VERSION = 1
 CALLS = "calls"
+STAGING = "staging"  # large tensors written at call time, before their call is; empty in a finished dump
 INDEX = "index"
 IO_GROUPS = ("inputs", "outputs", "layers")
 

@@ -29,9 +29,10 @@ import numpy as np
 from alignkit.errors import RecordingError
 from alignkit.record.tensors import Tensor
 from alignkit.store.objects import create_dataset, create_group, relink, set_attrs
-from alignkit.store.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, call_group_name, escape_name
+from alignkit.store.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, STAGING, call_group_name, escape_name
 
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
+_CALL_METADATA = 64 * 1024  # more than the headers, links and attributes of one call take
 FLUSH_INTERVAL = 0.5  # seconds: at most two step-boundary flushes a second
 
 
@@ -78,6 +79,10 @@ class DumpWriter:
         self._flush_each_call = True
         self._last_flush, self._unflushed = 0.0, False
         self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal), not the tensors
+        self._room = _Room(self.path)
+        self._file_lock = threading.Lock()  # held while staging from a caller thread, and to close
+        self._staging: Any = None
+        self._staged = 0
         self._thread = threading.Thread(target=self._run, name="alignkit-writer", daemon=True)
         self._thread.start()
 
@@ -97,6 +102,28 @@ class DumpWriter:
                 self._cond.wait(0.1)
             self._pending += size
         self._queue.put(record)
+
+    def stage(self, data: np.ndarray) -> str | None:
+        """Write a large array into the dump now, from the calling thread, under ``/staging``.
+
+        This is the call-time copy of a large host tensor: one pass over its bytes (a copy
+        and a later write would be two) and nothing held in memory. The writer links it into
+        its call's group when it writes the call; what is still staged when recording ends
+        (calls dropped after an early stop) is unlinked then. None when recording has stopped
+        or the disk has no room: the caller copies the array instead, and the writer stops.
+        """
+        with self._file_lock:
+            if self._file is None or self._stopped_reason is not None or self._room.claim(data.nbytes):
+                return None
+            try:
+                if self._staging is None:
+                    self._staging = create_group(self._file.id, STAGING)
+                name = str(self._staged)
+                create_dataset(self._staging, name, data)
+            except Exception:  # the writer meets the same trouble with the copy, and says why
+                return None
+            self._staged += 1
+            return f"{STAGING}/{name}"
 
     def flush(self) -> None:
         """Ask for a flush once everything queued so far is written (a step boundary)."""
@@ -149,7 +176,7 @@ class DumpWriter:
     def _write_or_stop(self, record: CallRecord) -> None:
         if self._file is None:
             return
-        shortage = _space_shortage(self.path, record.nbytes)
+        shortage = self._room.claim(record.nbytes)
         if shortage:
             self._stopped_reason = f"recording stopped at call {record.seq} ({record.submodel}): {shortage}; {self.path} holds the {self.calls_written} calls before it"
             self._finish({"stopped": shortage})
@@ -183,9 +210,16 @@ class DumpWriter:
         self._last_flush, self._unflushed = time.monotonic(), False
 
     def _finish(self, metadata: dict[str, Any]) -> None:
+        with self._file_lock:
+            self._finish_locked(metadata)
+
+    def _finish_locked(self, metadata: dict[str, Any]) -> None:
         if self._file is None:
             return
         try:
+            if self._staging is not None:
+                self._file.id.unlink(STAGING.encode())  # staged tensors of calls never written
+                self._staging = None
             _append_index(self._file, self._index_rows)
             for key, value in metadata.items():
                 self._file.attrs[key] = value
@@ -199,12 +233,13 @@ class DumpWriter:
         if self._error is None:
             self._error = exc
             self._stopped_reason = f"recording stopped: {exc}"
-        try:
-            if self._file is not None:
-                self._file.close()
-        except Exception:
-            pass
-        self._file = None
+        with self._file_lock:
+            try:
+                if self._file is not None:
+                    self._file.close()
+            except Exception:
+                pass
+            self._file = None
 
     def set_attr(self, key: str, value: Any) -> None:
         """Set a root attribute, in order with the queued calls (e.g. the step source)."""
@@ -290,21 +325,51 @@ def _append_index(f: h5py.File, rows: list[tuple]) -> None:
     rows.clear()
 
 
-def _space_shortage(path: Path, nbytes: int) -> str | None:
-    """Why writing ``nbytes`` more would fail, or None when there is room."""
-    need = nbytes + _HEADROOM
+class _Room:
+    """How much more the dump may take before the disk or the file-size limit runs out.
+
+    Asking costs a few system calls, more than writing a small call, so the answer is kept and
+    counted down, and asked again once it runs low or is FLUSH_INTERVAL old (another process
+    may be filling the same disk)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._left: int | None = None
+        self._why = ""
+        self._asked = float("-inf")
+        self._lock = threading.Lock()
+
+    def claim(self, nbytes: int) -> str | None:
+        """Count ``nbytes`` (plus a call's metadata) as written; why not, when there is no room."""
+        need = nbytes + _CALL_METADATA + _HEADROOM
+        with self._lock:
+            if self._left is None or need > self._left or time.monotonic() - self._asked >= FLUSH_INTERVAL:
+                self._left, self._why = _room(self._path)
+                self._asked = time.monotonic()
+            if self._left is None:
+                return None
+            if need > self._left:
+                return self._why.format(need=need)
+            self._left -= nbytes + _CALL_METADATA
+            return None
+
+
+def _room(path: Path) -> tuple[int | None, str]:
+    """Bytes the file may still grow by (None when the system cannot say), and what limits it."""
+    left, why = None, ""
     try:
         free = shutil.disk_usage(path.parent).free
+        left, why = free, f"the disk is full ({free} bytes free, {{need}} needed)"
     except OSError:
-        return None
-    if free < need:
-        return f"the disk is full ({free} bytes free, {need} needed)"
+        pass
     try:
         import resource
 
         soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-        if soft != resource.RLIM_INFINITY and path.stat().st_size + need > soft:
-            return f"the file-size limit of {soft} bytes is reached"
+        if soft != resource.RLIM_INFINITY:
+            allowed = soft - path.stat().st_size
+            if left is None or allowed < left:
+                left, why = allowed, f"the file-size limit of {soft} bytes is reached"
     except (ImportError, OSError, ValueError):
-        return None
-    return None
+        pass
+    return left, why

@@ -7,7 +7,9 @@ import sys
 import textwrap
 import time
 
+import h5py
 import numpy as np
+import pytest
 
 import alignkit as ak
 from tests.conftest import ROOT
@@ -19,7 +21,7 @@ LOOP = textwrap.dedent(
     with ak.record(sys.argv[1], net, label="long run"):
         for step in range(10_000):
             for _ in range(3):
-                net(torch.full((8, 64), float(step)))
+                net(torch.full((int(sys.argv[2]), 64), float(step)))
             ak.step()
             time.sleep(0.05)
             print("step", step, flush=True)
@@ -27,10 +29,11 @@ LOOP = textwrap.dedent(
 )
 
 
-def test_kill_9_leaves_every_completed_step(tmp_path):
+@pytest.mark.parametrize("rows", [8, 4096], ids=["small", "staged"])  # 4096 rows: 1 MiB, written at call time
+def test_kill_9_leaves_every_completed_step(tmp_path, rows):
     script, dump = tmp_path / "loop.py", tmp_path / "killed.h5"
     script.write_text(LOOP)
-    proc = subprocess.Popen([sys.executable, str(script), str(dump)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen([sys.executable, str(script), str(dump), str(rows)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     for line in proc.stdout:
         if line.strip() == "step 8":
             break
@@ -44,7 +47,7 @@ def test_kill_9_leaves_every_completed_step(tmp_path):
         for step in range(9):
             for call in range(3):
                 x = d["Linear", step, call].inputs["input"]
-                np.testing.assert_array_equal(x, np.full((8, 64), float(step), np.float32))
+                np.testing.assert_array_equal(x, np.full((rows, 64), float(step), np.float32))
 
 
 FULL = textwrap.dedent(
@@ -76,12 +79,14 @@ def test_a_full_disk_stops_recording_but_not_the_run(tmp_path):
         assert "file-size limit" in d.metadata["stopped"]
         last = d["big", int(d.calls["step"].max())]
         assert last.inputs["x"].shape == (256, 1024)
+    with h5py.File(dump) as f:
+        assert "staging" not in f  # tensors staged for calls that were dropped are unlinked
 
 
 def test_memory_stays_bounded_by_the_pending_limit(tmp_path):
     import tracemalloc
 
-    source = np.ones((128, 1024), np.float32)  # 512 KiB a call (below the buffer pool), 100 MiB in all
+    source = np.ones((128, 1024), np.float32)  # 512 KiB a call (copied, not staged), 100 MiB in all
     tracemalloc.start()
     with ak.Recorder(tmp_path / "big.h5", max_pending_bytes=8 << 20) as rec:
         f = rec.watch(lambda x: None, "big")
