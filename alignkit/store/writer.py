@@ -220,7 +220,7 @@ class DumpWriter:
             if self._staging is not None:
                 self._file.id.unlink(STAGING.encode())  # staged tensors of calls never written
                 self._staging = None
-            _append_index(self._file, self._index_rows)
+            _write_index(self._file, self._index_rows)
             for key, value in metadata.items():
                 self._file.attrs[key] = value
             self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
@@ -278,7 +278,6 @@ def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
     set_attrs(f.id, {**plain, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step_source": "none"})
     f.attrs["complete"] = False
     create_group(f.id, CALLS)
-    f.create_dataset(INDEX, shape=(0,), maxshape=(None,), dtype=INDEX_DTYPE, chunks=(256,))
     f.flush()
     return f
 
@@ -315,14 +314,9 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
     return attrs
 
 
-def _append_index(f: h5py.File, rows: list[tuple]) -> None:
-    if not rows:
-        return
-    index = f[INDEX]
-    n = index.shape[0]
-    index.resize((n + len(rows),))
-    index[n:] = np.array(rows, dtype=INDEX_DTYPE)
-    rows.clear()
+def _write_index(f: h5py.File, rows: list[tuple]) -> None:
+    """The table of calls, written once when recording ends (a killed run has none)."""
+    f.create_dataset(INDEX, data=np.array(rows, dtype=INDEX_DTYPE))
 
 
 class _Room:
