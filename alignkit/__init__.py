@@ -17,6 +17,7 @@ code that needs it.
 from __future__ import annotations
 
 from alignkit._version import __version__
+from alignkit.comparison import Comparison, Divergence, compare
 from alignkit.errors import (
     AlignkitError,
     CallNotFoundError,
@@ -28,6 +29,9 @@ from alignkit.errors import (
     RecordingError,
     UsageError,
 )
+from alignkit.recording import Recorder, record, step
+from alignkit.replaying import replay
+from alignkit.storage import Call, Dump, open_dump
 
 __all__ = [
     "AlignkitError",
@@ -51,14 +55,6 @@ __all__ = [
     "replay",
     "step",
 ]
-
-# Submodules share names with the functions they export (alignkit.record the package,
-# alignkit.record() the function): import them here, before anything else can, so that the
-# package attribute is the function. None of them imports torch, onnxruntime or matplotlib.
-from alignkit.compare import Comparison, Divergence, compare  # noqa: E402
-from alignkit.record import Recorder, record, step  # noqa: E402
-from alignkit.replay import replay  # noqa: E402
-from alignkit.store import Call, Dump, open_dump  # noqa: E402
 
 
 def __dir__() -> list[str]:

@@ -40,8 +40,8 @@ def record(
     module: Optional[str] = typer.Option(None, "-m", help="Run a module instead of a script."),
 ) -> None:
     """Run a script unmodified and record every submodel call: alignkit record -o ref.h5 -- script.py [args]"""
-    from alignkit.record.cli_run import record_command
-    from alignkit.replay import parse_steps
+    from alignkit.recording.cli_run import record_command
+    from alignkit.replaying import parse_steps
 
     command = ([sys.executable, "-m", module] if module else []) + list(ctx.args)
     filters = {"include": include, "exclude": exclude, "tensors": tensors, "steps": parse_steps(steps), "layers": layers, "layer_filter": layer_filter}
@@ -55,8 +55,8 @@ def inspect(
     shapes: bool = typer.Option(False, "--shapes", help="Print input shapes in the forms converters take."),
 ) -> None:
     """List submodels, steps, calls and tensors with shapes, dtypes and statistics."""
-    from alignkit.report.inspect import print_inspection, print_shapes
-    from alignkit.store import open_dump
+    from alignkit.reporting.inspect import print_inspection, print_shapes
+    from alignkit.storage import open_dump
 
     with open_dump(dump) as d:
         (print_shapes if shapes else print_inspection)(d, _wide(console))
@@ -78,7 +78,7 @@ def compare(
     no_html: bool = typer.Option(False, "--no-html", help="Do not write the HTML report."),
 ) -> None:
     """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input."""
-    from alignkit.report.progress import compare_with_progress
+    from alignkit.reporting.progress import compare_with_progress
 
     result = compare_with_progress(ref, tgt, console=err, name_map=map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor, replay=replay)
     _wide(console).print(result)
@@ -116,7 +116,7 @@ def replay(
     layers: bool = typer.Option(False, "--layers", help="Also record the target's layers, to name the first that diverges."),
 ) -> None:
     """Feed the reference inputs of every recorded call into a target submodel and compare."""
-    from alignkit.replay import replay as run_replay, parse_steps
+    from alignkit.replaying import replay as run_replay, parse_steps
 
     if (onnx is None) == (callable_ is None):
         raise UsageError("replay needs one target: --onnx model.onnx or --callable module:factory")

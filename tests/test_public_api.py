@@ -17,6 +17,19 @@ def test_exported_members_do_not_drift():
         assert getattr(alignkit, name) is not None, name
 
 
+def test_functions_and_their_modules_do_not_shadow_each_other():
+    import importlib
+    import types
+
+    for name in ("record", "compare", "replay", "step", "open_dump"):
+        assert isinstance(getattr(alignkit, name), types.FunctionType), name
+    for module in ("recording.recorder", "storage.writer", "comparison.result", "reporting.html", "replaying"):
+        assert isinstance(importlib.import_module(f"alignkit.{module}"), types.ModuleType), module
+    import alignkit.recording.recorder as recorder
+
+    assert recorder.Recorder is alignkit.Recorder
+
+
 def test_import_loads_no_heavy_dependency():
     proc = run_python("import sys, alignkit; print(sorted(m for m in ('torch', 'onnxruntime', 'matplotlib', 'diffusers') if m in sys.modules))")
     assert proc.returncode == 0, proc.stderr

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from alignkit.compare import Comparison, compare
+from alignkit.comparison import Comparison, compare
 from alignkit.demo.bugs import BUGS, EXPECTED_VERDICT, plant, scheduler_for
 from alignkit.errors import UsageError
-from alignkit.record import record
+from alignkit.recording import record
 
 __all__ = ["BUGS", "EXPECTED_VERDICT", "record_demo_pair", "run_demo"]
 

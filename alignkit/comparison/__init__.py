@@ -1,0 +1,88 @@
+"""Comparing two dumps: matching, metrics, diagnosis, and the Comparison result."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+from alignkit.comparison.result import Comparison
+from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.comparison.layers import drill_down
+from alignkit.comparison.matching import NameMap, match_calls
+from alignkit.comparison.table import Thresholds, build_table
+from alignkit.errors import UsageError
+from alignkit.storage.reader import Dump, open_dump
+
+__all__ = ["Comparison", "Divergence", "Thresholds", "compare"]
+
+
+def compare(
+    ref: str | os.PathLike | Dump,
+    tgt: str | os.PathLike | Dump,
+    *,
+    name_map: Mapping[str, str] | Iterable[str] | None = None,
+    map_file: str | os.PathLike | None = None,
+    cos_min: float = 0.999,
+    rel_l1_max: float = 1e-3,
+    floor_factor: float = 10.0,
+    replay: Comparison | str | os.PathLike | None = None,
+    submodels: Iterable[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Comparison:
+    """Compare a target dump against a reference dump and diagnose the first divergence.
+
+    ``name_map`` maps target names to reference names (``{"unet.input.1": "sample"}`` or
+    ``["input.1=sample"]``); ``submodels`` limits the comparison to those; ``replay`` attaches a replay comparison (or a replay dump to
+    compare against ``ref``) so the report can draw local error beside pipeline drift.
+    """
+    names = NameMap.build(name_map, map_file)
+    limits = Thresholds(cos_min, rel_l1_max, floor_factor)
+    with _opened(ref) as r, _opened(tgt) as t:
+        calls, notes = match_calls(r, t, names)
+        if submodels is not None:
+            keep = set(submodels)
+            calls = calls[calls["submodel"].isin(keep)].reset_index(drop=True)
+            notes = [n for n in notes if n.split(":", 1)[0] in keep]
+        total = len(calls)
+        table = build_table(r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None)
+        unused = names.unused()
+        if unused:
+            raise UsageError(f"name map entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no submodel or tensor in {t.path}")
+        per_call = classify_calls(table, calls)
+        first = first_divergence(table, per_call)
+        result = Comparison(
+            reference=str(r.path),
+            target=str(t.path),
+            verdict="aligned" if first is None else "diverged",
+            first_divergence=first,
+            table=table,
+            calls=per_call,
+            thresholds=limits,
+            warnings=warnings_for(table, floor_factor),
+            notes=notes,
+            growth=growth(per_call, first) if first is not None else {},
+            tolerance=tolerance(table),
+            ref_meta=dict(r.metadata),
+            tgt_meta=dict(t.metadata),
+            layers=drill_down(table, first) if first is not None else {},
+        )
+    if replay is not None:
+        result.replay = replay if isinstance(replay, Comparison) else compare(ref, replay, name_map=name_map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor)
+    return result
+
+
+class _opened:
+    """Open a path as a Dump for the duration, or use a Dump as given."""
+
+    def __init__(self, source: str | os.PathLike | Dump):
+        self._given = source if isinstance(source, Dump) else None
+        self._source = source
+        self._dump: Dump | None = None
+
+    def __enter__(self) -> Dump:
+        self._dump = self._given or open_dump(self._source)
+        return self._dump
+
+    def __exit__(self, *exc: object) -> None:
+        if self._given is None and self._dump is not None:
+            self._dump.close()

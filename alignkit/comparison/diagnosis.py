@@ -1,0 +1,198 @@
+"""Walk the calls in time order and say where the two runs first part ways, and why.
+
+- *input mismatch*: a call's inputs differ although every earlier call matched — the glue
+  code between submodels feeds something different.
+- *local error*: the inputs match but the outputs differ — the port of that submodel.
+- *propagated*: the inputs differ because an earlier call's output already differed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from alignkit.comparison.table import BAD
+
+INPUT_MISMATCH, LOCAL_ERROR, PROPAGATED = "input mismatch", "local error", "propagated"
+
+
+@dataclass
+class Divergence:
+    """The first place where the target parts ways with the reference."""
+
+    submodel: str
+    step: int
+    call: int
+    io: str
+    tensor: str
+    kind: str
+    message: str
+    seq: int = 0
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def classify_calls(table: pd.DataFrame, calls: pd.DataFrame) -> pd.DataFrame:
+    """One row per matched call with its kind ('' when it matches) and worst output error."""
+    bad = table["status"].isin(BAD)
+    per_call = (
+        table.assign(bad_in=bad & (table["io"] == "inputs"), bad_out=bad & (table["io"] == "outputs"))
+        .groupby("seq", sort=True)
+        .agg(bad_in=("bad_in", "any"), bad_out=("bad_out", "any"))
+    )
+    outputs = table[table["io"] == "outputs"]
+    outs = outputs.groupby("seq").agg(out_rel_l1=("rel_l1", "max"), out_cos=("cos", "min"))
+    outs["out_l1"] = outputs.groupby("seq")["l1"].first()  # the primary output: latents, sample
+    matched = calls.dropna(subset=["ref_seq", "tgt_seq"]).sort_values("ref_seq")
+    frame = matched[["seq", "submodel", "step", "call"]].astype({"seq": "int64"}).set_index("seq")
+    frame = frame.join(per_call).join(outs).fillna({"bad_in": False, "bad_out": False})
+    kinds, earlier = [], False
+    for bad_in, bad_out in zip(frame["bad_in"], frame["bad_out"]):
+        if bad_in:
+            kinds.append(PROPAGATED if earlier else INPUT_MISMATCH)
+        elif bad_out:
+            kinds.append(LOCAL_ERROR)
+        else:
+            kinds.append("")
+        earlier = earlier or bool(bad_in) or bool(bad_out)
+    frame["kind"] = kinds
+    return frame.reset_index()
+
+
+def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame) -> Divergence | None:
+    hits = per_call[per_call["kind"] != ""]
+    if hits.empty:
+        return None
+    call = hits.iloc[0]
+    io = "outputs" if call["kind"] == LOCAL_ERROR else "inputs"
+    rows = table[(table["seq"] == call["seq"]) & (table["io"] == io) & table["status"].isin(BAD)]
+    row = rows.iloc[0]
+    evidence = _evidence(row)
+    message = _message(call, row, evidence)
+    return Divergence(str(call["submodel"]), int(call["step"]), int(call["call"]), io, str(row["tensor"]), str(call["kind"]), message, int(call["seq"]), evidence)
+
+
+def _evidence(row: pd.Series) -> dict[str, Any]:
+    keys = ["ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "ref_value", "tgt_value", "l1", "rel_l1", "max_abs", "cos", "cos_dist", "status"]
+    return {k: _plain(row.get(k)) for k in keys if k in row and not _missing(row.get(k))}
+
+
+def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any]) -> str:
+    where = f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
+    tensor = row["tensor"]
+    if call["kind"] == LOCAL_ERROR:
+        return f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"
+    what = _values_text(tensor, ev)
+    if call["kind"] == INPUT_MISMATCH:
+        return f"{where}: input mismatch — {what}, although every earlier call matched; the glue code that feeds {call['submodel']} differs"
+    return f"{where}: propagated — {what}"
+
+
+def _values_text(tensor: str, ev: dict[str, Any]) -> str:
+    if ev.get("status") == "shape":
+        return f"`{tensor}`: reference shape {ev.get('ref_shape')}, target {ev.get('tgt_shape')}"
+    if "ref_value" in ev and "tgt_value" in ev:
+        return f"`{tensor}`: reference {ev['ref_dtype']} {ev['ref_value']}, target {ev['tgt_dtype']} {ev['tgt_value']}"
+    dtypes = f" ({ev['ref_dtype']} vs {ev['tgt_dtype']})" if ev.get("ref_dtype") != ev.get("tgt_dtype") else ""
+    return f"`{tensor}` differs{dtypes}: {_metrics_text(ev)}"
+
+
+def _metrics_text(ev: dict[str, Any]) -> str:
+    if ev.get("status") == "nonfinite":
+        return "NaN/Inf on one side"
+    parts = []
+    if "rel_l1" in ev:
+        parts.append(f"rel_l1 {ev['rel_l1']:.3g}")
+    if "cos" in ev:
+        parts.append(f"cos {ev['cos']:.9f}")
+    if "max_abs" in ev:
+        parts.append(f"max_abs {ev['max_abs']:.3g}")
+    return ", ".join(parts)
+
+
+def growth(per_call: pd.DataFrame, first: Divergence) -> dict[str, Any]:
+    """How the error grows after the first divergence, in mean absolute error (L1).
+
+    The drift curve follows the call that ends each step (in a diffusers loop, the scheduler
+    step that writes the next latents): the state carried into the next step. Absolute L1
+    shows accumulation even while the latents themselves shrink towards the image.
+    """
+    after = per_call[(per_call["seq"] >= first.seq) & per_call["out_l1"].notna()].sort_values("seq")
+    if after.empty:
+        return {}
+    enders = after.groupby("step").tail(1)
+    carrier = enders["submodel"].mode().iloc[0]
+    curve = enders[enders["submodel"] == carrier]
+    out: dict[str, Any] = {"submodel": str(carrier), "steps": [int(s) for s in curve["step"]], "l1": [float(v) for v in curve["out_l1"]]}
+    last = after.iloc[-1]
+    out["final"] = {"submodel": str(last["submodel"]), "step": int(last["step"]), "l1": float(last["out_l1"]), "rel_l1": float(last["out_rel_l1"]), "cos": float(last["out_cos"])}
+    start = next((v for v in out["l1"] if v > 0), None)
+    out["factor"] = max(out["l1"]) / start if start else None
+    return out
+
+
+def growth_text(g: dict[str, Any]) -> str:
+    if not g.get("l1"):
+        return ""
+    vals, steps = g["l1"], g["steps"]
+    text = f"{g['submodel']} output L1 {vals[0]:.3g} at step {steps[0]}"
+    if len(vals) > 1:
+        peak = max(range(len(vals)), key=vals.__getitem__)
+        text += f" → {vals[-1]:.3g} at step {steps[-1]}"
+        if peak != len(vals) - 1 and vals[peak] > vals[-1] * 1.05:
+            text += f" (peak {vals[peak]:.3g} at step {steps[peak]})"
+        factor = g.get("factor")
+        if factor and math.isfinite(factor) and factor > 1.05:
+            text += f", ×{factor:.3g} the first divergent step's"
+    final = g.get("final")
+    if final and (final["submodel"] != g["submodel"] or final["step"] != steps[-1]):
+        text += f"; the final output ({final['submodel']}, step {final['step']}) has rel_l1 {final['rel_l1']:.3g}, cos {final['cos']:.6f}"
+    return text
+
+
+def tolerance(table: pd.DataFrame) -> dict[str, float]:
+    """The loosest thresholds any compared tensor needs: Polygraphy's minimum required tolerance."""
+    measured = table[table["status"].isin(["ok", "precision", "mismatch"]) & ~table["exact"].fillna(False).astype(bool)]
+    if measured.empty:
+        return {}
+    return {"cos_min": float(measured["cos"].min()), "rel_l1_max": float(measured["rel_l1"].max())}
+
+
+def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
+    """Dtype differences (even with equal values), precision-floor rows, one-sided NaN/Inf."""
+    out = []
+    both = table.dropna(subset=["ref_dtype", "tgt_dtype"])
+    diff = both[both["ref_dtype"] != both["tgt_dtype"]]
+    for (sub, io, tensor, rd, td), group in diff.groupby(["submodel", "io", "tensor", "ref_dtype", "tgt_dtype"], sort=False):
+        equal = bool((group["max_abs"] == 0).all())
+        steps = sorted(set(group["step"]))
+        note = "values equal" if equal else "values differ"
+        out.append(f"{sub} {io[:-1]} `{tensor}`: reference {rd}, target {td} ({note}) at {len(steps)} step{'s' if len(steps) != 1 else ''}")
+    precision = table[table["status"] == "precision"]
+    if len(precision):
+        out.append(f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
+    mismatched = table[table["nonfinite_mismatch"].fillna(0) > 0]
+    count = {side: mismatched[f"nan_{side}"] + mismatched[f"inf_{side}"] for side in ("ref", "tgt")}
+    for side, other, who in (("tgt", "ref", "target"), ("ref", "tgt", "reference")):
+        nf = mismatched[count[side] > count[other]]
+        if len(nf):
+            row = nf.iloc[0]
+            out.append(f"NaN/Inf first appear in the {who} only at {row['submodel']} step {row['step']} {row['io'][:-1]} `{row['tensor']}` ({int(row[f'nan_{side}'])} NaN, {int(row[f'inf_{side}'])} Inf)")
+    return out
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+

@@ -1,0 +1,174 @@
+"""Pair up the calls and tensors of two dumps.
+
+Calls pair by (submodel, step, call). Tensors pair by name, then through the name map, then,
+for what is left, by position when count, order and shapes agree. What has no partner is
+kept, never dropped: it appears in the table as present on one side only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from alignkit.errors import UsageError
+from alignkit.storage.reader import Call, Dump, TensorInfo
+
+
+@dataclass
+class NameMap:
+    """Target names → reference names, for submodels and tensors.
+
+    Keys are a target submodel (``vae_decoder``), a target tensor in one submodel
+    (``unet.input.1``), or a target tensor anywhere (``input.1``).
+    """
+
+    entries: dict[str, str] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, mapping: Mapping[str, str] | Iterable[str] | None = None, path: str | Path | None = None) -> NameMap:
+        entries: dict[str, str] = {}
+        if path is not None:
+            entries.update(_read_map_file(Path(path)))
+        if isinstance(mapping, Mapping):
+            entries.update({str(k): str(v) for k, v in _flatten_map(mapping).items()})
+        elif mapping is not None:
+            for item in mapping:
+                tgt, sep, ref = str(item).partition("=")
+                if not sep or not tgt or not ref:
+                    raise UsageError(f"name map entry {item!r} is not of the form target=reference")
+                entries[tgt] = ref
+        return cls(entries)
+
+    def submodel(self, tgt_submodel: str) -> str:
+        if tgt_submodel in self.entries:
+            self.used.add(tgt_submodel)
+            return self.entries[tgt_submodel]
+        return tgt_submodel
+
+    def tensor(self, tgt_submodel: str, name: str) -> str | None:
+        for key in (f"{tgt_submodel}.{name}", name):
+            if key in self.entries:
+                self.used.add(key)
+                return self.entries[key]
+        return None
+
+    def unused(self) -> list[str]:
+        return [k for k in self.entries if k not in self.used]
+
+
+def _flatten_map(mapping: Mapping) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            prefix = "" if key in ("tensors", "submodels") else f"{key}."
+            out.update({f"{prefix}{k}": str(v) for k, v in _flatten_map(value).items()})
+        else:
+            out[str(key)] = str(value)
+    return out
+
+
+def _read_map_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the name map ({exc.strerror or exc})") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{path}: the name map must be a JSON object")
+        return _flatten_map(data)
+    entries = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        tgt, sep, ref = line.partition("=")
+        if not sep:
+            raise UsageError(f"{path}:{n}: expected target=reference, got {line!r}")
+        entries[tgt.strip()] = ref.strip()
+    return entries
+
+
+@dataclass
+class TensorPair:
+    io: str
+    ref: TensorInfo | None
+    tgt: TensorInfo | None
+    how: str  # "name", "map", "position", or "one side"
+
+
+def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, list[str]]:
+    """Join the call tables on (submodel, step, call); notes say what only one side has."""
+    r = ref.calls.assign(ref_seq=ref.calls["seq"])
+    t = tgt.calls.assign(tgt_seq=tgt.calls["seq"])
+    t["submodel"] = [names.submodel(s) for s in t["submodel"]]
+    shared = set(r["submodel"]) & set(t["submodel"])
+    if not shared:
+        raise UsageError(
+            f"{ref.path} and {tgt.path} have no submodel in common "
+            f"(reference: {', '.join(ref.submodels) or 'none'}; target: {', '.join(tgt.submodels) or 'none'}); "
+            "map target names with --map target=reference"
+        )
+    joined = r.merge(t[["submodel", "step", "call", "tgt_seq"]], on=["submodel", "step", "call"], how="outer")
+    joined = joined.sort_values(["ref_seq", "tgt_seq"], kind="stable").reset_index(drop=True)
+    return joined, _one_side_notes(joined, r, t)
+
+
+def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
+    notes = []
+    for sub in dict.fromkeys([*r["submodel"], *t["submodel"]]):
+        rs = sorted(set(r.loc[r["submodel"] == sub, "step"]))
+        ts = sorted(set(t.loc[t["submodel"] == sub, "step"]))
+        if not ts:
+            notes.append(f"{sub}: only in the reference ({len(rs)} steps); not compared")
+        elif not rs:
+            notes.append(f"{sub}: only in the target ({len(ts)} steps); not compared")
+        elif rs != ts:
+            both = sorted(set(rs) & set(ts))
+            notes.append(f"{sub}: the reference has steps {_span(rs)}, the target {_span(ts)}; compared the {len(both)} shared steps")
+    one_side = int((joined["tgt_seq"].isna() | joined["ref_seq"].isna()).sum())
+    if one_side and not notes:
+        notes.append(f"{one_side} calls are on one side only (the same steps hold a different number of calls)")
+    return notes
+
+
+def _span(steps: list[int]) -> str:
+    return f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0])
+
+
+def match_tensors(ref_call: Call, tgt_call: Call, names: NameMap) -> list[TensorPair]:
+    """Pair the tensors of two matched calls, io by io."""
+    pairs: list[TensorPair] = []
+    for io in ("inputs", "outputs", "layers"):
+        pairs.extend(_match_io(io, ref_call.info(io), tgt_call.info(io), tgt_call.submodel, names))
+    return pairs
+
+
+def _match_io(io: str, refs: list[TensorInfo], tgts: list[TensorInfo], tgt_submodel: str, names: NameMap) -> list[TensorPair]:
+    by_name = {r.name: r for r in refs}
+    pairs, left_t = [], []
+    taken: set[str] = set()
+    for t in tgts:
+        mapped = names.tensor(tgt_submodel, t.name)
+        key, how = (mapped, "map") if mapped is not None else (t.name, "name")
+        if key in by_name and key not in taken:
+            pairs.append(TensorPair(io, by_name[key], t, how))
+            taken.add(key)
+        else:
+            left_t.append(t)
+    left_r = [r for r in refs if r.name not in taken]
+    if left_r and len(left_r) == len(left_t) and all(r.shape == t.shape for r, t in zip(left_r, left_t)):
+        pairs.extend(TensorPair(io, r, t, "position") for r, t in zip(left_r, left_t))
+    else:
+        pairs.extend(TensorPair(io, r, None, "one side") for r in left_r)
+        pairs.extend(TensorPair(io, None, t, "one side") for t in left_t)
+    order = {r.name: i for i, r in enumerate(refs)}
+    return sorted(pairs, key=lambda p: order.get(p.ref.name, len(order)) if p.ref else len(order))

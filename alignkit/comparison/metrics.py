@@ -1,0 +1,237 @@
+"""Metrics between a reference tensor r and a target tensor t, streamed block by block.
+
+Every block is widened to float64 before subtracting, so memory stays bounded by the block
+size and sums do not lose precision. Definitions (DESIGN.md), over the elements that are
+finite on both sides:
+
+- ``l1``      mean |t − r|                 - ``rel_l1``  Σ|t − r| / Σ|r|
+- ``max_abs`` max |t − r|                  - ``rmse``    sqrt(mean (t − r)²)
+- ``cos``     ⟨r,t⟩ / (‖r‖‖t‖); both all-zero → 1, one all-zero → 0
+- ``cos_dist`` 1 − cos, computed as (‖r − t‖² − (‖r‖ − ‖t‖)²) / (2‖r‖‖t‖) so that it does
+  not cancel for nearly identical tensors
+- ``sqnr_db`` 10·log10(Σr² / Σ(t − r)²)
+
+The noise floor (``floor_*``) is the same error between r and r rounded to the target's dtype:
+what a target that stores the tensor in fp16 or bf16 cannot do better than.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from alignkit.storage.schema import decode, logical_dtype, round_to_bf16
+
+BLOCK_ELEMENTS = 1 << 18  # 2 MiB of float64 per side
+
+_LOW_PRECISION = {"float16": 11, "bfloat16": 8, "float8_e4m3fn": 4, "float8_e5m2": 3}
+_FLOAT_BITS = {"float64": 53, "float32": 24, **_LOW_PRECISION}
+
+
+@dataclass
+class Sums:
+    """Running sums for one tensor pair; ``add`` a block, ``metrics`` at the end."""
+
+    n: int = 0
+    abs_diff: float = 0.0
+    abs_ref: float = 0.0
+    max_abs: float = 0.0
+    ref_sq: float = 0.0
+    tgt_sq: float = 0.0
+    diff_sq: float = 0.0
+    dot: float = 0.0
+    nan_ref: int = 0
+    nan_tgt: int = 0
+    inf_ref: int = 0
+    inf_tgt: int = 0
+    nonfinite_mismatch: int = 0
+    floor_abs: float = 0.0
+    floor_sq: float = 0.0
+    floor_tgt_sq: float = 0.0
+
+    def add(self, r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> None:
+        scratch = _scratch(np.size(r))
+        r64, t64, d, work = (buf[: np.size(r)] for buf in scratch)
+        np.copyto(r64, np.ravel(r), casting="unsafe")  # widen into reused buffers: fresh pages
+        np.copyto(t64, np.ravel(t), casting="unsafe")  # cost more than the arithmetic
+        if not (np.isfinite(r64).all() and np.isfinite(t64).all()):
+            r64, t64 = self._nonfinite(r64, t64)
+            d, work = d[: r64.size], work[: r64.size]
+        np.subtract(t64, r64, out=d)
+        np.abs(d, out=work)
+        self.n += r64.size
+        self.abs_diff += float(work.sum())
+        if work.size:
+            self.max_abs = max(self.max_abs, float(work.max()))
+        np.abs(r64, out=work)
+        self.abs_ref += float(work.sum())
+        self.ref_sq += float(np.dot(r64, r64))
+        self.tgt_sq += float(np.dot(t64, t64))
+        self.diff_sq += float(np.dot(d, d))
+        self.dot += float(np.dot(r64, t64))
+        if floor_dtype is not None:
+            q = round_to(r64, floor_dtype)
+            fq = np.isfinite(q)
+            dq = np.where(fq, q - r64, 0.0)
+            self.floor_abs += float(np.abs(dq).sum())
+            self.floor_sq += float(np.dot(dq, dq))
+            q = np.where(fq, q, 0.0)
+            self.floor_tgt_sq += float(np.dot(q, q))
+
+    def _nonfinite(self, r: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Count NaN/Inf on each side and where they disagree; keep the jointly finite elements."""
+        self.nan_ref += int(np.isnan(r).sum())
+        self.nan_tgt += int(np.isnan(t).sum())
+        self.inf_ref += int(np.isinf(r).sum())
+        self.inf_tgt += int(np.isinf(t).sum())
+        both = np.isfinite(r) & np.isfinite(t)
+        same = (r == t) | (np.isnan(r) & np.isnan(t))
+        self.nonfinite_mismatch += int((~both & ~same).sum())
+        return r[both], t[both]
+
+    def metrics(self) -> dict[str, float]:
+        n = self.n
+        cos_dist = _cos_distance(self.ref_sq, self.tgt_sq, self.diff_sq, self.dot)
+        out = {
+            "l1": self.abs_diff / n if n else 0.0,
+            "rel_l1": _ratio(self.abs_diff, self.abs_ref),
+            "max_abs": self.max_abs,
+            "cos": 1.0 - cos_dist,
+            "cos_dist": cos_dist,
+            "rmse": math.sqrt(self.diff_sq / n) if n else 0.0,
+            "sqnr_db": _sqnr(self.ref_sq, self.diff_sq),
+            "nan_ref": self.nan_ref,
+            "nan_tgt": self.nan_tgt,
+            "inf_ref": self.inf_ref,
+            "inf_tgt": self.inf_tgt,
+            "nonfinite_mismatch": self.nonfinite_mismatch,
+        }
+        return out
+
+    def floor(self) -> dict[str, float]:
+        """The noise floor: the same metrics for r against r rounded to the target dtype."""
+        return {
+            "floor_rel_l1": _ratio(self.floor_abs, self.abs_ref),
+            "floor_cos_dist": _cos_distance(self.ref_sq, self.floor_tgt_sq, self.floor_sq, None),
+        }
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> list[np.ndarray]:
+    """Four float64 work buffers of at least ``n`` elements, reused per thread."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].size < n:
+        bufs = _SCRATCH.bufs = [np.empty(max(n, BLOCK_ELEMENTS)) for _ in range(4)]
+    return bufs
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * (math.log10(signal) - math.log10(noise))  # no underflow of the ratio
+
+
+def _cos_distance(ref_sq: float, tgt_sq: float, diff_sq: float, dot: float | None) -> float:
+    """1 − cos without cancellation; both all-zero → 0, one all-zero → 1.
+
+    Near cos = 1 the difference form keeps its digits; far from it (one tensor much smaller
+    than the other, say) the dot-product form does, and ``1 −`` no longer cancels.
+    """
+    if ref_sq == 0.0 and tgt_sq == 0.0:
+        return 0.0
+    if ref_sq == 0.0 or tgt_sq == 0.0:
+        return 1.0
+    nr, nt = math.sqrt(ref_sq), math.sqrt(tgt_sq)
+    if dot is not None and dot / (nr * nt) < 0.5:
+        return min(max(1.0 - dot / (nr * nt), 0.0), 2.0)
+    norm_gap_sq = ((ref_sq - tgt_sq) / (nr + nt)) ** 2
+    value = (diff_sq - norm_gap_sq) / (2.0 * nr * nt)
+    return min(max(value, 0.0), 2.0)
+
+
+def pair_metrics(r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> dict[str, float]:
+    """All metrics of two in-memory arrays."""
+    s = Sums()
+    for rb, tb in zip(_chunks(np.ravel(r)), _chunks(np.ravel(t))):
+        s.add(rb, tb, floor_dtype)
+    return {**s.metrics(), **(s.floor() if floor_dtype else {})}
+
+
+def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
+    for i in range(0, max(flat.size, 1), BLOCK_ELEMENTS):
+        yield flat[i : i + BLOCK_ELEMENTS]
+
+
+def floor_dtype_for(ref_dtype: str, tgt_dtype: str) -> str | None:
+    """The target dtype when it is a lower-precision float than the reference, else None."""
+    if tgt_dtype in _LOW_PRECISION and _FLOAT_BITS.get(ref_dtype, 0) > _LOW_PRECISION[tgt_dtype]:
+        return tgt_dtype
+    return None
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values to ``dtype`` and back, as a target storing them would."""
+    if dtype == "bfloat16":
+        return round_to_bf16(x.astype(np.float32)).astype(np.float64)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(np.float64)
+    try:
+        import ml_dtypes
+
+        return x.astype(getattr(ml_dtypes, dtype)).astype(np.float64)
+    except (ImportError, AttributeError):
+        return x
+
+
+def iter_blocks(ds, max_elements: int = BLOCK_ELEMENTS) -> Iterator[np.ndarray]:
+    """Read an h5py dataset in C-order blocks of at most ``max_elements`` (or one row)."""
+    dtype = logical_dtype(ds)
+    shape = tuple(ds.shape)
+    if not shape:
+        yield decode(np.asarray(ds[()]), dtype)
+        return
+    yield from (decode(block, dtype) for block in _blocks(ds, (), shape, max_elements))
+
+
+def _blocks(ds, prefix: tuple, shape: tuple, max_elements: int) -> Iterator[np.ndarray]:
+    """Blocks read into one reused buffer: each is valid until the next is read."""
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    if row <= max_elements or len(shape) == 1:
+        rows = max(1, min(shape[0], max_elements // max(row, 1)))
+        buffer = np.empty((rows, *shape[1:]), dtype=ds.dtype)
+        for i in range(0, shape[0], rows):
+            n = min(rows, shape[0] - i)
+            if buffer.size:
+                ds.read_direct(buffer, np.s_[prefix + (slice(i, i + n),)], np.s_[0:n])
+            yield buffer[:n]
+        return
+    for i in range(shape[0]):
+        yield from _blocks(ds, prefix + (i,), shape[1:], max_elements)
+
+
+def dataset_metrics(ref_ds, tgt_ds, floor_dtype: str | None) -> dict[str, float]:
+    """Metrics of two stored tensors of equal element count, streamed."""
+    s = Sums()
+    if tuple(ref_ds.shape) == tuple(tgt_ds.shape):
+        for rb, tb in zip(iter_blocks(ref_ds), iter_blocks(tgt_ds)):
+            s.add(rb, tb, floor_dtype)
+    else:  # same size, other shape ([1, 77] vs [77]): compare flattened, in memory
+        r = next(iter_blocks(ref_ds, max_elements=1 << 62))
+        t = next(iter_blocks(tgt_ds, max_elements=1 << 62))
+        s.add(r, t, floor_dtype)
+    return {**s.metrics(), **(s.floor() if floor_dtype else {})}

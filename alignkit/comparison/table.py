@@ -1,0 +1,136 @@
+"""Build the tidy table: one row per compared tensor pair, with metrics and a status.
+
+Statuses: ``ok``; ``precision`` (over the thresholds, but within ``floor_factor`` times the
+noise floor of the target's lower-precision dtype: expected loss, not a divergence);
+``mismatch``; ``nonfinite`` (NaN/Inf where the other side has none); ``shape``; and
+``ref only`` / ``tgt only`` for tensors on one side.
+
+Control inputs — integer or bool tensors and inputs of at most ``EXACT_NUMEL`` elements
+(timesteps, token ids, masks, scalars) — must be equal: a model is not robust to a timestep
+that is off by 0.25, however small its relative L1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from alignkit.comparison.matching import NameMap, TensorPair, match_tensors
+from alignkit.comparison.metrics import dataset_metrics, floor_dtype_for
+from alignkit.errors import DumpCorruptError
+from alignkit.storage.reader import Call, Dump
+
+EXACT_NUMEL = 64
+BAD = ("mismatch", "nonfinite", "shape")
+
+COLUMNS = [
+    "seq", "submodel", "step", "call", "io", "tensor", "tgt_tensor", "matched_by",
+    "ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "numel", "exact",
+    "l1", "rel_l1", "max_abs", "cos", "cos_dist", "rmse", "sqnr_db",
+    "nan_ref", "nan_tgt", "inf_ref", "inf_tgt", "nonfinite_mismatch",
+    "floor_rel_l1", "floor_cos_dist", "floor_ratio", "status", "ref_value", "tgt_value",
+]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    cos_min: float = 0.999
+    rel_l1_max: float = 1e-3
+    floor_factor: float = 10.0
+
+
+def build_table(
+    ref: Dump,
+    tgt: Dump,
+    calls: pd.DataFrame,
+    names: NameMap,
+    limits: Thresholds,
+    progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    rows: list[dict] = []
+    ref_calls = {c.seq: c for c in ref}
+    tgt_calls = {c.seq: c for c in tgt}
+    for i, row in enumerate(calls.itertuples(index=False)):
+        if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
+            rc, tc = ref_calls[int(row.ref_seq)], tgt_calls[int(row.tgt_seq)]
+            for pair in match_tensors(rc, tc, names):
+                rows.append(_row(ref, tgt, rc, tc, pair, limits))
+        if progress is not None:
+            progress(i)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thresholds) -> dict:
+    r, t = pair.ref, pair.tgt
+    base = {
+        "seq": rc.seq, "submodel": rc.submodel, "step": rc.step, "call": rc.call, "io": pair.io,
+        "tensor": r.name if r else t.name, "tgt_tensor": t.name if t else None, "matched_by": pair.how,
+        "ref_dtype": r.dtype if r else None, "tgt_dtype": t.dtype if t else None,
+        "ref_shape": _shape(r.shape) if r else None, "tgt_shape": _shape(t.shape) if t else None,
+    }
+    if r is None or t is None:
+        return {**base, "status": "tgt only" if r is None else "ref only"}
+    numel_r, numel_t = int(np.prod(r.shape)), int(np.prod(t.shape))
+    base["numel"] = numel_r
+    if numel_r != numel_t:
+        return {**base, "status": "shape"}
+    exact = pair.io == "inputs" and (numel_r <= EXACT_NUMEL or _discrete(r.dtype) or _discrete(t.dtype))
+    floor = floor_dtype_for(r.dtype, t.dtype)
+    try:
+        m = dataset_metrics(ref._file[r.path], tgt._file[t.path], floor)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DumpCorruptError(f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` ({exc})") from exc
+    if floor:
+        m["floor_ratio"] = _floor_ratio(m)
+    status = _status(m, exact, limits)
+    out = {**base, **m, "exact": exact, "status": status}
+    if numel_r <= 8:
+        out["ref_value"] = _value(ref._file[r.path])
+        out["tgt_value"] = _value(tgt._file[t.path])
+    return out
+
+
+def _status(m: dict, exact: bool, limits: Thresholds) -> str:
+    if m["nonfinite_mismatch"]:
+        return "nonfinite"
+    if exact:
+        return "ok" if m["max_abs"] == 0.0 else "mismatch"
+    if m["cos"] >= limits.cos_min and m["rel_l1"] <= limits.rel_l1_max:
+        return "ok"
+    ratio = m.get("floor_ratio")
+    if ratio is not None and not math.isnan(ratio) and ratio <= limits.floor_factor:
+        return "precision"
+    return "mismatch"
+
+
+def _floor_ratio(m: dict) -> float:
+    """The error as a multiple of the noise floor: the larger of the relative-L1 ratio and the
+    square root of the cosine-distance ratio (1 − cos grows with the square of the error, so
+    its ratio is taken back to the same amplitude scale)."""
+    ratios = []
+    for err, floor, power in ((m["rel_l1"], m["floor_rel_l1"], 1.0), (m["cos_dist"], m["floor_cos_dist"], 0.5)):
+        if floor > 0:
+            ratios.append((err / floor) ** power)
+        elif err > 0:
+            ratios.append(math.inf)
+    return max(ratios) if ratios else 0.0
+
+
+def _discrete(dtype: str) -> bool:
+    return dtype.startswith(("int", "uint", "bool"))
+
+
+def _shape(shape: tuple) -> str:
+    return "[" + ",".join(map(str, shape)) + "]"
+
+
+def _value(ds) -> str:
+    from alignkit.storage.schema import decode, logical_dtype
+
+    value = decode(np.asarray(ds[()]), logical_dtype(ds))
+    text = np.array2string(np.asarray(value), precision=6, separator=", ", threshold=8)
+    return text

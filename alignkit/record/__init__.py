@@ -1,5 +1,0 @@
-"""Recording: watch submodels, key their calls by step, copy tensors out to the writer."""
-
-from alignkit.record.recorder import Recorder, record, step
-
-__all__ = ["Recorder", "record", "step"]

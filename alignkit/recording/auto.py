@@ -1,0 +1,196 @@
+"""Zero code change: record what an unmodified script calls (``alignkit record -- script.py``).
+
+Diffusers pipelines are watched when they are called and ONNX Runtime sessions on ``run``;
+both patches are installed when the script imports those libraries (nothing is imported
+ahead of the script). ``--hook module:Qualified.name`` wraps any other engine, and
+``--step-on module:qualname`` makes a function or method the step boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from alignkit.errors import UsageError
+from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, recorded_call
+from alignkit.recording.recorder import Recorder
+from alignkit.recording.targets import name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
+
+
+class AutoWatch:
+    """Install and remove the process-wide patches for one recording."""
+
+    def __init__(self, recorder: Recorder, hooks: list[str] = (), step_on: list[str] = ()):
+        self.recorder = recorder
+        self._patches: list[Hook] = []
+        self._finder = _PostImportFinder({"diffusers.pipelines.pipeline_utils": self._patch_diffusers, "onnxruntime": self._patch_onnxruntime})
+        self._hook_specs, self._step_specs = list(hooks), list(step_on)
+        self._instance_names: dict[int, str] = {}
+
+    def install(self) -> None:
+        for spec in self._hook_specs:
+            self._patch_target(spec, record=True)
+        for spec in self._step_specs:
+            self._patch_target(spec, record=False, after=lambda: self.recorder.step("hook"))
+        sys.meta_path.insert(0, self._finder)
+        for name, patch in self._finder.callbacks.items():
+            if name in sys.modules:
+                patch(sys.modules[name])
+
+    def remove(self) -> None:
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
+        for patch in reversed(self._patches):
+            patch.remove()
+        self._patches.clear()
+
+    # -- diffusers -------------------------------------------------------------------------
+    def _patch_diffusers(self, module: Any) -> None:
+        base = module.DiffusionPipeline
+        recorder = self.recorder
+        wrapped: list[tuple[type, Any]] = []
+
+        def wrap(cls: type) -> None:
+            original = cls.__dict__.get("__call__")
+            if original is None or getattr(original, "__alignkit__", False):
+                return
+
+            @functools.wraps(original)
+            def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+                recorder.watch(pipe)
+                return original(pipe, *args, **kwargs)
+
+            __call__.__alignkit__ = True  # type: ignore[attr-defined]
+            cls.__call__ = __call__
+            wrapped.append((cls, original))
+
+        def subclasses(cls: type) -> list[type]:
+            out = []
+            for sub in cls.__subclasses__():
+                out += [sub, *subclasses(sub)]
+            return out
+
+        for cls in subclasses(base):
+            wrap(cls)
+        had_hook = "__init_subclass__" in base.__dict__
+        previous = base.__dict__.get("__init_subclass__")
+
+        def __init_subclass__(cls: type, **kw: Any) -> None:
+            super(base, cls).__init_subclass__(**kw)
+            wrap(cls)
+
+        base.__init_subclass__ = classmethod(__init_subclass__)
+        self._patches.append(_Restore(lambda: _undo_diffusers(base, wrapped, had_hook, previous)))
+
+    # -- onnxruntime -----------------------------------------------------------------------
+    def _patch_onnxruntime(self, module: Any) -> None:
+        cls = module.InferenceSession
+        recorder = self.recorder
+        original = cls.run
+        names: dict[int, str] = {}
+
+        @functools.wraps(original)
+        def run(session: Any, *args: Any, **kwargs: Any) -> Any:
+            name = names.get(id(session))
+            if name is None:
+                name = names[id(session)] = recorder._unique(ort_session_name(session))
+            bound = functools.partial(original, session)
+            return recorded_call(recorder, name, bound, args, kwargs, ort_bind, ort_outputs_for(session))
+
+        had_own = "run" in cls.__dict__
+        cls.run = run
+        self._patches.append(_Restore(lambda: setattr(cls, "run", original) if had_own else delattr(cls, "run")))
+
+    # -- --hook and --step-on --------------------------------------------------------------
+    def _patch_target(self, spec: str, *, record: bool, after: Callable[[], None] | None = None) -> None:
+        owner, attr, is_class = resolve(spec)
+        if is_class:
+            self._patches.append(ClassHook(self.recorder, owner, attr, self._instance_name, after=after, record=record))
+        else:
+            self._patches.append(FunctionHook(self.recorder, owner, attr, attr, after=after, record=record))
+
+    def _instance_name(self, obj: Any) -> str:
+        key = id(obj)
+        if key not in self._instance_names:
+            path = path_of(obj)
+            self._instance_names[key] = self.recorder._unique(name_from_path(path) if path else type(obj).__name__)
+        return self._instance_names[key]
+
+
+def resolve(spec: str) -> tuple[Any, str, bool]:
+    """``module:Qualified.name`` → (owner, attribute, owner is a class)."""
+    module_name, sep, qualname = spec.partition(":")
+    if not sep or not module_name or not qualname:
+        raise UsageError(f"{spec!r}: expected module:Qualified.name, e.g. engine:EngineOV.__call__")
+    try:
+        owner: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{spec!r}: cannot import {module_name!r} ({exc})") from exc
+    parts = qualname.split(".")
+    for part in parts[:-1]:
+        if not hasattr(owner, part):
+            raise UsageError(f"{spec!r}: {module_name} has no {qualname!r}")
+        owner = getattr(owner, part)
+    if not callable(getattr(owner, parts[-1], None)):
+        raise UsageError(f"{spec!r}: {module_name} has no callable {qualname!r}")
+    return owner, parts[-1], isinstance(owner, type)
+
+
+class _Restore(Hook):
+    def __init__(self, undo: Callable[[], None]):
+        self.name, self._undo = "restore", undo
+
+    def remove(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+def _undo_diffusers(base: type, wrapped: list, had_hook: bool, previous: Any) -> None:
+    for cls, original in wrapped:
+        cls.__call__ = original
+    if had_hook:
+        base.__init_subclass__ = previous
+    else:
+        del base.__init_subclass__
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Run a callback right after a named module has been imported."""
+
+    def __init__(self, callbacks: dict[str, Callable[[Any], None]]):
+        self.callbacks = callbacks
+        self._busy: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.callbacks or fullname in self._busy:
+            return None
+        self._busy.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy.discard(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _CallbackLoader(spec.loader, self.callbacks[fullname])
+        return spec
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, callback: Callable[[Any], None]):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)

@@ -1,0 +1,54 @@
+"""``alignkit record``: a recording around an unmodified script."""
+
+from __future__ import annotations
+
+import shlex
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from alignkit.errors import RecordingError
+from alignkit.recording import script
+from alignkit.recording.auto import AutoWatch
+from alignkit.recording.recorder import Recorder
+
+
+def record_command(
+    output: Path,
+    command: list[str],
+    *,
+    label: str | None = None,
+    hooks: list[str] = (),
+    step_on: list[str] = (),
+    console: Console | None = None,
+    **filters: Any,
+) -> int:
+    """Record ``command``; returns the script's exit code (2 if recording itself failed).
+
+    ``filters`` are the Recorder's: include, exclude, tensors, steps, layers, layer_filter.
+    """
+    console = console or Console(stderr=True)
+    kind, target, argv = script.split_command(command)
+    recorder = Recorder(output, label=label, command=shlex.join(command), **filters)
+    auto = AutoWatch(recorder, hooks, step_on)
+    auto.install()  # resolves --hook targets first: a bad one fails before the run
+    recorder.start()
+    code = 1
+    try:
+        code = script.run(kind, target, argv)
+    finally:
+        auto.remove()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                recorder.stop()
+            except RecordingError as exc:
+                console.print(f"alignkit: error: {exc}", markup=False, highlight=False)
+                code = code or 2
+        for w in caught:
+            console.print(f"alignkit: warning: {w.message}", markup=False, highlight=False)
+    n = recorder.calls_recorded
+    console.print(f"alignkit: recorded {n} calls to {output}", markup=False, highlight=False)
+    return code

@@ -1,0 +1,236 @@
+"""The ways a callable is watched. Each hook is named, removable and leaves no trace.
+
+- :class:`MethodHook` shadows one method on one object (``vae.decode``, ``session.run``,
+  ``scheduler.step``) with an instance attribute that keeps the method's signature.
+- :class:`CallHook` gives an engine object with ``__call__`` a private subclass for as long as
+  it is watched (special methods are looked up on the type, not the instance).
+- :class:`ModuleHook` uses torch's own forward pre/post hooks.
+- :func:`wrap_function` returns a recording wrapper for a plain function.
+- :class:`ClassHook` patches a method on a class (``--hook module:Engine.__call__``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import inspect
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from alignkit.recording.flatten import Named, name_outputs, signature_binder
+
+if TYPE_CHECKING:
+    from alignkit.recording.recorder import Recorder
+
+Binder = Callable[[tuple, dict], Named]
+OutputNamer = Callable[[Any, tuple, dict], Named]
+
+
+def default_outputs(result: Any, args: tuple, kwargs: dict) -> Named:
+    return name_outputs(result)
+
+
+def recorded_call(
+    recorder: Recorder,
+    submodel: str,
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    bind: Binder,
+    outputs: OutputNamer = default_outputs,
+    after: Callable[[], None] | None = None,
+    layers: Binder | None = None,
+    record: bool = True,
+) -> Any:
+    """Call ``fn`` and record its inputs (copied before) and outputs (copied after).
+
+    ``layers``, when given, computes named layer outputs for the same arguments (an ONNX
+    model's intermediate outputs) to store under the call. ``after`` runs once the call has
+    returned (a step boundary); with ``record=False`` it is all that happens (``--step-on``).
+    """
+    if not record:
+        result = fn(*args, **kwargs)
+        if after is not None:
+            after()
+        return result
+    pending = recorder._begin(submodel, lambda: bind(args, kwargs))
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        recorder._end(pending, lambda: [], error=exc)
+        raise
+    if layers is not None and pending is not None:
+        pending.layers.extend(recorder.capture(layers(args, kwargs), layers=True)[0])
+    recorder._end(pending, lambda: outputs(result, args, kwargs))
+    if after is not None:
+        after()
+    return result
+
+
+class Hook:
+    """A named, removable hook; ``remove`` may be called more than once."""
+
+    name: str
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class MethodHook(Hook):
+    """Record every call of ``obj.<method>`` by shadowing it with an instance attribute."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        obj: Any,
+        method: str,
+        name: str,
+        *,
+        bind: Binder | None = None,
+        outputs: OutputNamer = default_outputs,
+        after: Callable[[], None] | None = None,
+        layers: Binder | None = None,
+    ):
+        self.name, self._obj, self._method = name, obj, method
+        self._had_own = method in getattr(obj, "__dict__", {})
+        self._own = obj.__dict__.get(method) if self._had_own else None
+        original = getattr(obj, method)
+        bind = bind or signature_binder(original)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return recorded_call(recorder, name, original, args, kwargs, bind, outputs, after, layers)
+
+        object.__setattr__(obj, method, functools.update_wrapper(wrapper, original))
+
+    def remove(self) -> None:
+        if self._obj is None:
+            return
+        if self._had_own:
+            object.__setattr__(self._obj, self._method, self._own)
+        else:
+            try:
+                object.__delattr__(self._obj, self._method)
+            except AttributeError:
+                pass
+        self._obj = None
+
+
+class CallHook(Hook):
+    """Record ``obj(...)`` for an engine object by swapping in a private subclass."""
+
+    def __init__(self, recorder: Recorder, obj: Any, name: str):
+        self.name, self._obj, self._cls = name, obj, type(obj)
+        original_call = self._cls.__call__
+        bind = signature_binder(functools.partial(original_call, obj))
+
+        @functools.wraps(original_call)
+        def __call__(this: Any, *args: Any, **kwargs: Any) -> Any:
+            return recorded_call(recorder, name, functools.partial(original_call, this), args, kwargs, bind)
+
+        namespace = {"__call__": __call__, "__module__": self._cls.__module__, "__qualname__": self._cls.__qualname__}
+        obj.__class__ = type(self._cls.__name__, (self._cls,), namespace)
+
+    def remove(self) -> None:
+        if self._obj is not None:
+            self._obj.__class__ = self._cls
+            self._obj = None
+
+
+class ModuleHook(Hook):
+    """Record a ``torch.nn.Module``'s calls with torch's forward pre/post hooks."""
+
+    def __init__(self, recorder: Recorder, module: Any, name: str):
+        self.name = name
+        bind = signature_binder(module.forward)
+        local = threading.local()
+
+        def pre(mod: Any, args: tuple, kwargs: dict) -> None:
+            stack = local.__dict__.setdefault("stack", [])
+            stack.append(recorder._begin(name, lambda: bind(args, kwargs)))
+
+        def post(mod: Any, args: tuple, kwargs: dict, result: Any) -> None:
+            stack = local.__dict__.get("stack") or [None]
+            raised = sys.exc_info()[1] if result is None else None  # always_call runs it on errors
+            recorder._end(stack.pop(), lambda: name_outputs(result), error=raised)
+
+        self._handles = [
+            module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post, with_kwargs=True, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class ClassHook(Hook):
+    """Record calls of a method defined on a class, for every instance (``--hook``)."""
+
+    def __init__(self, recorder: Recorder, owner: type, method: str, namer: Callable[[Any], str], *, after: Callable[[], None] | None = None, record: bool = True):
+        self.name = f"{owner.__qualname__}.{method}"
+        self._owner, self._method = owner, method
+        self._had_own = method in owner.__dict__
+        self._own = owner.__dict__.get(method)
+        original = getattr(owner, method)
+        bind = _method_binder(original)
+
+        @functools.wraps(original)
+        def wrapper(this: Any, *args: Any, **kwargs: Any) -> Any:
+            name = namer(this) if record else ""
+            return recorded_call(recorder, name, functools.partial(original, this), args, kwargs, bind, after=after, record=record)
+
+        setattr(owner, method, wrapper)
+
+    def remove(self) -> None:
+        if self._owner is None:
+            return
+        if self._had_own:
+            setattr(self._owner, self._method, self._own)
+        else:
+            delattr(self._owner, self._method)
+        self._owner = None
+
+
+class FunctionHook(Hook):
+    """Record calls of a module-level function by replacing the module's attribute."""
+
+    def __init__(self, recorder: Recorder, module: Any, attr: str, name: str, *, after: Callable[[], None] | None = None, record: bool = True):
+        self.name, self._module, self._attr = name, module, attr
+        self._original = getattr(module, attr)
+        wrapped = wrap_function(recorder, self._original, name, after=after, record=record)
+        setattr(module, attr, wrapped)
+
+    def remove(self) -> None:
+        if self._module is not None:
+            setattr(self._module, self._attr, self._original)
+            self._module = None
+
+
+def wrap_function(recorder: Recorder, fn: Callable[..., Any], name: str, *, after: Callable[[], None] | None = None, record: bool = True) -> Callable[..., Any]:
+    """A wrapper of ``fn`` that records each call under ``name``."""
+    bind = signature_binder(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return recorded_call(recorder, name, fn, args, kwargs, bind, after=after, record=record)
+
+    return wrapper
+
+
+def _method_binder(method: Callable[..., Any]) -> Binder:
+    """Bind arguments to an unbound method's parameters, leaving ``self`` out."""
+    try:
+        params = list(inspect.signature(method).parameters.values())[1:]
+        sig = inspect.Signature(params)
+    except (TypeError, ValueError):
+        return signature_binder(method)
+
+    def stub(*args: Any, **kwargs: Any) -> None: ...
+
+    stub.__signature__ = sig  # type: ignore[attr-defined]
+    return signature_binder(stub)

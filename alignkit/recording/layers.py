@@ -1,0 +1,86 @@
+"""Layer recording: the output of every leaf module of a torch submodel, copied when the layer
+runs and stored under the submodel's call (``layers/<module path>``), so comparison can name
+the first layer that diverges. ``pattern`` (a regex on module paths) and the recorder's step
+filter keep it affordable. A module called twice in one call gives ``path`` and ``path#2``;
+a tuple output gives ``path.0``, ``path.1``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from alignkit.recording.flatten import Named, name_outputs, split
+from alignkit.recording.hooks import Hook
+from alignkit.recording.tensors import Tensor
+
+if TYPE_CHECKING:
+    from alignkit.recording.recorder import Recorder
+
+Sink = Callable[[], "list[Tensor] | None"]
+
+
+Capture = Callable[[Named], "tuple[list[Tensor], dict[str, str]]"]
+
+
+class LayerHooks(Hook):
+    """Forward hooks on the leaf modules of ``module`` that append to ``sink()`` (if not None),
+    taking each output's values with ``capture``."""
+
+    def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None, capture: Capture = split):
+        self.name = name
+        self._handles = [sub.register_forward_hook(_hook(path, sink, capture)) for path, sub in leaf_modules(module, pattern)]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def recorder_layers(recorder: Recorder, module: Any, submodel: str, pattern: re.Pattern | None) -> LayerHooks:
+    """Layer hooks that add to whichever call of ``submodel`` is being recorded on this thread."""
+    from alignkit.recording.recorder import current_call
+
+    def sink() -> list[Tensor] | None:
+        record = current_call()
+        return record.layers if record is not None and record.submodel == submodel else None
+
+    return LayerHooks(module, f"{submodel} layers", sink, pattern, lambda named: recorder.capture(named, layers=True))
+
+
+@contextmanager
+def capture_layers(module: Any, enabled: bool = True) -> Iterator[list[Tensor]]:
+    """Collect every leaf module's output while the block runs (replay of a torch target)."""
+    collected: list[Tensor] = []
+    hooks = LayerHooks(module, "replay layers", lambda: collected) if enabled else None
+    try:
+        yield collected
+    finally:
+        if hooks is not None:
+            hooks.remove()
+
+
+def leaf_modules(module: Any, pattern: re.Pattern | None = None) -> Iterator[tuple[str, Any]]:
+    for path, sub in module.named_modules():
+        if path and next(sub.children(), None) is None and (pattern is None or pattern.search(path)):
+            yield path, sub
+
+
+def _hook(path: str, sink: Sink, capture: Capture):
+    def hook(module: Any, args: tuple, output: Any) -> None:
+        layers = sink()
+        if layers is None:
+            return
+        tensors, _ = capture(name_outputs(output))
+        taken = {t.name for t in layers}
+        for t in tensors:
+            name = path if t.name == "output" else f"{path}.{t.name.removeprefix('output.')}"
+            base, n = name, 2
+            while name in taken:
+                name, n = f"{base}#{n}", n + 1
+            t.name = name
+            taken.add(name)
+            layers.append(t)
+
+    return hook

@@ -1,0 +1,296 @@
+"""The Recorder: watches submodels, keys each call by (submodel, step, call), hands copies
+to the background writer."""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from alignkit.errors import UsageError
+from alignkit.recording.flatten import Named, split
+from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
+from alignkit.recording.metadata import closing_metadata, run_metadata
+from alignkit.recording.tensors import Tensor
+from alignkit.recording.targets import is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name
+from alignkit.storage.writer import CallRecord, DumpWriter
+
+_ACTIVE: list[Recorder] = []
+
+
+class Recorder:
+    """Record every call of the watched submodels into one HDF5 dump.
+
+    Use it as a context manager (or ``start``/``stop``). Filters keep large runs affordable:
+    ``include``/``exclude`` are regular expressions on submodel names, ``tensors`` one on
+    tensor names, ``steps`` the steps to keep (calls are still counted in the others).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        label: str | None = None,
+        include: str | None = None,
+        exclude: str | None = None,
+        tensors: str | None = None,
+        steps: Iterable[int] | None = None,
+        layers: Iterable[str] | None = None,
+        layer_filter: str | None = None,
+        command: str | None = None,
+        max_pending_bytes: int = 512 << 20,
+    ):
+        self.path = os.fspath(path)
+        self.label = label
+        self._include = re.compile(include) if include else None
+        self._exclude = re.compile(exclude) if exclude else None
+        self._tensors = re.compile(tensors) if tensors else None
+        self._steps = set(steps) if steps is not None else None
+        self._layers = list(layers or [])
+        self._layer_filter = re.compile(layer_filter) if layer_filter else None
+        self._command = command
+        self._max_pending = max_pending_bytes
+        self._hooks: list[Hook] = []
+        self._watched: set[int] = set()
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._step = 0
+        self._step_source: str | None = None
+        self._calls: collections.Counter = collections.Counter()
+        self._ordinals: collections.Counter = collections.Counter()
+        self._writer: DumpWriter | None = None
+        self._written = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Recorder:
+        self._writer = DumpWriter(self.path, run_metadata(self.label, self._command), self._max_pending)
+        _ACTIVE.append(self)
+        return self
+
+    def stop(self) -> None:
+        """Remove every hook, then drain and close the dump (raises RecordingError on failure)."""
+        self.remove_hooks()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                writer.close(closing_metadata())
+            finally:
+                self._written = writer.calls_written
+
+    def __enter__(self) -> Recorder:
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is None:
+            self.stop()
+            return
+        try:
+            self.stop()
+        except Exception as close_error:  # never mask the user's own exception
+            warnings.warn(str(close_error), RuntimeWarning, stacklevel=2)
+
+    @property
+    def calls_recorded(self) -> int:
+        """Calls written so far (final once recording has stopped)."""
+        return self._written if self._writer is None else self._writer.calls_written
+
+    @property
+    def hooks(self) -> list[Hook]:
+        return list(self._hooks)
+
+    def remove_hooks(self) -> None:
+        for hook in reversed(self._hooks):
+            hook.remove()
+        self._hooks.clear()
+        self._watched.clear()
+
+    # -- watching --------------------------------------------------------------------------
+    def watch(self, obj: Any, name: str | None = None, *, method: str | None = None) -> Any:
+        """Record calls of ``obj`` under the submodel ``name``; returns what to call.
+
+        A pipeline, module, session or engine object is watched in place and returned; a
+        plain function cannot be, so a recording wrapper of it is returned instead.
+        """
+        if method is not None:
+            self._watch_method(obj, method, name or f"{type(obj).__name__}.{method}")
+            return obj
+        if is_pipeline(obj):
+            from alignkit.recording.diffusers import watch_pipeline
+
+            watch_pipeline(self, obj)
+            return obj
+        if is_torch_module(obj):
+            submodel = self._unique(name or type(obj).__name__)
+            self._add(obj, ModuleHook(self, obj, submodel))
+            if self._records_layers(submodel):
+                from alignkit.recording.layers import recorder_layers
+
+                self._add(None, recorder_layers(self, obj, submodel, self._layer_filter))
+            return obj
+        if is_ort_session(obj):
+            submodel = self._unique(name or ort_session_name(obj))
+            layers = self._onnx_layers(obj) if self._records_layers(submodel) else None
+            hook = MethodHook(self, obj, "run", submodel, bind=ort_bind, outputs=ort_outputs_for(obj), layers=layers)
+            self._add(obj, hook)
+            return obj
+        if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
+            return wrap_function(self, obj, self._unique(name or obj.__name__))
+        if callable(obj):
+            self._add(obj, CallHook(self, obj, self._unique(name or type(obj).__name__)))
+            return obj
+        raise UsageError(f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record")
+
+    def _records_layers(self, submodel: str) -> bool:
+        return submodel in self._layers
+
+    def _onnx_layers(self, session: Any) -> Callable[[tuple, dict], Named]:
+        """Run a copy of the session's model with every intermediate output exposed."""
+        from alignkit.recording.onnx_layers import expose
+
+        path = getattr(session, "_model_path", None)
+        if not isinstance(path, str) or not path:
+            raise UsageError("layer recording of an ONNX session needs a session created from a model file")
+        exposed = expose(path, self._layer_filter, session.get_providers())
+        return lambda args, kwargs: exposed.run(dict(ort_bind(args, kwargs)))[1]
+
+    def _watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> None:
+        if not callable(getattr(obj, method, None)):
+            raise UsageError(f"{type(obj).__name__} has no method {method!r} to watch")
+        self._add(obj, MethodHook(self, obj, method, self._unique(name), after=after))
+
+    def _add(self, obj: Any, hook: Hook) -> None:
+        self._hooks.append(hook)
+        if obj is not None:
+            self._mark_watched(obj)
+
+    def _mark_watched(self, obj: Any) -> None:
+        self._watched.add(id(obj))
+
+    def _is_watched(self, obj: Any) -> bool:
+        return id(obj) in self._watched
+
+    def _unique(self, name: str) -> str:
+        candidate, n = name, 2
+        while candidate in self._names:
+            candidate, n = f"{name}#{n}", n + 1
+        self._names.add(candidate)
+        return candidate
+
+    # -- steps -----------------------------------------------------------------------------
+    def step(self, source: str = "explicit") -> None:
+        """End the current step: later calls belong to the next one."""
+        with self._lock:
+            self._step += 1
+            first = self._step_source is None
+            if first:
+                self._step_source = source
+        if self._writer is not None:
+            if first:
+                self._writer.set_attr("step_source", source)
+            else:
+                self._writer.flush()
+
+    def _scheduler_step(self) -> None:
+        self.step("scheduler")
+
+    # -- called by hooks -------------------------------------------------------------------
+    def _wants(self, submodel: str) -> bool:
+        if self._writer is None or self._writer.stopped_reason is not None:
+            return False  # not recording, or stopped early (disk full): copy nothing
+        if self._include is not None and not self._include.search(submodel):
+            return False
+        return not (self._exclude is not None and self._exclude.search(submodel))
+
+    def _begin(self, submodel: str, named: Callable[[], Named]) -> CallRecord | None:
+        if not self._wants(submodel):
+            return None
+        with self._lock:
+            seq, step = self._seq, self._step
+            self._seq += 1
+            call = self._calls[(submodel, step)]
+            self._calls[(submodel, step)] += 1
+            ordinal = self._ordinals[submodel]
+            self._ordinals[submodel] += 1
+        if self._steps is not None and step not in self._steps:
+            return None
+        try:
+            tensors, values = self.capture(named())
+        except Exception as exc:  # never break the user's run over a value we cannot copy
+            warnings.warn(f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3)
+            return None
+        record = CallRecord(seq, submodel, step, call, ordinal, inputs=tensors, values=values)
+        _CURRENT.__dict__.setdefault("stack", []).append(record)
+        return record
+
+    def _end(self, record: CallRecord | None, named: Callable[[], Named], error: BaseException | None = None) -> None:
+        if record is None:
+            return
+        stack = _CURRENT.__dict__.get("stack", [])
+        if record in stack:
+            stack.remove(record)
+        if error is not None:
+            record.error = f"{type(error).__name__}: {error}"
+        else:
+            try:
+                tensors, values = self.capture(named())
+            except Exception as exc:  # never break the user's run over a value we cannot copy
+                tensors, values = [], {}
+                record.error = f"alignkit could not record the outputs: {exc}"
+            record.outputs = tensors
+            record.output_values = values
+        if self._writer is not None:
+            self._writer.put(record)
+
+    def capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
+        """Take a call's values now: tensors the ``tensors`` filter keeps (layers are filtered
+        by module path instead), large host tensors written straight into the dump."""
+        writer = self._writer
+        keep = self._tensors.search if self._tensors is not None and not layers else None
+        return split(named, stage=writer.stage if writer is not None else None, keep=keep)
+
+
+_CURRENT = threading.local()
+
+
+def current_call() -> CallRecord | None:
+    """The innermost call being recorded on this thread (layer hooks attach to it)."""
+    stack = _CURRENT.__dict__.get("stack")
+    return stack[-1] if stack else None
+
+
+def step() -> None:
+    """Mark a step boundary in a hand-written loop, for every active recorder."""
+    for recorder in list(_ACTIVE):
+        recorder.step("explicit")
+
+
+@contextmanager
+def record(
+    path: str | os.PathLike,
+    *targets: Any,
+    label: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    **options: Any,
+) -> Iterator[Recorder]:
+    """Record every call of ``targets`` (pipelines, modules, sessions, engines) into ``path``.
+
+    ::
+
+        with alignkit.record("dumps/ref.h5", pipe, label="torch-fp32"):
+            image = pipe(prompt, num_inference_steps=20)
+    """
+    recorder = Recorder(path, label=label, include=include, exclude=exclude, **options)
+    with recorder:
+        for target in targets:
+            recorder.watch(target)
+        yield recorder

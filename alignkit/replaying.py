@@ -1,0 +1,204 @@
+"""Replay: feed the reference inputs of every recorded call of one submodel into a target
+(an ONNX file, a torch module, any callable) and compare its outputs call by call — the
+submodel's local error per step, free of accumulation.
+
+Inputs are fed as recorded. Where the target declares other input types (an ONNX graph
+that wants int64 where float32 was recorded), they are cast, and each cast is reported:
+it can itself be the bug.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignkit.comparison import Comparison, compare
+from alignkit.errors import UsageError, require
+from alignkit.recording.flatten import name_outputs, split
+from alignkit.recording.metadata import run_metadata
+from alignkit.recording.targets import is_ort_session, is_torch_module, ort_outputs_for
+from alignkit.storage.reader import Call, open_dump
+from alignkit.storage.writer import CallRecord, DumpWriter
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def parse_steps(text: str | None) -> list[int] | None:
+    """``"0-4,10"`` → [0, 1, 2, 3, 4, 10]."""
+    if not text:
+        return None
+    steps: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            steps.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError as exc:
+        raise UsageError(f"--steps {text!r}: expected numbers and ranges like 0-4,10") from exc
+    return steps
+
+
+def replay(
+    ref_dump: str | os.PathLike,
+    *,
+    submodel: str,
+    target: Any,
+    out: str | os.PathLike | None = None,
+    steps: Iterable[int] | None = None,
+    layers: bool = False,
+    **compare_options: Any,
+) -> Comparison:
+    """Replay ``submodel``'s recorded inputs into ``target`` and compare with the reference.
+
+    ``target`` is a path to an ``.onnx`` file, ``"module:factory"`` (called with no
+    arguments to make the target), a torch module, an ONNX Runtime session or a callable.
+    ``layers`` records the target's layers too (every leaf module of a torch target, every
+    intermediate output of an ONNX target), so the comparison names the first layer that
+    diverges against a reference recorded with layers.
+    """
+    out_path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignkit-replay-")) / f"replay_{submodel}.h5"
+    wanted = set(steps) if steps is not None else None
+    notes: list[str] = []
+    with open_dump(ref_dump) as ref:
+        calls = [c for c in ref if c.submodel == submodel and (wanted is None or c.step in wanted)]
+        if not calls:
+            have = ", ".join(ref.submodels) or "none"
+            raise UsageError(f"{ref.path}: no calls of {submodel!r} to replay (submodels: {have})")
+        runner = _make_runner(target, layers)
+        writer = DumpWriter(out_path, {**run_metadata(f"replay of {submodel}"), "replay_of": str(ref.path)})
+        try:
+            for call in calls:
+                feed, values, adapted = runner.feed(call)
+                notes.extend(n for n in adapted if n not in notes)
+                named_out, named_layers = runner.run(feed, values)
+                inputs, in_values = split(list(feed.items()))
+                outputs, _ = split(named_out)
+                layer_tensors, _ = split(named_layers)
+                writer.put(CallRecord(call.seq, call.submodel, call.step, call.call, call.ordinal, inputs, outputs, layer_tensors, values=in_values))
+                writer.flush()
+        finally:
+            writer.close()
+    result = compare(ref_dump, out_path, submodels=[submodel], **compare_options)
+    result.warnings[:0] = notes
+    return result
+
+
+Named = list[tuple[str, Any]]
+
+
+class _Runner:
+    def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        return call.inputs, call.values("inputs"), []
+
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
+        """(outputs, layer outputs) of one call."""
+        raise NotImplementedError
+
+
+class _OrtRunner(_Runner):
+    def __init__(self, session: Any, exposed: Any = None):
+        self.session = session
+        self.inputs = session.get_inputs()
+        self.exposed = exposed
+
+    def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        recorded = call.inputs
+        names = [i.name for i in self.inputs]
+        if set(names) <= set(recorded):
+            chosen = {n: recorded[n] for n in names}
+        elif len(recorded) == len(names):
+            chosen = dict(zip(names, recorded.values()))
+        else:
+            raise UsageError(f"the ONNX model takes {names}, the recorded call has {list(recorded)}")
+        adapted = []
+        for meta in self.inputs:
+            want = _ORT_TYPES.get(meta.type)
+            value = np.asarray(chosen[meta.name])
+            if want is not None and value.dtype != want:
+                adapted.append(f"replay cast input `{meta.name}` from {value.dtype} (recorded) to {np.dtype(want).name} (declared by the ONNX model)")
+                value = value.astype(want)
+            chosen[meta.name] = value
+        return chosen, {}, adapted
+
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
+        if self.exposed is not None:
+            return self.exposed.run(feed)
+        result = self.session.run(None, feed)
+        return ort_outputs_for(self.session)(result, (None,), {}), []
+
+
+class _CallableRunner(_Runner):
+    def __init__(self, fn: Any, layers: bool = False):
+        self.fn = fn
+        self.torch = is_torch_module(fn)
+        if layers and not self.torch:
+            raise UsageError("layers can be replayed for torch modules and ONNX models only")
+        self.layers = layers
+
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
+        args = {**_unflatten(feed), **{k: v for k, v in values.items() if "." not in k}}
+        if not self.torch:
+            return name_outputs(self.fn(**args)), []
+        import torch
+
+        from alignkit.recording.layers import capture_layers
+
+        args = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+        with torch.no_grad(), capture_layers(self.fn, enabled=self.layers) as layers:
+            result = self.fn(**args)
+        return name_outputs(result), [(t.name, t.data) for t in layers]
+
+
+def _unflatten(feed: dict[str, Any]) -> dict[str, Any]:
+    """``{"added.text": x}`` → ``{"added": {"text": x}}`` (one level, as flatten made it)."""
+    out: dict[str, Any] = {}
+    for name, value in feed.items():
+        head, sep, rest = name.partition(".")
+        if sep and not rest.isdigit():
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[name] = value
+    return out
+
+
+def _make_runner(target: Any, layers: bool = False) -> _Runner:
+    if isinstance(target, (str, os.PathLike)) and str(target).endswith(".onnx"):
+        ort = require("onnxruntime", "onnx")
+        if not Path(target).is_file():
+            raise UsageError(f"{target}: no such ONNX file")
+        return _make_runner(ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]), layers)
+    if isinstance(target, str):
+        return _make_runner(_factory(target)(), layers)
+    if is_ort_session(target):
+        exposed = None
+        if layers:
+            from alignkit.recording.onnx_layers import expose
+
+            exposed = expose(target._model_path, providers=target.get_providers())
+        return _OrtRunner(target, exposed)
+    if callable(target):
+        return _CallableRunner(target, layers)
+    raise UsageError(f"cannot replay into {type(target).__name__}: give an .onnx path, module:factory, a torch module or a callable")
+
+
+def _factory(spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise UsageError(f"{spec!r}: expected an .onnx path or module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{spec!r}: cannot import {module_name!r} ({exc})") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"{spec!r}: {module_name} has no callable {attr!r}")
+    return factory

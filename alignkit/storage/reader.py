@@ -1,0 +1,286 @@
+"""Read a dump: an index of calls and tensors as DataFrames, and keyed access to values.
+
+::
+
+    dump = alignkit.open_dump("dumps/ref.h5")
+    dump.calls                      # one row per call: seq, submodel, step, call
+    dump["unet", 3].inputs["timestep"]
+    dump["unet@step3"], dump["unet:12"]   # by step, or by the submodel's 12th call
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
+from alignkit.storage.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, call_group_name, decode, logical_dtype, tensor_name
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives and what it is, without reading it."""
+
+    io: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: str
+
+
+class Call:
+    """One recorded call; tensors are read when asked for."""
+
+    def __init__(self, dump: Dump, row: Any):
+        self._dump = dump
+        self.seq = int(row.seq)
+        self.submodel = str(row.submodel)
+        self.step = int(row.step)
+        self.call = int(row.call)
+        self.ordinal = int(row.ordinal)
+        self.group_path = call_group_name(self.seq)
+
+    def __repr__(self) -> str:
+        return f"<Call {self.submodel} step {self.step} call {self.call} (seq {self.seq})>"
+
+    @property
+    def _group(self) -> h5py.Group:
+        return self._dump._file[self.group_path]
+
+    @property
+    def error(self) -> str | None:
+        """The exception the call raised, if it did."""
+        value = self._group.attrs.get("error")
+        return str(value) if value is not None else None
+
+    def info(self, io: str) -> list[TensorInfo]:
+        """The tensors of one side (inputs, outputs, layers), in recorded (creation) order."""
+        group = self._group.get(io)
+        if group is None:
+            return []
+        return [TensorInfo(io, tensor_name(link, ds.attrs), logical_dtype(ds), tuple(ds.shape), ds.name) for link, ds in group.items()]
+
+    def dataset(self, io: str, name: str) -> h5py.Dataset:
+        for info in self.info(io):
+            if info.name == name:
+                return self._dump._file[info.path]
+        names = ", ".join(t.name for t in self.info(io)) or "none"
+        raise CallNotFoundError(f"{self!r} has no {io[:-1]} {name!r}; it has: {names}")
+
+    def tensor(self, io: str, name: str) -> np.ndarray:
+        """One tensor as numpy (bfloat16 widened to float32 exactly)."""
+        ds = self.dataset(io, name)
+        return decode(np.asarray(ds[()]), logical_dtype(ds))
+
+    def _all(self, io: str) -> dict[str, np.ndarray]:
+        out = {}
+        for t in self.info(io):
+            ds = self._dump._file[t.path]
+            out[t.name] = decode(np.asarray(ds[()]), t.dtype)
+        return out
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        return self._all("inputs")
+
+    @property
+    def outputs(self) -> dict[str, np.ndarray]:
+        return self._all("outputs")
+
+    @property
+    def layers(self) -> dict[str, np.ndarray]:
+        return self._all("layers")
+
+    def values(self, io: str = "inputs") -> dict[str, Any]:
+        """Non-tensor arguments (numbers, strings, flags), decoded from JSON."""
+        group = self._group.get(io)
+        return {} if group is None else {k: json.loads(v) for k, v in group.attrs.items()}
+
+
+class Dump:
+    """An open alignkit dump. Close it, or use it as a context manager."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = _open(self.path)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Dump:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Dump {str(self.path)!r} label={self.label!r} calls={len(self.calls)}>"
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        out = {}
+        for key, value in self._file.attrs.items():
+            value = value.item() if isinstance(value, np.generic) else value
+            if key == "versions" and isinstance(value, str):
+                value = json.loads(value)
+            out[key] = value
+        return out
+
+    @property
+    def label(self) -> str:
+        return str(self.metadata.get("label") or self.path.stem)
+
+    @cached_property
+    def calls(self) -> pd.DataFrame:
+        """One row per call in time order: seq, submodel, step, call, ordinal."""
+        frame = _read_index(self._file)
+        if self.metadata.get("step_source", "none") == "none" and (frame["step"] == 0).all():
+            frame["step"], frame["call"] = frame["ordinal"], 0  # no step source: each call is a step
+        return frame.reset_index(drop=True)
+
+    @cached_property
+    def tensors(self) -> pd.DataFrame:
+        """One row per stored tensor: seq, submodel, step, call, io, name, dtype, shape, numel,
+        and the HDF5 path of its dataset."""
+        rows = []
+        for call in self:
+            for io in IO_GROUPS:
+                for t in call.info(io):
+                    rows.append((call.seq, call.submodel, call.step, call.call, io, t.name, t.dtype, t.shape, int(np.prod(t.shape)), t.path))
+        columns = ["seq", "submodel", "step", "call", "io", "name", "dtype", "shape", "numel", "path"]
+        return pd.DataFrame(rows, columns=columns)
+
+    @property
+    def submodels(self) -> list[str]:
+        """Submodel names in order of first call."""
+        return list(dict.fromkeys(self.calls["submodel"]))
+
+    def steps(self, submodel: str) -> list[int]:
+        return sorted(set(self.calls.loc[self.calls["submodel"] == submodel, "step"]))
+
+    def __iter__(self) -> Iterator[Call]:
+        for row in self.calls.itertuples(index=False):
+            yield Call(self, row)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __getitem__(self, key: Any) -> Call:
+        submodel, step, call, by_ordinal = _parse_key(key)
+        frame = self.calls
+        if submodel not in set(frame["submodel"]):
+            raise CallNotFoundError(f"{self.path}: no submodel {submodel!r}; the dump has: {', '.join(self.submodels) or 'no calls'}")
+        rows = frame[frame["submodel"] == submodel]
+        if by_ordinal:
+            hit = rows[rows["ordinal"] == step]
+            if hit.empty:
+                raise CallNotFoundError(f"{submodel} has {len(rows)} calls: 0–{len(rows) - 1}")
+        else:
+            hit = rows[(rows["step"] == step) & (rows["call"] == call)]
+            if hit.empty:
+                steps = self.steps(submodel)
+                if step not in steps:
+                    raise CallNotFoundError(f"{submodel} has {len(steps)} steps: {_ranges(steps)}")
+                n = int((rows["step"] == step).sum())
+                raise CallNotFoundError(f"{submodel} has {n} calls at step {step}: 0–{n - 1}")
+        return Call(self, next(hit.itertuples(index=False)))
+
+
+def open_dump(path: str | os.PathLike) -> Dump:
+    """Open an alignkit dump for reading; refuses anything else with a one-line reason."""
+    return Dump(path)
+
+
+def _open(path: Path) -> h5py.File:
+    if not path.exists():
+        raise NotADumpError(f"{path}: no such file")
+    if path.is_dir():
+        raise NotADumpError(f"{path}: is a directory, not a dump")
+    if path.stat().st_size == 0:
+        raise NotADumpError(f"{path}: empty file, not an alignkit dump")
+    with open(path, "rb") as fh:
+        signature = fh.read(8)
+    if signature != b"\x89HDF\r\n\x1a\n":
+        raise NotADumpError(f"{path}: not an HDF5 file, so not an alignkit dump")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        if "unable to lock" in str(exc).lower():
+            raise NotADumpError(f"{path}: is open for writing by another process") from exc
+        raise DumpCorruptError(f"{path}: truncated or damaged HDF5 file ({_short(exc)})") from exc
+    try:
+        _check_format(path, f)
+        _read_index(f)
+    except (NotADumpError, FormatVersionError):
+        f.close()
+        raise
+    except Exception as exc:
+        f.close()
+        raise DumpCorruptError(f"{path}: truncated or damaged dump ({_short(exc)})") from exc
+    return f
+
+
+def _check_format(path: Path, f: h5py.File) -> None:
+    if f.attrs.get("format") != FORMAT_NAME:
+        raise NotADumpError(f"{path}: an HDF5 file, but not an alignkit dump (no format={FORMAT_NAME!r} attribute)")
+    version = int(f.attrs.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(f"{path}: dump format version {version} is newer than this alignkit reads ({FORMAT_VERSION}); upgrade alignkit")
+
+
+def _read_index(f: h5py.File) -> pd.DataFrame:
+    calls = f.get(CALLS)
+    n_groups = len(calls) if calls is not None else 0
+    index = f.get(INDEX)
+    if index is not None and index.shape[0] == n_groups:
+        table = index[()]
+        frame = pd.DataFrame({name: table[name] for name in table.dtype.names})
+        frame["submodel"] = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in frame["submodel"]]
+    else:  # a run that stopped between a call and its index row: rebuild from the groups
+        rows = [{k: g.attrs[k] for k in ("seq", "submodel", "step", "call", "ordinal")} for g in (calls.values() if calls is not None else [])]
+        frame = pd.DataFrame(rows, columns=["seq", "submodel", "step", "call", "ordinal"])
+        frame["submodel"] = frame["submodel"].astype(str)
+    for col in ("seq", "step", "call", "ordinal"):
+        frame[col] = frame[col].astype("int64")
+    return frame.sort_values("seq", kind="stable").reset_index(drop=True)
+
+
+_KEY = re.compile(r"^(?P<sub>.+?)(?:(?P<at>@step)(?P<step>\d+)(?::(?P<call>\d+))?|:(?P<ord>\d+))$")
+
+
+def _parse_key(key: Any) -> tuple[str, int, int, bool]:
+    """(submodel, step, call, by_ordinal) from ``("unet", 3[, 0])``, ``"unet@step3"`` or ``"unet:12"``."""
+    if isinstance(key, tuple):
+        if len(key) == 2:
+            return str(key[0]), int(key[1]), 0, False
+        if len(key) == 3:
+            return str(key[0]), int(key[1]), int(key[2]), False
+    if isinstance(key, str):
+        m = _KEY.match(key)
+        if m and m.group("at"):
+            return m.group("sub"), int(m.group("step")), int(m.group("call") or 0), False
+        if m and m.group("ord") is not None:
+            return m.group("sub"), int(m.group("ord")), 0, True
+    raise CallNotFoundError(f"cannot read {key!r} as a call: use (submodel, step[, call]), 'unet@step3' or 'unet:12'")
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "none"
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}–{values[-1]}"
+    return ", ".join(map(str, values))
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

@@ -1,0 +1,369 @@
+"""Write recorded calls to HDF5 in a background thread, behind a bounded queue.
+
+The pipeline thread only copies tensors out and enqueues them; this thread does the HDF5
+work. Memory is bounded by ``max_pending_bytes``: a producer that would exceed it waits.
+
+Crash safety: the metadata cache never evicts and freed file space is never reused, so the
+file on disk only changes meaningfully at a flush. We flush at every step boundary, so a
+process killed with ``kill -9`` leaves the dump as of its last completed step. Before each
+call the writer checks that the disk (and the process's file-size limit) has room; when it
+does not, recording stops with a warning and the file is closed cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from alignkit.errors import RecordingError
+from alignkit.recording.tensors import Tensor
+from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
+from alignkit.storage.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, STAGING, call_group_name, escape_name
+
+_HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
+_CALL_METADATA = 64 * 1024  # more than the headers, links and attributes of one call take
+FLUSH_INTERVAL = 0.5  # seconds: at most two step-boundary flushes a second
+
+
+@dataclass(eq=False)  # identity: records hold arrays
+class CallRecord:
+    """Everything recorded about one submodel call."""
+
+    seq: int
+    submodel: str
+    step: int
+    call: int
+    ordinal: int
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    layers: list[Tensor] = field(default_factory=list)
+    values: dict[str, str] = field(default_factory=dict)
+    output_values: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.inputs, *self.outputs, *self.layers))
+
+
+_FLUSH = object()
+_STOP = object()
+
+
+class DumpWriter:
+    """Owns one dump file; ``put`` calls from any thread, ``close`` once at the end."""
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], max_pending_bytes: int = 512 << 20):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = _create(self.path, metadata)
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._limit = max_pending_bytes
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._stopped_reason: str | None = None
+        self._warned = False
+        self.calls_written = 0
+        self._flush_each_call = True
+        self._last_flush, self._unflushed = 0.0, False
+        self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal), not the tensors
+        self._room = _Room(self.path)
+        self._file_lock = threading.Lock()  # held while staging from a caller thread, and to close
+        self._staging: Any = None
+        self._staged = 0
+        self._thread = threading.Thread(target=self._run, name="alignkit-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why recording stopped early (disk full, write error), or None."""
+        return self._stopped_reason
+
+    def put(self, record: CallRecord) -> None:
+        """Enqueue a call; waits while too many bytes are pending."""
+        if self._stopped_reason is not None:
+            self._warn_once()
+            return
+        size = record.nbytes
+        with self._cond:
+            while self._pending > 0 and self._pending + size > self._limit and self._thread.is_alive():
+                self._cond.wait(0.1)
+            self._pending += size
+        self._queue.put(record)
+
+    def stage(self, data: np.ndarray) -> str | None:
+        """Write a large array into the dump now, from the calling thread, under ``/staging``.
+
+        This is the call-time copy of a large host tensor: one pass over its bytes (a copy
+        and a later write would be two) and nothing held in memory. The writer links it into
+        its call's group when it writes the call; what is still staged when recording ends
+        (calls dropped after an early stop) is unlinked then. None when recording has stopped
+        or the disk has no room: the caller copies the array instead, and the writer stops.
+        """
+        with self._file_lock:
+            if self._file is None or self._stopped_reason is not None or self._room.claim(data.nbytes):
+                return None
+            try:
+                if self._staging is None:
+                    self._staging = create_group(self._file.id, STAGING)
+                name = str(self._staged)
+                create_dataset(self._staging, name, data)
+            except Exception:  # the writer meets the same trouble with the copy, and says why
+                return None
+            self._staged += 1
+            return f"{STAGING}/{name}"
+
+    def flush(self) -> None:
+        """Ask for a flush once everything queued so far is written (a step boundary)."""
+        self._queue.put(_FLUSH)
+
+    def close(self, metadata: dict[str, Any] | None = None) -> None:
+        """Drain the queue, write final metadata, close; raise if writing failed."""
+        self._queue.put((_STOP, metadata or {}))
+        self._thread.join()
+        if self._error is not None:
+            raise RecordingError(f"{self.path}: recording failed: {self._error}") from self._error
+        if self._stopped_reason is not None:
+            self._warn_once()
+
+    def _warn_once(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"alignkit: {self._stopped_reason}", RuntimeWarning, stacklevel=3)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._flush_due())
+            except queue.Empty:  # idle with a step boundary not yet durable: flush now
+                self._flush()
+                continue
+            try:
+                if isinstance(item, tuple) and item and item[0] is _STOP:
+                    self._finish(item[1])
+                    return
+                if item is _FLUSH:
+                    self._step_ended()
+                    continue
+                if isinstance(item, _SetAttr):
+                    if self._file is not None:
+                        self._file.attrs[item.key] = item.value
+                        self._flush()
+                    self._flush_each_call = False
+                    continue
+                self._write_or_stop(item)
+            except BaseException as exc:  # surfaced by close(); keep draining
+                self._fail(exc)
+            finally:
+                if isinstance(item, CallRecord):
+                    _give_back(item)
+                    with self._cond:
+                        self._pending -= item.nbytes
+                        self._cond.notify_all()
+
+    def _write_or_stop(self, record: CallRecord) -> None:
+        if self._file is None:
+            return
+        shortage = self._room.claim(record.nbytes)
+        if shortage:
+            self._stopped_reason = f"recording stopped at call {record.seq} ({record.submodel}): {shortage}; {self.path} holds the {self.calls_written} calls before it"
+            self._finish({"stopped": shortage})
+            return
+        for tensor in _tensors(record):
+            if tensor.ready is not None:
+                tensor.ready()  # an asynchronous device copy must land before it is written
+        _write_call(self._file, record)
+        self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
+        self.calls_written += 1
+        if self._flush_each_call:
+            self._flush()  # no step boundary seen yet: keep every call durable
+
+    def _step_ended(self) -> None:
+        """Flush at a step boundary, but not more often than every FLUSH_INTERVAL seconds."""
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
+            self._flush()
+        else:
+            self._unflushed = True
+
+    def _flush_due(self) -> float | None:
+        """How long the queue may stay idle before an unflushed step boundary is flushed."""
+        if not self._unflushed:
+            return None
+        return max(0.0, FLUSH_INTERVAL - (time.monotonic() - self._last_flush))
+
+    def _flush(self) -> None:
+        """Make the file durable as it stands (the index is written when recording ends)."""
+        if self._file is not None:
+            self._file.flush()
+        self._last_flush, self._unflushed = time.monotonic(), False
+
+    def _finish(self, metadata: dict[str, Any]) -> None:
+        with self._file_lock:
+            self._finish_locked(metadata)
+
+    def _finish_locked(self, metadata: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        try:
+            if self._staging is not None:
+                self._file.id.unlink(STAGING.encode())  # staged tensors of calls never written
+                self._staging = None
+            _write_index(self._file, self._index_rows)
+            for key, value in metadata.items():
+                self._file.attrs[key] = value
+            self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
+            self._file.attrs["num_calls"] = self.calls_written
+        finally:
+            self._file.close()
+            self._file = None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+            self._stopped_reason = f"recording stopped: {exc}"
+        with self._file_lock:
+            try:
+                if self._file is not None:
+                    self._file.close()
+            except Exception:
+                pass
+            self._file = None
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """Set a root attribute, in order with the queued calls (e.g. the step source)."""
+        self._queue.put(_SetAttr(key, value))
+
+
+@dataclass
+class _SetAttr:
+    key: str
+    value: Any
+
+
+def _tensors(record: CallRecord) -> tuple[Tensor, ...]:
+    return (*record.inputs, *record.outputs, *record.layers)
+
+
+def _give_back(record: CallRecord) -> None:
+    """Return the record's recycled copy buffers once they are written (or dropped)."""
+    for tensor in _tensors(record):
+        if tensor.release is not None:
+            if tensor.ready is not None:
+                tensor.ready()  # a dropped record's device copy may still be landing
+            release, tensor.release = tensor.release, None
+            release()
+
+
+def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
+    f = h5py.File(path, "w", fs_strategy="none", track_order=True)
+    config = f.id.get_mdc_config()
+    config.evictions_enabled = False
+    config.incr_mode = 0
+    config.flash_incr_mode = 0
+    config.decr_mode = 0
+    f.id.set_mdc_config(config)
+    plain = {key: value if isinstance(value, (str, int, float, bool)) else json.dumps(value) for key, value in metadata.items()}
+    set_attrs(f.id, {**plain, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step_source": "none"})
+    f.attrs["complete"] = False
+    create_group(f.id, CALLS)
+    f.flush()
+    return f
+
+
+def _write_call(f: h5py.File, record: CallRecord) -> None:
+    group = create_group(f.id, call_group_name(record.seq))
+    head = {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
+    set_attrs(group, head if record.error is None else {**head, "error": record.error})
+    for io, tensors, values in (("inputs", record.inputs, record.values), ("outputs", record.outputs, record.output_values), ("layers", record.layers, {})):
+        if not tensors and not values and io == "layers":
+            continue
+        sub = create_group(group, io)
+        for tensor in tensors:
+            link = escape_name(tensor.name)
+            if tensor.staged is not None:
+                dataset = relink(f.id, tensor.staged, sub, link)
+            else:
+                dataset = create_dataset(sub, link, tensor.data)
+            set_attrs(dataset, _dataset_attrs(tensor, link))
+        set_attrs(sub, values)
+
+
+def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
+    """Only what the link name and the HDF5 type cannot say (docs/format.md)."""
+    attrs = {}
+    if link != tensor.name:
+        attrs["name"] = tensor.name
+    if tensor.dtype != tensor.data.dtype.name:
+        attrs["dtype"] = tensor.dtype
+    if tensor.source != "torch":
+        attrs["source"] = tensor.source
+    if tensor.device != "cpu":
+        attrs["device"] = tensor.device
+    return attrs
+
+
+def _write_index(f: h5py.File, rows: list[tuple]) -> None:
+    """The table of calls, written once when recording ends (a killed run has none)."""
+    f.create_dataset(INDEX, data=np.array(rows, dtype=INDEX_DTYPE))
+
+
+class _Room:
+    """How much more the dump may take before the disk or the file-size limit runs out.
+
+    Asking costs a few system calls, more than writing a small call, so the answer is kept and
+    counted down, and asked again once it runs low or is FLUSH_INTERVAL old (another process
+    may be filling the same disk)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._left: int | None = None
+        self._why = ""
+        self._asked = float("-inf")
+        self._lock = threading.Lock()
+
+    def claim(self, nbytes: int) -> str | None:
+        """Count ``nbytes`` (plus a call's metadata) as written; why not, when there is no room."""
+        need = nbytes + _CALL_METADATA + _HEADROOM
+        with self._lock:
+            if self._left is None or need > self._left or time.monotonic() - self._asked >= FLUSH_INTERVAL:
+                self._left, self._why = _room(self._path)
+                self._asked = time.monotonic()
+            if self._left is None:
+                return None
+            if need > self._left:
+                return self._why.format(need=need)
+            self._left -= nbytes + _CALL_METADATA
+            return None
+
+
+def _room(path: Path) -> tuple[int | None, str]:
+    """Bytes the file may still grow by (None when the system cannot say), and what limits it."""
+    left, why = None, ""
+    try:
+        free = shutil.disk_usage(path.parent).free
+        left, why = free, f"the disk is full ({free} bytes free, {{need}} needed)"
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            allowed = soft - path.stat().st_size
+            if left is None or allowed < left:
+                left, why = allowed, f"the file-size limit of {soft} bytes is reached"
+    except (ImportError, OSError, ValueError):
+        pass
+    return left, why

@@ -1,6 +1,0 @@
-"""The only code that touches HDF5: the dump layout, its writer and its reader."""
-
-from alignkit.store.reader import Call, Dump, open_dump
-from alignkit.store.schema import FORMAT_NAME, FORMAT_VERSION
-
-__all__ = ["Call", "Dump", "open_dump", "FORMAT_NAME", "FORMAT_VERSION"]

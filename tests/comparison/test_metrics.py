@@ -1,0 +1,101 @@
+"""Each metric against an independent float64 computation, plus properties."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from alignkit.comparison.metrics import BLOCK_ELEMENTS, iter_blocks, pair_metrics
+
+
+def reference_metrics(r, t):
+    r, t = np.asarray(r, np.float64).ravel(), np.asarray(t, np.float64).ravel()
+    d = t - r
+    cos = float(np.dot(r, t) / (np.linalg.norm(r) * np.linalg.norm(t)))
+    return {
+        "l1": float(np.mean(np.abs(d))),
+        "rel_l1": float(np.abs(d).sum() / np.abs(r).sum()),
+        "max_abs": float(np.abs(d).max()),
+        "cos": cos,
+        "rmse": float(np.sqrt(np.mean(d * d))),
+        "sqnr_db": float(10 * np.log10(np.sum(r * r) / np.sum(d * d))),
+    }
+
+
+def test_metrics_match_an_independent_float64_computation():
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal(BLOCK_ELEMENTS * 2 + 17).astype(np.float32)  # spans several blocks
+    t = (r + rng.standard_normal(r.size).astype(np.float32) * 0.01).astype(np.float32)
+    got, want = pair_metrics(r, t), reference_metrics(r, t)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_cos_resolves_nearly_identical_tensors():
+    rng = np.random.default_rng(1)
+    r = rng.standard_normal(100_000)
+    t = r * (1 + 1e-9 * rng.standard_normal(r.size))
+    got = pair_metrics(r, t)["cos_dist"]
+    d = t - r  # 1 − cos = ‖d‖²/(2‖r‖‖t‖) − (‖r‖−‖t‖)²/(2‖r‖‖t‖), evaluated in high precision
+    nr, nt = np.linalg.norm(r), np.linalg.norm(t)
+    want = (np.dot(d, d) - (nr - nt) ** 2) / (2 * nr * nt)
+    assert got > 0
+    assert got == pytest.approx(want, rel=1e-3)
+    naive = 1 - float(np.dot(r.astype(np.float32), t.astype(np.float32)) / (np.linalg.norm(r.astype(np.float32)) * np.linalg.norm(t.astype(np.float32))))
+    assert abs(naive - want) > abs(got - want)  # the float32 textbook formula is far off
+
+
+def test_zero_and_nan_cases_are_defined():
+    z = np.zeros(10)
+    assert pair_metrics(z, z)["cos"] == 1.0 and pair_metrics(z, z)["rel_l1"] == 0.0
+    assert pair_metrics(z, np.ones(10))["cos"] == 0.0
+    assert pair_metrics(z, np.ones(10))["rel_l1"] == math.inf
+    r = np.array([1.0, np.nan, 3.0, np.inf])
+    t = np.array([1.0, np.nan, np.nan, np.inf])
+    m = pair_metrics(r, t)
+    assert (m["nan_ref"], m["nan_tgt"], m["inf_ref"], m["inf_tgt"]) == (1, 2, 1, 1)
+    assert m["nonfinite_mismatch"] == 1 and m["l1"] == 0.0
+
+
+def test_noise_floor_of_a_lower_precision_target():
+    rng = np.random.default_rng(2)
+    r = rng.standard_normal(4096).astype(np.float32)
+    m = pair_metrics(r, r.astype(np.float16).astype(np.float32), floor_dtype="float16")
+    assert m["rel_l1"] == pytest.approx(m["floor_rel_l1"])
+    mb = pair_metrics(r, r, floor_dtype="bfloat16")
+    assert 1e-4 < mb["floor_rel_l1"] < 1e-2
+
+
+# Tensors reach alignkit as float32 or narrower: their squares stay normal in float64.
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.integers(1, 50), elements=finite), arrays(np.float64, st.integers(1, 50), elements=finite))
+def test_properties(a, b):
+    n = min(a.size, b.size)
+    a, b = a[:n], b[:n]
+    ab, ba, aa = pair_metrics(a, b), pair_metrics(b, a), pair_metrics(a, a)
+    assert ab["cos"] == pytest.approx(ba["cos"], abs=1e-12)
+    assert ab["l1"] == pytest.approx(ba["l1"]) and ab["max_abs"] == ba["max_abs"]
+    assert aa["l1"] == 0.0 and aa["cos"] == 1.0
+    assert -1e-12 <= ab["cos_dist"] <= 2 + 1e-12
+    scaled = pair_metrics(a * 4.0, b * 4.0)
+    assert scaled["cos"] == pytest.approx(ab["cos"], abs=1e-9)
+    assert scaled["l1"] == pytest.approx(4 * ab["l1"])
+    if np.abs(a).sum() > 0:
+        assert scaled["rel_l1"] == pytest.approx(ab["rel_l1"])
+
+
+def test_blocks_cover_the_dataset_in_order(tmp_path):
+    import h5py
+
+    data = np.arange(2 * 3 * 50_000, dtype=np.float32).reshape(2, 3, 50_000)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        ds = f.create_dataset("x", data=data)
+        blocks = [b.copy() for b in iter_blocks(ds, max_elements=40_000)]  # each block is valid until the next
+        assert all(b.size <= 50_000 for b in blocks)
+        np.testing.assert_array_equal(np.concatenate([b.ravel() for b in blocks]), data.ravel())

@@ -1,0 +1,74 @@
+import dataclasses
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alignkit.recording.flatten import flatten, name_outputs, signature_binder, split
+
+
+def unet(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+    pass
+
+
+def test_positional_and_keyword_calls_get_the_same_names():
+    bind = signature_binder(unet)
+    a, t, e = np.zeros(2), np.int64(3), np.ones(3)
+    positional = bind((a, t), {"encoder_hidden_states": e})
+    keyword = bind((), {"sample": a, "timestep": t, "encoder_hidden_states": e})
+    assert [n for n, _ in positional] == [n for n, _ in keyword] == ["sample", "timestep", "encoder_hidden_states"]
+
+
+def test_var_keyword_arguments_are_named_by_their_keys():
+    named = signature_binder(unet)((np.zeros(1), 1), {"added_cond_kwargs": {"text_embeds": np.ones(2)}})
+    tensors, values = split(named)
+    assert [t.name for t in tensors] == ["sample", "timestep", "added_cond_kwargs.text_embeds"]
+
+
+def test_a_sole_dict_argument_is_an_engine_feed():
+    def engine(args):
+        pass
+
+    named = signature_binder(engine)(({"input.1": np.zeros(2), "timesteps.1": np.zeros(1)},), {})
+    assert [n for n, _ in named] == ["input.1", "timesteps.1"]
+
+
+@dataclasses.dataclass
+class Output:
+    sample: np.ndarray
+    extra: object = None
+
+
+def test_outputs_are_named_by_shape_of_the_result():
+    assert [t.name for t in split(name_outputs(np.zeros(2)))[0]] == ["output"]
+    assert [t.name for t in split(name_outputs((np.zeros(2), np.ones(1))))[0]] == ["output.0", "output.1"]
+    assert [t.name for t in split(name_outputs({"y": np.zeros(2)}))[0]] == ["y"]
+    tensors, values = split(name_outputs(Output(np.zeros(2))))
+    assert [t.name for t in tensors] == ["sample"] and values == {"extra": "null"}
+
+
+def test_non_tensor_arguments_are_kept_as_json_values():
+    tensors, values = split([("sample", np.zeros(1)), ("return_dict", False), ("mode", "fast"), ("cfg", None), ("gen", object())])
+    assert values == {"return_dict": "false", "mode": '"fast"', "cfg": "null", "gen": '"<object>"'}
+
+
+def test_python_numbers_are_values_stored_as_tensors():
+    tensors, values = split([("timestep", 999), ("scale", 7.5), ("flag", True)])
+    assert [(t.name, t.dtype, t.source) for t in tensors] == [("timestep", "int64", "python"), ("scale", "float64", "python")]
+    assert values == {"flag": "true"}
+
+
+leaves = st.one_of(st.integers(-5, 5).map(lambda n: np.full(2, n)), st.none(), st.text(max_size=3), st.booleans())
+nested = st.recursive(leaves, lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text("abc", min_size=1, max_size=2), children, max_size=3)), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(nested)
+def test_flatten_names_are_unique_and_values_survive(value):
+    tensors, values = split([("x", value)])
+    names = [t.name for t in tensors] + list(values)
+    assert len(names) == len(set(names))
+    expected = [leaf for _, leaf in flatten(value, "x") if isinstance(leaf, np.ndarray)]
+    assert len(tensors) == len(expected)
+    for t, e in zip(tensors, expected):
+        np.testing.assert_array_equal(t.data, e)
