@@ -115,14 +115,13 @@ class DumpWriter:
         with self._file_lock:
             if self._file is None or self._stopped_reason is not None or self._room.claim(data.nbytes):
                 return None
+            name, self._staged = str(self._staged), self._staged + 1
             try:
                 if self._staging is None:
                     self._staging = create_group(self._file.id, STAGING)
-                name = str(self._staged)
                 create_dataset(self._staging, name, data)
             except Exception:  # the writer meets the same trouble with the copy, and says why
                 return None
-            self._staged += 1
             return f"{STAGING}/{name}"
 
     def flush(self) -> None:
