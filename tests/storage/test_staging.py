@@ -67,3 +67,20 @@ def test_filtered_out_tensors_are_neither_copied_nor_staged(tmp_path):
         assert list(f["calls/00000000/inputs"]) == ["keep"]
         assert STAGING not in f
         assert f.id.get_filesize() < STAGE_MIN_BYTES
+
+
+def test_large_layer_outputs_are_staged_under_their_call(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU())
+    x = torch.randn(BIG // 1024, 256)  # each layer's output: two MiB
+    with torch.no_grad(), ak.record(tmp_path / "layers.h5", layers=["net"]) as rec:
+        rec.watch(net, "net")
+        hidden = net[0](x)
+        out = net(x)
+    with h5py.File(tmp_path / "layers.h5") as f:
+        assert STAGING not in f
+        assert list(f["calls/00000000/layers"]) == ["0", "1"]
+    with ak.open_dump(tmp_path / "layers.h5") as d:
+        layers = d["net", 0].layers
+        np.testing.assert_array_equal(layers["0"], hidden.numpy())
+        np.testing.assert_array_equal(layers["1"], out.numpy())
