@@ -53,7 +53,7 @@ BASELINE = PEAK + textwrap.dedent(
 def make_dumps(folder: Path, gb: float, tensors: int) -> tuple[Path, Path, float]:
     import alignkit as ak
 
-    per = int(gb * (1 << 30) / tensors / 4)
+    per = max(1, int(gb * (1 << 30) / tensors / 4) // 1024) * 1024  # whole rows of 1024
     rng = np.random.default_rng(0)
     base = rng.standard_normal(per, dtype=np.float32).reshape(-1, 1024)
     noise = rng.standard_normal(base.shape, dtype=np.float32) * 1e-4
