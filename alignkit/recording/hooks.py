@@ -61,7 +61,7 @@ def recorded_call(
         recorder._end(pending, lambda: [], error=exc)
         raise
     if layers is not None and pending is not None:
-        pending.layers.extend(recorder.capture(layers(args, kwargs), layers=True)[0])
+        pending.layers.extend(recorder._capture(layers(args, kwargs), layers=True)[0])
     recorder._end(pending, lambda: outputs(result, args, kwargs))
     if after is not None:
         after()

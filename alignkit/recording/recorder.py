@@ -223,7 +223,7 @@ class Recorder:
         if self._steps is not None and step not in self._steps:
             return None
         try:
-            tensors, values = self.capture(named())
+            tensors, values = self._capture(named())
         except Exception as exc:  # never break the user's run over a value we cannot copy
             warnings.warn(f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3)
             return None
@@ -241,7 +241,7 @@ class Recorder:
             record.error = f"{type(error).__name__}: {error}"
         else:
             try:
-                tensors, values = self.capture(named())
+                tensors, values = self._capture(named())
             except Exception as exc:  # never break the user's run over a value we cannot copy
                 tensors, values = [], {}
                 record.error = f"alignkit could not record the outputs: {exc}"
@@ -250,7 +250,7 @@ class Recorder:
         if self._writer is not None:
             self._writer.put(record)
 
-    def capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
+    def _capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
         """Take a call's values now: tensors the ``tensors`` filter keeps (layers are filtered
         by module path instead), large host tensors written straight into the dump."""
         writer = self._writer

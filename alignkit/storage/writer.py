@@ -1,13 +1,15 @@
 """Write recorded calls to HDF5 in a background thread, behind a bounded queue.
 
-The pipeline thread only copies tensors out and enqueues them; this thread does the HDF5
-work. Memory is bounded by ``max_pending_bytes``: a producer that would exceed it waits.
+The pipeline thread copies small tensors out and enqueues them, and writes large ones into
+``/staging`` itself (:meth:`DumpWriter.stage`); this thread does the rest of the HDF5 work.
+Memory is bounded by ``max_pending_bytes``: a producer that would exceed it waits.
 
 Crash safety: the metadata cache never evicts and freed file space is never reused, so the
-file on disk only changes meaningfully at a flush. We flush at every step boundary, so a
-process killed with ``kill -9`` leaves the dump as of its last completed step. Before each
-call the writer checks that the disk (and the process's file-size limit) has room; when it
-does not, recording stops with a warning and the file is closed cleanly.
+file on disk only changes meaningfully at a flush. We flush at step boundaries (at most every
+FLUSH_INTERVAL, and whenever the writer idles), so a process killed with ``kill -9`` leaves
+the dump as of a recent completed step. Before each call the writer checks that the disk (and
+the process's file-size limit) has room; when it does not, recording stops with a warning and
+the file is closed cleanly.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ _STOP = object()
 
 
 class DumpWriter:
-    """Owns one dump file; ``put`` calls from any thread, ``close`` once at the end."""
+    """Owns one dump file; ``put`` and ``stage`` from any thread, ``close`` once at the end."""
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], max_pending_bytes: int = 512 << 20):
         self.path = Path(path)
@@ -210,23 +212,20 @@ class DumpWriter:
 
     def _finish(self, metadata: dict[str, Any]) -> None:
         with self._file_lock:
-            self._finish_locked(metadata)
-
-    def _finish_locked(self, metadata: dict[str, Any]) -> None:
-        if self._file is None:
-            return
-        try:
-            if self._staging is not None:
-                self._file.id.unlink(STAGING.encode())  # staged tensors of calls never written
-                self._staging = None
-            _write_index(self._file, self._index_rows)
-            for key, value in metadata.items():
-                self._file.attrs[key] = value
-            self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
-            self._file.attrs["num_calls"] = self.calls_written
-        finally:
-            self._file.close()
-            self._file = None
+            if self._file is None:
+                return
+            try:
+                if self._staging is not None:
+                    self._file.id.unlink(STAGING.encode())  # staged tensors of calls never written
+                    self._staging = None
+                _write_index(self._file, self._index_rows)
+                for key, value in metadata.items():
+                    self._file.attrs[key] = value
+                self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
+                self._file.attrs["num_calls"] = self.calls_written
+            finally:
+                self._file.close()
+                self._file = None
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -256,7 +255,7 @@ def _tensors(record: CallRecord) -> tuple[Tensor, ...]:
 
 
 def _give_back(record: CallRecord) -> None:
-    """Return the record's recycled copy buffers once they are written (or dropped)."""
+    """Return the record's recycled pinned buffers once they are written (or dropped)."""
     for tensor in _tensors(record):
         if tensor.release is not None:
             if tensor.ready is not None:
