@@ -202,7 +202,7 @@ def iter_blocks(ds, max_elements: int = BLOCK_ELEMENTS) -> Iterator[np.ndarray]:
     """Read an h5py dataset in C-order blocks of at most ``max_elements`` (or one row)."""
     dtype = logical_dtype(ds)
     shape = tuple(ds.shape)
-    if not shape:
+    if not shape or ds.size <= max_elements:  # one read, without a selection to build
         yield decode(np.asarray(ds[()]), dtype)
         return
     yield from (decode(block, dtype) for block in _blocks(ds, (), shape, max_elements))
@@ -234,4 +234,11 @@ def dataset_metrics(ref_ds, tgt_ds, floor_dtype: str | None) -> dict[str, float]
         r = next(iter_blocks(ref_ds, max_elements=1 << 62))
         t = next(iter_blocks(tgt_ds, max_elements=1 << 62))
         s.add(r, t, floor_dtype)
+    return {**s.metrics(), **(s.floor() if floor_dtype else {})}
+
+
+def array_metrics(ref: np.ndarray, tgt: np.ndarray, floor_dtype: str | None) -> dict[str, float]:
+    """Metrics of two tensors of equal element count already in memory (compared flattened)."""
+    s = Sums()
+    s.add(ref, tgt, floor_dtype)
     return {**s.metrics(), **(s.floor() if floor_dtype else {})}

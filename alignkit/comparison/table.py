@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from alignkit.comparison.matching import NameMap, TensorPair, match_tensors
-from alignkit.comparison.metrics import dataset_metrics, floor_dtype_for
+from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics, floor_dtype_for
 from alignkit.errors import DumpCorruptError
 from alignkit.storage.reader import Call, Dump
 
@@ -80,17 +80,21 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thr
         return {**base, "status": "shape"}
     exact = pair.io == "inputs" and (numel_r <= EXACT_NUMEL or _discrete(r.dtype) or _discrete(t.dtype))
     floor = floor_dtype_for(r.dtype, t.dtype)
+    values = None
     try:
-        m = dataset_metrics(ref._file[r.path], tgt._file[t.path], floor)
+        if numel_r <= BLOCK_ELEMENTS:  # read whole: most tensors of a dump are small
+            values = ref.read(r.path, r.dtype), tgt.read(t.path, t.dtype)
+            m = array_metrics(*values, floor)
+        else:
+            m = dataset_metrics(ref._file[r.path], tgt._file[t.path], floor)
     except (OSError, KeyError, ValueError) as exc:
         raise DumpCorruptError(f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` ({exc})") from exc
     if floor:
         m["floor_ratio"] = _floor_ratio(m)
     status = _status(m, exact, limits)
     out = {**base, **m, "exact": exact, "status": status}
-    if numel_r <= 8:
-        out["ref_value"] = _value(ref._file[r.path])
-        out["tgt_value"] = _value(tgt._file[t.path])
+    if values is not None and numel_r <= 8:
+        out["ref_value"], out["tgt_value"] = (_value(v) for v in values)
     return out
 
 
@@ -128,9 +132,5 @@ def _shape(shape: tuple) -> str:
     return "[" + ",".join(map(str, shape)) + "]"
 
 
-def _value(ds) -> str:
-    from alignkit.storage.schema import decode, logical_dtype
-
-    value = decode(np.asarray(ds[()]), logical_dtype(ds))
-    text = np.array2string(np.asarray(value), precision=6, separator=", ", threshold=8)
-    return text
+def _value(value: np.ndarray) -> str:
+    return np.array2string(value, precision=6, separator=", ", threshold=8)

@@ -9,7 +9,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from alignkit.comparison.metrics import iter_blocks
+from alignkit.comparison.metrics import BLOCK_ELEMENTS, iter_blocks
 from alignkit.storage.reader import Dump
 
 
@@ -29,8 +29,9 @@ def tensor_summary(dump: Dump) -> pd.DataFrame:
 
 def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
     n, total, sq, lo, hi, nonfinite = 0, 0.0, 0.0, np.inf, -np.inf, 0
-    for path in group["path"]:
-        for block in iter_blocks(dump._file[path]):
+    for info in group.itertuples(index=False):
+        whole = info.numel <= BLOCK_ELEMENTS
+        for block in [dump.read(info.path, info.dtype)] if whole else iter_blocks(dump._file[info.path]):
             b = np.asarray(block, dtype=np.float64).ravel()
             finite = b[np.isfinite(b)]
             nonfinite += b.size - finite.size

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 
 from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
-from alignkit.storage.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, call_group_name, decode, logical_dtype, tensor_name
+from alignkit.storage.schema import (
+    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
+)
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,7 @@ class Call:
 
     def info(self, io: str) -> list[TensorInfo]:
         """The tensors of one side (inputs, outputs, layers), in recorded (creation) order."""
-        group = self._group.get(io)
-        if group is None:
-            return []
-        return [TensorInfo(io, tensor_name(link, ds.attrs), logical_dtype(ds), tuple(ds.shape), ds.name) for link, ds in group.items()]
+        return self._dump._infos(self, io)
 
     def dataset(self, io: str, name: str) -> h5py.Dataset:
         for info in self.info(io):
@@ -83,11 +82,7 @@ class Call:
         return decode(np.asarray(ds[()]), logical_dtype(ds))
 
     def _all(self, io: str) -> dict[str, np.ndarray]:
-        out = {}
-        for t in self.info(io):
-            ds = self._dump._file[t.path]
-            out[t.name] = decode(np.asarray(ds[()]), t.dtype)
-        return out
+        return {t.name: self._dump.read(t.path, t.dtype) for t in self.info(io)}
 
     @property
     def inputs(self) -> dict[str, np.ndarray]:
@@ -159,6 +154,29 @@ class Dump:
                     rows.append((call.seq, call.submodel, call.step, call.call, io, t.name, t.dtype, t.shape, int(np.prod(t.shape)), t.path))
         columns = ["seq", "submodel", "step", "call", "io", "name", "dtype", "shape", "numel", "path"]
         return pd.DataFrame(rows, columns=columns)
+
+    @cached_property
+    def _tensor_table(self) -> dict[tuple[int, str], list[TensorInfo]] | None:
+        """The tensors of every call from ``/tensors``, keyed by (seq, io); None when the dump
+        has no table to trust (a killed run), and each call's groups are listed instead."""
+        return _read_tensor_table(self._file, len(self.calls))
+
+    def _infos(self, call: Call, io: str) -> list[TensorInfo]:
+        table = self._tensor_table
+        if table is None:
+            return _list_tensors(self._file, call.group_path, io)
+        return table.get((call.seq, io), [])
+
+    def read(self, path: str, dtype: str) -> np.ndarray:
+        """The values of the tensor stored at ``path`` whose logical dtype is ``dtype`` (both as
+        in :attr:`tensors`), whole, bfloat16 widened to float32 exactly. The dataset is
+        opened by path at HDF5's level: h5py's ``file[path]`` costs several times more, which
+        shows when a dump holds 100k small tensors."""
+        ds = h5py.h5d.open(self._file.id, path.encode("utf-8"))
+        raw = np.empty(ds.shape, dtype=ds.dtype)
+        if raw.size:
+            ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
+        return decode(raw, dtype)
 
     @property
     def submodels(self) -> list[str]:
@@ -253,6 +271,43 @@ def _read_index(f: h5py.File) -> pd.DataFrame:
     for col in ("seq", "step", "call", "ordinal"):
         frame[col] = frame[col].astype("int64")
     return frame.sort_values("seq", kind="stable").reset_index(drop=True)
+
+
+def _read_tensor_table(f: h5py.File, n_calls: int) -> dict[tuple[int, str], list[TensorInfo]] | None:
+    """``/tensors`` grouped by call and side, when it was written with a complete ``/index``."""
+    table, index = f.get(TENSORS), f.get(INDEX)
+    if table is None or index is None or index.shape[0] != n_calls:
+        return None
+    out: dict[tuple[int, str], list[TensorInfo]] = {}
+    rows = table[()]
+    for seq, io, name, dtype, shape in zip(rows["seq"].tolist(), _strings(rows["io"]), _strings(rows["name"]), _strings(rows["dtype"]), rows["shape"]):
+        out.setdefault((seq, io), []).append(TensorInfo(io, name, dtype, tuple(shape.tolist()), tensor_path(seq, io, name)))
+    return out
+
+
+def _strings(column: np.ndarray) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in column]
+
+
+def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
+    """One side's tensors read from its group, in creation order, through h5py's low-level
+    API (the high-level one costs three times as much a dataset, which shows at 100k tensors)."""
+    call = h5py.h5g.open(f.id, group_path.encode("utf-8"))
+    if not call.links.exists(io.encode("utf-8")):
+        return []
+    group, path = h5py.h5g.open(call, io.encode("utf-8")), f"{group_path}/{io}"
+    links: list[bytes] = []
+    group.links.iterate(links.append, idx_type=h5py.h5.INDEX_CRT_ORDER)
+    out = []
+    for raw in links:
+        link = raw.decode("utf-8")
+        ds = h5py.h5d.open(group, raw)
+        name, dtype = unescape_name(link), ds.dtype.name
+        if h5py.h5a.get_num_attrs(ds) and (h5py.h5a.exists(ds, b"name") or h5py.h5a.exists(ds, b"dtype")):
+            dataset = h5py.Dataset(ds)  # attributes that override the link name or HDF5 type
+            name, dtype = tensor_name(link, dataset.attrs), logical_dtype(dataset)
+        out.append(TensorInfo(io, name, dtype, tuple(ds.shape), f"/{path}/{link}"))
+    return out
 
 
 _KEY = re.compile(r"^(?P<sub>.+?)(?:(?P<at>@step)(?P<step>\d+)(?::(?P<call>\d+))?|:(?P<ord>\d+))$")

@@ -4,6 +4,7 @@
 
     /                      attrs: format="alignkit-dump", format_version=1, run metadata
     /index                 table: seq, submodel, step, call, ordinal (one row per call)
+    /tensors               table: seq, io, name, dtype, shape (one row per tensor)
     /calls/<seq:08d>/      one group per call; attrs: seq, submodel, step, call, ordinal
         inputs/<name>      one dataset per tensor; attrs only where needed: name, dtype, source, device
         outputs/<name>     (same)
@@ -26,6 +27,7 @@ FORMAT_VERSION = 1
 CALLS = "calls"
 STAGING = "staging"  # large tensors written at call time, before their call is; empty in a finished dump
 INDEX = "index"
+TENSORS = "tensors"
 IO_GROUPS = ("inputs", "outputs", "layers")
 
 INDEX_DTYPE = np.dtype(
@@ -35,6 +37,16 @@ INDEX_DTYPE = np.dtype(
         ("step", "<i8"),
         ("call", "<i8"),
         ("ordinal", "<i8"),
+    ]
+)
+
+TENSORS_DTYPE = np.dtype(
+    [
+        ("seq", "<i8"),
+        ("io", h5py.string_dtype()),
+        ("name", h5py.string_dtype()),
+        ("dtype", h5py.string_dtype()),
+        ("shape", h5py.vlen_dtype(np.int64)),
     ]
 )
 
@@ -50,6 +62,11 @@ BIT_STORED = {
 
 def call_group_name(seq: int) -> str:
     return f"{CALLS}/{seq:08d}"
+
+
+def tensor_path(seq: int, io: str, name: str) -> str:
+    """The HDF5 path of a tensor's dataset."""
+    return f"/{call_group_name(seq)}/{io}/{escape_name(name)}"
 
 
 def escape_name(name: str) -> str:

@@ -36,7 +36,9 @@ import numpy as np
 from alignkit.errors import RecordingError
 from alignkit.recording.tensors import Tensor
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
-from alignkit.storage.schema import CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, STAGING, call_group_name, escape_name
+from alignkit.storage.schema import (
+    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, STAGING, TENSORS, TENSORS_DTYPE, call_group_name, escape_name,
+)
 
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
 _CALL_METADATA = 64 * 1024  # more than the headers, links and attributes of one call take
@@ -87,7 +89,8 @@ class DumpWriter:
         self.calls_written = 0
         self._flush_each_call = True
         self._last_flush, self._unflushed = 0.0, False
-        self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal), not the tensors
+        self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal)
+        self._tensor_rows: list[tuple] = []  # (seq, io, name, dtype, shape)
         self._room = _Room(self.path)
         self._file_lock = threading.Lock()  # held while staging from a caller thread, and to close
         self._staging: Any = None
@@ -195,6 +198,7 @@ class DumpWriter:
                 tensor.ready()  # an asynchronous device copy must land before it is written
         _write_call(self._file, record)
         self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
+        self._tensor_rows.extend(_tensor_rows(record))
         self.calls_written += 1
         if self._flush_each_call:
             self._flush()  # no step boundary seen yet: keep every call durable
@@ -226,7 +230,7 @@ class DumpWriter:
                 if self._staging is not None:
                     self._file.id.unlink(STAGING.encode())  # staged tensors of calls never written
                     self._staging = None
-                _write_index(self._file, self._index_rows)
+                _write_tables(self._file, self._index_rows, self._tensor_rows)
                 for key, value in metadata.items():
                     self._file.attrs[key] = value
                 self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
@@ -332,9 +336,22 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
     return attrs
 
 
-def _write_index(f: h5py.File, rows: list[tuple]) -> None:
-    """The table of calls, written once when recording ends (a killed run has none)."""
-    f.create_dataset(INDEX, data=np.array(rows, dtype=INDEX_DTYPE))
+def _tensor_rows(record: CallRecord) -> list[tuple]:
+    return [
+        (record.seq, io, t.name, t.dtype, np.array(t.data.shape, np.int64))
+        for io, tensors in (("inputs", record.inputs), ("outputs", record.outputs), ("layers", record.layers))
+        for t in tensors
+    ]
+
+
+def _write_tables(f: h5py.File, calls: list[tuple], tensors: list[tuple]) -> None:
+    """The tables of calls and tensors, written once when recording ends (a killed run has
+    neither). The tensor table goes first: a reader trusts it only beside a matching index."""
+    table = np.empty(len(tensors), dtype=TENSORS_DTYPE)
+    for i, row in enumerate(tensors):
+        table[i] = row
+    f.create_dataset(TENSORS, data=table)
+    f.create_dataset(INDEX, data=np.array(calls, dtype=INDEX_DTYPE))
 
 
 class _Room:

@@ -1,9 +1,11 @@
 """The dump is readable with plain h5py following docs/format.md; foreign files are refused."""
 
 import json
+import shutil
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -42,6 +44,13 @@ def test_plain_h5py_reads_the_documented_layout(dump_path):
         assert json.loads(group["inputs"].attrs["mode"]) == "fast"
         out = group["outputs/out%2Fput"]
         assert out.attrs["name"] == "out/put"
+        tensors = f["tensors"][()]
+        assert len(tensors) == 3 * 3 and list(tensors["seq"][:3]) == [0, 0, 0]
+        text = lambda column: [s.decode() if isinstance(s, bytes) else s for s in column]  # noqa: E731
+        assert text(tensors["io"][:3]) == ["inputs", "inputs", "outputs"]
+        assert text(tensors["name"][:3]) == ["sample", "timestep", "out/put"]
+        assert text(tensors["dtype"][:3]) == ["bfloat16", "int64", "bfloat16"]
+        assert [list(s) for s in tensors["shape"][:3]] == [[2, 2], [], [2, 2]]
 
 
 def test_reader_index_and_keyed_access(dump_path):
@@ -66,3 +75,28 @@ def test_foreign_and_future_files_are_refused(tmp_path, dump_path):
         f.attrs["format_version"] = 99
     with pytest.raises(FormatVersionError, match="version 99 is newer"):
         ak.open_dump(dump_path)
+
+
+def test_the_tensor_table_and_the_groups_list_the_same_tensors(tmp_path):
+    """A finished dump lists its tensors from /tensors; a killed run's reader lists each call's
+    groups instead. Both must give the same rows, in recorded order."""
+    path, listed = tmp_path / "run.h5", tmp_path / "no-table.h5"
+    with ak.Recorder(path, layers=["net"]) as rec:
+        net = rec.watch(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()), "net")
+        engine = rec.watch(lambda feed: {"out/put": feed["input.1"] > 0}, "engine")
+        for step in range(2):
+            net(torch.ones(2, 3).to(torch.bfloat16).float())
+            engine({"input.1": np.full(4, step - 0.5), "%": 1.5, ".": np.float16(2)})
+            ak.step()
+    shutil.copy(path, listed)
+    with h5py.File(listed, "a") as f:
+        del f["tensors"]
+    with ak.open_dump(path) as table, ak.open_dump(listed) as groups:
+        assert table._tensor_table is not None and groups._tensor_table is None
+        pd.testing.assert_frame_equal(table.tensors, groups.tensors)
+        frame = table.tensors
+        assert set(frame["io"]) == {"inputs", "outputs", "layers"}
+        assert {"input.1", "%", ".", "out/put"} <= set(frame["name"])
+        assert frame.loc[frame["name"] == "out/put", "dtype"].tolist() == ["bool", "bool"]
+        for info in table["engine", 1].info("outputs"):
+            np.testing.assert_array_equal(table.read(info.path, info.dtype), groups["engine", 1].outputs[info.name])
