@@ -107,7 +107,7 @@ class Dump:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = _open(self.path)
+        self._file, self._index = _open(self.path)
 
     def close(self) -> None:
         self._file.close()
@@ -138,7 +138,7 @@ class Dump:
     @cached_property
     def calls(self) -> pd.DataFrame:
         """One row per call in time order: seq, submodel, step, call, ordinal."""
-        frame = _read_index(self._file)
+        frame = self._index
         if self.metadata.get("step_source", "none") == "none" and (frame["step"] == 0).all():
             frame["step"], frame["call"] = frame["ordinal"], 0  # no step source: each call is a step
         return frame.reset_index(drop=True)
@@ -219,7 +219,8 @@ def open_dump(path: str | os.PathLike) -> Dump:
     return Dump(path)
 
 
-def _open(path: Path) -> h5py.File:
+def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
+    """The open file and its index of calls (read here, so a damaged dump is refused at once)."""
     if not path.exists():
         raise NotADumpError(f"{path}: no such file")
     if path.is_dir():
@@ -238,14 +239,14 @@ def _open(path: Path) -> h5py.File:
         raise DumpCorruptError(f"{path}: truncated or damaged HDF5 file ({_short(exc)})") from exc
     try:
         _check_format(path, f)
-        _read_index(f)
+        index = _read_index(f)
     except (NotADumpError, FormatVersionError):
         f.close()
         raise
     except Exception as exc:
         f.close()
         raise DumpCorruptError(f"{path}: truncated or damaged dump ({_short(exc)})") from exc
-    return f
+    return f, index
 
 
 def _check_format(path: Path, f: h5py.File) -> None:
