@@ -11,9 +11,10 @@ the dump as of a recent completed step. Before each call the writer checks that 
 the process's file-size limit) has room; when it does not, recording stops with a warning and
 the file is closed cleanly.
 
-The thread runs at the lowest CPU priority (Linux): where the pipeline keeps every core busy,
-it writes in the pipeline's gaps and catches up at close, instead of preempting the work the
-recording is meant to observe.
+The thread runs at a low CPU priority (nice +10, Linux): where the pipeline keeps every core
+busy, it writes mostly in the pipeline's gaps and catches up at close, instead of preempting
+the work the recording is meant to observe. Not the lowest (19): other programs on a loaded
+machine would then starve it, and a kill would lose more of the run.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from alignkit.storage.schema import (
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
 _CALL_METADATA = 64 * 1024  # more than the headers, links and attributes of one call take
 FLUSH_INTERVAL = 0.5  # seconds: at most two step-boundary flushes a second
-WRITER_NICENESS = 19  # the writer thread's nice value: it yields the CPU to the pipeline
+WRITER_NICENESS = 10  # how much nicer the writer thread is than the pipeline: it yields the CPU, and is not starved
 
 
 @dataclass(eq=False)  # identity: records hold arrays
@@ -269,11 +270,12 @@ def _tensors(record: CallRecord) -> tuple[Tensor, ...]:
 
 
 def _lower_priority() -> None:
-    """Give the calling thread the lowest CPU priority, where that touches this thread alone
+    """Lower the calling thread's CPU priority, where that touches this thread alone
     (on Linux a thread id names one thread to setpriority; elsewhere it could name a process)."""
     if sys.platform.startswith("linux"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICENESS))
         except OSError:  # a sandbox may refuse: the writer then runs at normal priority
             pass
 

@@ -37,7 +37,7 @@ def test_kill_9_leaves_every_completed_step(tmp_path, rows):
     for line in proc.stdout:
         if line.strip() == "step 8":
             break
-    time.sleep(1.0)  # step boundaries are flushed at most every 0.5 s, and when the writer idles
+    time.sleep(1.5)  # step boundaries are flushed at most every 0.5 s, and when the writer idles
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with h5py.File(dump) as f:
