@@ -62,17 +62,17 @@ def diffusers_tests_pipeline() -> Any:
     return pipe
 
 
-def paired_times(run: Callable[[], Any], watched_run: Callable[[int], Any], pairs: int) -> list[tuple[float, float]]:
+def paired_times(run: Callable[[], Any], watched_run: Callable[[str], Any], pairs: int) -> list[tuple[float, float]]:
     """(unwatched, watched) seconds for each pair, after one warm-up of each."""
     run()
-    watched_run(-1)
+    watched_run("warmup")
     times = []
     for i in range(pairs):
         order = ("plain", "watched") if i % 2 == 0 else ("watched", "plain")
         took = {}
         for kind in order:
             t0 = time.perf_counter()
-            run() if kind == "plain" else watched_run(i)
+            run() if kind == "plain" else watched_run(f"pair{i}")
             took[kind] = time.perf_counter() - t0
         times.append((took["plain"], took["watched"]))
     return times
@@ -82,8 +82,8 @@ def pipeline_overhead(name: str, pipe: Any, size: int, pairs: int, folder: Path)
     import alignkit as ak
     from alignkit.demo.pipeline import generate
 
-    def watched_run(i: int) -> None:
-        with ak.record(folder / f"{name}{size}-{i}.h5", pipe):
+    def watched_run(run_name: str) -> None:
+        with ak.record(folder / f"{name}{size}-{run_name}.h5", pipe):
             generate(pipe, STEPS, size=size)
 
     times = paired_times(lambda: generate(pipe, STEPS, size=size), watched_run, pairs)

@@ -310,9 +310,10 @@ def _write_call(f: h5py.File, record: CallRecord) -> None:
     group = create_group(f.id, call_group_name(record.seq))
     head = {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
     set_attrs(group, head if record.error is None else {**head, "error": record.error})
-    for io, tensors, values in (("inputs", record.inputs, record.values), ("outputs", record.outputs, record.output_values), ("layers", record.layers, {})):
-        if not tensors and not values and io == "layers":
-            continue
+    sides = [("inputs", record.inputs, record.values), ("outputs", record.outputs, record.output_values)]
+    if record.layers:  # only with layer recording on (docs/format.md)
+        sides.append(("layers", record.layers, {}))
+    for io, tensors, values in sides:
         sub = create_group(group, io)
         for tensor in tensors:
             link = escape_name(tensor.name)
