@@ -89,3 +89,30 @@ def test_record_cli_filters_steps_and_layers(tmp_path):
     with ak.open_dump(dump) as d:
         assert set(d.calls["step"]) == {1}
         assert [t.name for t in d["unet", 1].info("layers")] == ["conv_in", "conv_norm_out", "conv_act", "conv_out"]
+
+
+def test_prompt_embeds_without_a_tokenizer(tmp_path):
+    """Fed ``prompt_embeds`` (no tokenizer, no text encoder call), the steps still come from the
+    scheduler, and the embeddings reach the UNet exactly."""
+    import torch
+
+    pipe = tiny_pipeline()
+    pipe.tokenizer = None
+    embeds = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        with torch.no_grad():
+            return pipe(prompt_embeds=embeds, negative_prompt_embeds=-embeds, num_inference_steps=STEPS, height=32, width=32,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    unwatched = run()
+    with ak.record(tmp_path / "embeds.h5", pipe):
+        watched = run()
+    np.testing.assert_array_equal(watched, unwatched)
+    with ak.open_dump(tmp_path / "embeds.h5") as d:
+        assert d.submodels == ["unet", "scheduler", "vae.decode"]
+        assert d.steps("unet") == list(range(STEPS)) and d.steps("vae.decode") == [STEPS]
+        got = np.array([d["unet", s].inputs["timestep"] for s in range(STEPS)])
+        np.testing.assert_array_equal(got, pipe.scheduler.timesteps.numpy())
+        hidden = d["unet", 0].inputs["encoder_hidden_states"]
+        np.testing.assert_array_equal(hidden, torch.cat([-embeds, embeds]).numpy())  # classifier-free guidance batch
