@@ -96,7 +96,7 @@ def _torch_tensor_type():
 def is_tensor(value: Any) -> bool:
     """True for the values alignkit stores as datasets: torch and numpy arrays, numbers."""
     if isinstance(value, (np.ndarray, np.generic)):
-        return value.dtype.kind not in "OSUV" or _is_bit_stored(value.dtype)
+        return value.dtype.kind not in "OSUVMm" or _is_bit_stored(value.dtype)  # HDF5 holds no objects, strings, dates
     if isinstance(value, float):
         return True
     if isinstance(value, int) and not isinstance(value, bool):
@@ -187,7 +187,7 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray) and value.dtype.kind in "SU":
+    if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "SUMm":
         return value.astype(str).tolist()
     if isinstance(value, enum.Enum):
         return str(value)

@@ -8,31 +8,51 @@ import numpy as np
 import pytest
 
 import alignkit as ak
+from alignkit.storage import writer
 from alignkit.storage.writer import WRITER_NICENESS
 
-UNSTORABLE = np.array(["2020-01-01"], dtype="datetime64[D]")  # HDF5 has no type for it
+@pytest.fixture()
+def failing_writer(monkeypatch):
+    """The writer fails on any call whose input ``x`` is negative (as a full device or a
+    lost mount would fail it)."""
+    write_call = writer._write_call
+
+    def fail_on_negative(f, record):
+        if any(t.name == "x" and (t.data < 0).any() for t in record.inputs):
+            raise OSError("the device said no")
+        write_call(f, record)
+
+    monkeypatch.setattr(writer, "_write_call", fail_on_negative)
 
 
-def test_a_writer_failure_surfaces_when_recording_ends(tmp_path):
+def test_a_writer_failure_surfaces_when_recording_ends(tmp_path, failing_writer):
     path = tmp_path / "failed.h5"
     returned = []
-    with pytest.raises(ak.RecordingError, match=r"recording failed at call 1 \(f, step 1, call 0\): No conversion path for dtype"):
+    with pytest.raises(ak.RecordingError, match=r"recording failed at call 1 \(f, step 1, call 0\): the device said no"):
         with ak.Recorder(path) as rec:
-            f = rec.watch(lambda x: x, "f")
+            f = rec.watch(lambda x: x * 2, "f")
             f(np.zeros(3))
             ak.step()
-            returned.append(f(UNSTORABLE))  # the run goes on; the writer fails behind it
-    assert returned[0] is UNSTORABLE
+            returned.append(f(-np.ones(3)))  # the run goes on; the writer fails behind it
+    np.testing.assert_array_equal(returned[0], -2 * np.ones(3))
     with ak.open_dump(path) as d:
         assert not d.metadata["complete"]
         np.testing.assert_array_equal(d["f", 0, 0].inputs["x"], np.zeros(3))
 
 
-def test_the_runs_own_exception_is_not_masked_by_a_writer_failure(tmp_path):
+def test_the_runs_own_exception_is_not_masked_by_a_writer_failure(tmp_path, failing_writer):
     with pytest.warns(RuntimeWarning, match="recording failed"), pytest.raises(KeyError, match="from the run"):
         with ak.Recorder(tmp_path / "failed.h5") as rec:
-            rec.watch(lambda x: x, "f")(UNSTORABLE)
+            rec.watch(lambda x: x, "f")(-np.ones(3))
             raise KeyError("from the run")
+
+
+def test_dates_are_kept_as_text_not_tensors(tmp_path):
+    with ak.Recorder(tmp_path / "dates.h5") as rec:
+        rec.watch(lambda x, when: x, "f")(np.zeros(2), np.array(["2020-01-01"], dtype="datetime64[D]"))
+    with ak.open_dump(tmp_path / "dates.h5") as d:
+        assert list(d["f", 0].inputs) == ["x"]
+        assert d["f", 0].values()["when"] == ["2020-01-01"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are set on Linux only")
