@@ -136,15 +136,17 @@ def test_drill_down_names_a_planted_layer_error(tmp_path):
     assert result.layers["keep_fp32"][0] == "out"
 
 
-def test_onnx_port_layers_are_matched_to_torch_modules_and_drilled_down(tmp_path):
-    """A planted error in one layer of an ONNX port: replay with layers names that layer."""
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_port_layers_are_matched_to_torch_modules_and_drilled_down(tmp_path, dynamo):
+    """A planted error in one layer of an ONNX port: replay with layers names that layer,
+    whichever of torch's exporters made the port (they keep module scopes differently)."""
     import onnx
     from onnx import numpy_helper
 
     model = Block().eval()
     ref = record_calls(tmp_path / "ref.h5", model, layers=["unet"])
     path = tmp_path / "unet.onnx"
-    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(path), dynamo=False, input_names=["sample", "timestep"], output_names=["output"])
+    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(path), dynamo=dynamo, input_names=["sample", "timestep"], output_names=["output"])
     proto = onnx.load(path)
     for init in proto.graph.initializer:
         if init.name == "conv.weight":

@@ -1,15 +1,17 @@
 """Layer outputs of an ONNX model: a copy of the model with every intermediate node output
 exposed as a graph output, run beside the real one.
 
-Exporters keep torch's module scopes in node names (``/down_blocks.0/resnets.0/conv1/Conv``),
-so each scope's last node output is named after the torch module it comes from
-(``down_blocks.0.resnets.0.conv1``) and matches the torch reference's layer by name. A graph
-without scopes keeps the ONNX tensor names; comparison then matches layers by position where
-count and shapes agree, and says so.
+torch's exporters keep each node's module scope: the TorchScript exporter in node names
+(``/down_blocks.0/resnets.0/conv1/Conv``), the dynamo exporter in node metadata
+(``pkg.torch.onnx.name_scopes``). So each scope's last node output is named after the torch
+module it comes from (``down_blocks.0.resnets.0.conv1``) and matches the torch reference's
+layer by name. A graph without scopes keeps the ONNX tensor names; comparison then matches
+layers by position where count and shapes agree, and says so.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +50,7 @@ def layer_names(nodes: Any, available: set[str], pattern: re.Pattern | None = No
     """(layer name, tensor name): the last output of each module scope, or every output."""
     by_scope: dict[str, str] = {}
     for node in nodes:
-        scope = _scope(node.name)
+        scope = _scope(node)
         for out in node.output:
             if out in available and scope:
                 by_scope.pop(scope, None)  # keep graph order of each scope's last output
@@ -59,6 +61,17 @@ def layer_names(nodes: Any, available: set[str], pattern: re.Pattern | None = No
     return [(layer, name) for layer, name in pairs if pattern is None or pattern.search(layer)]
 
 
-def _scope(node_name: str) -> str:
-    parts = [p for p in node_name.split("/") if p]
-    return ".".join(parts[:-1]) if node_name.startswith("/") and len(parts) > 1 else ""
+_DYNAMO_SCOPES = "pkg.torch.onnx.name_scopes"  # ['', 'down_blocks.0', 'down_blocks.0.resnets.0', …, '<op>']
+
+
+def _scope(node: Any) -> str:
+    """The torch module a node was exported from, as its dotted path; "" at the top level."""
+    for prop in node.metadata_props:
+        if prop.key == _DYNAMO_SCOPES:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
+    parts = [p for p in node.name.split("/") if p]
+    return ".".join(parts[:-1]) if node.name.startswith("/") and len(parts) > 1 else ""
