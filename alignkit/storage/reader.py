@@ -69,17 +69,21 @@ class Call:
         """The tensors of one side (inputs, outputs, layers), in recorded (creation) order."""
         return self._dump._infos(self, io)
 
-    def dataset(self, io: str, name: str) -> h5py.Dataset:
-        for info in self.info(io):
+    def _find(self, io: str, name: str) -> TensorInfo:
+        infos = self.info(io)
+        for info in infos:
             if info.name == name:
-                return self._dump._file[info.path]
-        names = ", ".join(t.name for t in self.info(io)) or "none"
+                return info
+        names = ", ".join(t.name for t in infos) or "none"
         raise CallNotFoundError(f"{self!r} has no {io[:-1]} {name!r}; it has: {names}")
+
+    def dataset(self, io: str, name: str) -> h5py.Dataset:
+        return self._dump._file[self._find(io, name).path]
 
     def tensor(self, io: str, name: str) -> np.ndarray:
         """One tensor as numpy (bfloat16 widened to float32 exactly)."""
-        ds = self.dataset(io, name)
-        return decode(np.asarray(ds[()]), logical_dtype(ds))
+        info = self._find(io, name)
+        return self._dump.read(info.path, info.dtype)
 
     def _all(self, io: str) -> dict[str, np.ndarray]:
         return {t.name: self._dump.read(t.path, t.dtype) for t in self.info(io)}

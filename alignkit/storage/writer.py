@@ -65,7 +65,16 @@ class CallRecord:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.inputs, *self.outputs, *self.layers))
+        return sum(t.nbytes for t in self.tensors())
+
+    def sides(self) -> list[tuple[str, list[Tensor], dict[str, str]]]:
+        """(io, tensors, non-tensor values) of each stored side; ``layers`` only when there
+        are layers (docs/format.md)."""
+        sides = [("inputs", self.inputs, self.values), ("outputs", self.outputs, self.output_values)]
+        return sides + [("layers", self.layers, {})] if self.layers else sides
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.inputs, *self.outputs, *self.layers]
 
 
 _FLUSH = object()
@@ -194,12 +203,12 @@ class DumpWriter:
             self._stopped_reason = f"recording stopped at call {record.seq} ({record.submodel}): {shortage}; {self.path} holds the {self.calls_written} calls before it"
             self._finish({"stopped": shortage})
             return
-        for tensor in _tensors(record):
+        for tensor in record.tensors():
             if tensor.ready is not None:
                 tensor.ready()  # an asynchronous device copy must land before it is written
         _write_call(self._file, record)
         self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
-        self._tensor_rows.extend(_tensor_rows(record))
+        self._tensor_rows.extend((record.seq, io, t.name, t.dtype, t.data.shape) for io, tensors, _ in record.sides() for t in tensors)
         self.calls_written += 1
         if self._flush_each_call:
             self._flush()  # no step boundary seen yet: keep every call durable
@@ -265,10 +274,6 @@ class _SetAttr:
     value: Any
 
 
-def _tensors(record: CallRecord) -> tuple[Tensor, ...]:
-    return (*record.inputs, *record.outputs, *record.layers)
-
-
 def _lower_priority() -> None:
     """Lower the calling thread's CPU priority, where that touches this thread alone
     (on Linux a thread id names one thread to setpriority; elsewhere it could name a process)."""
@@ -282,7 +287,7 @@ def _lower_priority() -> None:
 
 def _give_back(record: CallRecord) -> None:
     """Return the record's recycled pinned buffers once they are written (or dropped)."""
-    for tensor in _tensors(record):
+    for tensor in record.tensors():
         if tensor.release is not None:
             if tensor.ready is not None:
                 tensor.ready()  # a dropped record's device copy may still be landing
@@ -310,10 +315,7 @@ def _write_call(f: h5py.File, record: CallRecord) -> None:
     group = create_group(f.id, call_group_name(record.seq))
     head = {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
     set_attrs(group, head if record.error is None else {**head, "error": record.error})
-    sides = [("inputs", record.inputs, record.values), ("outputs", record.outputs, record.output_values)]
-    if record.layers:  # only with layer recording on (docs/format.md)
-        sides.append(("layers", record.layers, {}))
-    for io, tensors, values in sides:
+    for io, tensors, values in record.sides():
         sub = create_group(group, io)
         for tensor in tensors:
             link = escape_name(tensor.name)
@@ -339,20 +341,12 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
     return attrs
 
 
-def _tensor_rows(record: CallRecord) -> list[tuple]:
-    return [
-        (record.seq, io, t.name, t.dtype, np.array(t.data.shape, np.int64))
-        for io, tensors in (("inputs", record.inputs), ("outputs", record.outputs), ("layers", record.layers))
-        for t in tensors
-    ]
-
-
 def _write_tables(f: h5py.File, calls: list[tuple], tensors: list[tuple]) -> None:
     """The tables of calls and tensors, written once when recording ends (a killed run has
     neither). The tensor table goes first: a reader trusts it only beside a matching index."""
     table = np.empty(len(tensors), dtype=TENSORS_DTYPE)
-    for i, row in enumerate(tensors):
-        table[i] = row
+    for i, (seq, io, name, dtype, shape) in enumerate(tensors):
+        table[i] = seq, io, name, dtype, np.array(shape, np.int64)
     f.create_dataset(TENSORS, data=table)
     f.create_dataset(INDEX, data=np.array(calls, dtype=INDEX_DTYPE))
 

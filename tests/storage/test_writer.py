@@ -62,5 +62,5 @@ def test_the_writer_thread_alone_runs_at_a_low_priority(tmp_path):
         rec.watch(lambda x: x, "f")(np.zeros(3))
         writers = [t for t in threading.enumerate() if t.name == "alignkit-writer"]
         assert len(writers) == 1
-        assert os.getpriority(os.PRIO_PROCESS, writers[0].native_id) == before + WRITER_NICENESS > before
+        assert os.getpriority(os.PRIO_PROCESS, writers[0].native_id) == min(19, before + WRITER_NICENESS)
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
