@@ -86,7 +86,7 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thr
             values = ref.read(r.path, r.dtype), tgt.read(t.path, t.dtype)
             m = array_metrics(*values, floor)
         else:
-            m = dataset_metrics(ref._file[r.path], tgt._file[t.path], floor)
+            m = dataset_metrics(ref.dataset(r.path), tgt.dataset(t.path), floor)
     except (OSError, KeyError, ValueError) as exc:
         raise DumpCorruptError(f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` ({exc})") from exc
     if floor:

@@ -31,7 +31,7 @@ def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
     n, total, sq, lo, hi, nonfinite = 0, 0.0, 0.0, np.inf, -np.inf, 0
     for info in group.itertuples(index=False):
         whole = info.numel <= BLOCK_ELEMENTS
-        for block in [dump.read(info.path, info.dtype)] if whole else iter_blocks(dump._file[info.path]):
+        for block in [dump.read(info.path, info.dtype)] if whole else iter_blocks(dump.dataset(info.path)):
             b = np.asarray(block, dtype=np.float64).ravel()
             finite = b[np.isfinite(b)]
             nonfinite += b.size - finite.size

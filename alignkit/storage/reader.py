@@ -78,7 +78,8 @@ class Call:
         raise CallNotFoundError(f"{self!r} has no {io[:-1]} {name!r}; it has: {names}")
 
     def dataset(self, io: str, name: str) -> h5py.Dataset:
-        return self._dump._file[self._find(io, name).path]
+        """One tensor's h5py dataset, to read a large one in slices."""
+        return self._dump.dataset(self._find(io, name).path)
 
     def tensor(self, io: str, name: str) -> np.ndarray:
         """One tensor as numpy (bfloat16 widened to float32 exactly)."""
@@ -181,6 +182,11 @@ class Dump:
         if raw.size:
             ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
         return decode(raw, dtype)
+
+    def dataset(self, path: str) -> h5py.Dataset:
+        """The h5py dataset at ``path`` (as in :attr:`tensors`), to read a large tensor in
+        blocks rather than whole; its values are the stored bits (see ``dtype``)."""
+        return self._file[path]
 
     @property
     def submodels(self) -> list[str]:

@@ -121,6 +121,25 @@ def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_diverge
     assert result.verdict == "aligned"
 
 
+def test_a_tensor_larger_than_a_block_is_streamed_to_the_same_metrics(tmp_path):
+    from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics
+
+    r = np.random.default_rng(2).standard_normal((3, BLOCK_ELEMENTS)).astype(np.float32)
+    t = torch.from_numpy(r * 1.001).to(torch.bfloat16)
+    for path, value in ((tmp_path / "ref.h5", torch.from_numpy(r)), (tmp_path / "tgt.h5", t)):
+        with ak.Recorder(path) as rec:
+            rec.watch(lambda x: x, "layer")(value)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    row = result.table[result.table["io"] == "outputs"].iloc[0]
+    want = array_metrics(r, t.float().numpy(), "bfloat16")
+    for key in ("l1", "rel_l1", "max_abs", "cos", "rmse"):
+        assert row[key] == pytest.approx(want[key], rel=1e-9), key
+    assert row["ref_dtype"] == "float32" and row["tgt_dtype"] == "bfloat16"
+    with ak.open_dump(tmp_path / "tgt.h5") as dump:
+        info = dump.tensors.iloc[-1]
+        assert dump.dataset(info.path).dtype == np.uint16  # the stored bits, streamed by compare
+
+
 def test_dumps_with_different_step_counts_compare_the_shared_steps(tmp_path):
     net = Unet()
     for path, steps in ((tmp_path / "ref.h5", 5), (tmp_path / "tgt.h5", 3)):
