@@ -89,11 +89,14 @@ def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any]) -> str:
     where = f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
     tensor = row["tensor"]
     if call["kind"] == LOCAL_ERROR:
-        return f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"
-    what = _values_text(tensor, ev)
-    if call["kind"] == INPUT_MISMATCH:
-        return f"{where}: input mismatch — {what}, although every earlier call matched; the glue code that feeds {call['submodel']} differs"
-    return f"{where}: propagated — {what}"
+        message = f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"
+    elif call["kind"] == INPUT_MISMATCH:
+        message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the glue code that feeds {call['submodel']} differs"
+    else:
+        message = f"{where}: propagated — {_values_text(tensor, ev)}"
+    if not _missing(row.get("swapped_with")):
+        message += f" (but target `{row['tgt_tensor']}`, matched by position, holds the reference's `{row['swapped_with']}`: see the warning on swapped tensors)"
+    return message
 
 
 def _values_text(tensor: str, ev: dict[str, Any]) -> str:
@@ -176,6 +179,7 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
         steps = sorted(set(group["step"]))
         note = "values equal" if equal else "values differ"
         out.append(f"{sub} {io[:-1]} `{tensor}`: reference {rd}, target {td} ({note}) at {len(steps)} step{'s' if len(steps) != 1 else ''}")
+    out.extend(_swap_warnings(table))
     precision = table[table["status"] == "precision"]
     if len(precision):
         out.append(f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
@@ -186,6 +190,26 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
         if len(nf):
             row = nf.iloc[0]
             out.append(f"NaN/Inf first appear in the {who} only at {row['submodel']} step {row['step']} {row['io'][:-1]} `{row['tensor']}` ({int(row[f'nan_{side}'])} NaN, {int(row[f'inf_{side}'])} Inf)")
+    return out
+
+
+def _swap_warnings(table: pd.DataFrame) -> list[str]:
+    """One line per pair of position-matched tensors that hold each other's values, in the
+    order the reference records them."""
+    swapped = table[table["swapped_with"].notna()]
+    targets = dict(zip(zip(swapped["submodel"], swapped["io"], swapped["tensor"]), swapped["tgt_tensor"]))
+    out, said = [], set()
+    for (sub, io, tensor, other), group in swapped.groupby(["submodel", "io", "tensor", "swapped_with"], sort=False):
+        if (sub, io, other, tensor) in said:
+            continue  # said with its partner
+        said.add((sub, io, tensor, other))
+        a, b = targets[sub, io, tensor], targets.get((sub, io, other), "?")
+        steps = len(set(group["step"]))
+        out.append(
+            f"{sub} {io}: target `{a}` and `{b}`, matched by position to `{tensor}` and `{other}`, hold each other's values "
+            f"at {steps} step{'s' if steps != 1 else ''}: if the engine takes them in this order, map the names "
+            f"(--map {a}={other} --map {b}={tensor}); if not, they are fed to it swapped"
+        )
     return out
 
 

@@ -25,10 +25,11 @@ from alignkit.errors import DumpCorruptError
 from alignkit.storage.reader import Call, Dump
 
 EXACT_NUMEL = 64
+SWAP_CHECK_MAX = 8  # position-matched mismatches per call and side tried pairwise for a swap
 BAD = ("mismatch", "nonfinite", "shape")
 
 COLUMNS = [
-    "seq", "submodel", "step", "call", "io", "tensor", "tgt_tensor", "matched_by",
+    "seq", "submodel", "step", "call", "io", "tensor", "tgt_tensor", "matched_by", "swapped_with",
     "ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "numel", "exact",
     "l1", "rel_l1", "max_abs", "cos", "cos_dist", "rmse", "sqnr_db",
     "nan_ref", "nan_tgt", "inf_ref", "inf_tgt", "nonfinite_mismatch",
@@ -57,18 +58,38 @@ def build_table(
     for i, row in enumerate(calls.itertuples(index=False)):
         if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
             rc, tc = ref_calls[int(row.ref_seq)], tgt_calls[int(row.tgt_seq)]
-            for pair in match_tensors(rc, tc, names):
-                rows.append(_row(ref, tgt, rc, tc, pair, limits))
+            pairs = match_tensors(rc, tc, names)
+            call_rows = [_row(ref, tgt, rc, tc, pair, limits) for pair in pairs]
+            _mark_swaps(ref, tgt, rc, tc, pairs, call_rows, limits)
+            rows.extend(call_rows)
         if progress is not None:
             progress(i)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call, pairs: list[TensorPair], rows: list[dict], limits: Thresholds) -> None:
+    """Say which position-matched tensors hold each other's values (``swapped_with``: the
+    reference tensor the target's holds). Position matching trusts the order an engine
+    records its inputs in; when two tensors of one shape come in the other order, both
+    mismatch and each equals the other's reference. Whether the engine takes them in that
+    order (map the names) or the glue code feeds them swapped (a bug) only the user knows,
+    so the pairing stands and the finding is reported."""
+    for io in ("inputs", "outputs"):
+        bad = [i for i, (p, row) in enumerate(zip(pairs, rows)) if p.io == io and p.how == "position" and row["status"] in BAD][:SWAP_CHECK_MAX]
+        for n, i in enumerate(bad):
+            for j in bad[n + 1:]:
+                a, b = pairs[i], pairs[j]
+                if a.ref.shape != b.ref.shape or rows[i]["swapped_with"] is not None or rows[j]["swapped_with"] is not None:
+                    continue
+                if all(_row(ref, tgt, rc, tc, TensorPair(io, r, t, "position"), limits)["status"] not in BAD for r, t in ((a.ref, b.tgt), (b.ref, a.tgt))):
+                    rows[i]["swapped_with"], rows[j]["swapped_with"] = b.ref.name, a.ref.name
 
 
 def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thresholds) -> dict:
     r, t = pair.ref, pair.tgt
     base = {
         "seq": rc.seq, "submodel": rc.submodel, "step": rc.step, "call": rc.call, "io": pair.io,
-        "tensor": r.name if r else t.name, "tgt_tensor": t.name if t else None, "matched_by": pair.how,
+        "tensor": r.name if r else t.name, "tgt_tensor": t.name if t else None, "matched_by": pair.how, "swapped_with": None,
         "ref_dtype": r.dtype if r else None, "tgt_dtype": t.dtype if t else None,
         "ref_shape": _shape(r.shape) if r else None, "tgt_shape": _shape(t.shape) if t else None,
     }

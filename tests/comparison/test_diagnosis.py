@@ -109,6 +109,39 @@ def test_position_fallback_when_names_differ_but_shapes_agree(tmp_path):
     assert result.verdict == "aligned"
 
 
+def _record_attention(tmp_path, feed):
+    """A reference function of (query, key) and an engine fed a dict with compiler-made names."""
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal((4, 8)).astype(np.float32)
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        rec.watch(lambda query, key: query @ key.T, "attn")(q, k)
+    with ak.Recorder(tmp_path / "tgt.h5") as rec:
+        rec.watch(lambda args: args["q.1"] @ args["k.1"].T, "attn")(feed(q, k))
+    return tmp_path / "ref.h5", tmp_path / "tgt.h5"
+
+
+def test_position_matched_tensors_in_the_other_order_are_said_to_be_swapped(tmp_path):
+    ref, tgt = _record_attention(tmp_path, lambda q, k: {"k.1": k, "q.1": q})  # the engine records k first
+    result = ak.compare(ref, tgt)
+    inputs = result.table[result.table["io"] == "inputs"].set_index("tensor")
+    assert list(inputs["matched_by"]) == ["position", "position"]
+    assert dict(inputs["swapped_with"]) == {"query": "key", "key": "query"}
+    assert result.first_divergence.kind == "input mismatch"
+    assert "holds the reference's `key`" in result.first_divergence.message
+    [warning] = [w for w in result.warnings if "hold each other's values" in w]
+    assert "target `k.1` and `q.1`, matched by position to `query` and `key`" in warning
+    assert "(--map k.1=key --map q.1=query)" in warning
+    assert ak.compare(ref, tgt, name_map=["k.1=key", "q.1=query"]).verdict == "aligned"  # the advice works
+
+
+def test_a_position_matched_mismatch_that_is_no_swap_is_not_called_one(tmp_path):
+    ref, tgt = _record_attention(tmp_path, lambda q, k: {"k.1": k * 1.5, "q.1": q})
+    result = ak.compare(ref, tgt)
+    assert result.table["swapped_with"].isna().all()
+    assert not any("hold each other's values" in w for w in result.warnings)
+    assert "swapped" not in result.first_divergence.message
+
+
 def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
     r = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     for path, value in ((tmp_path / "ref.h5", torch.from_numpy(r)), (tmp_path / "tgt.h5", torch.from_numpy(r).to(torch.bfloat16))):
