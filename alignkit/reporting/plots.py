@@ -78,8 +78,7 @@ def heatmap(result: Comparison) -> str | None:
     ax.set_yticks(range(grid.shape[0]), [str(x) for x in grid.index], fontsize=7)
     ax.set_xticks(range(grid.shape[1]), [str(x) for x in grid.columns], fontsize=7)
     ax.set_xlabel("step", fontsize=8)
-    fig.colorbar(im, ax=ax, label="log10 rel_l1")
-    fig.tight_layout()
+    fig.colorbar(im, ax=ax, label="log10 rel_l1")  # no tight_layout: the saved image grows to fit long tensor labels
     return _data_uri(fig)
 
 
