@@ -40,9 +40,11 @@ def test_onnx_export_replays_within_float32_noise(tmp_path):
     assert len(outputs) == 3 and (outputs["cos"] > 0.999999).all()
 
 
-def test_replay_is_flat_while_the_pipeline_drifts(demo_dumps, tmp_path):
-    """The timestep bug lives in the glue: the UNet replayed on reference inputs is aligned."""
+def test_replay_is_flat_while_the_pipeline_drifts(demo_dumps, tmp_path, monkeypatch):
+    """The timestep bug lives in the glue: the UNet replayed on reference inputs is aligned,
+    and the report's error curves draw it beside the pipeline's drift."""
     from alignkit.demo.pipeline import tiny_pipeline
+    from alignkit.reporting import plots
 
     ref, tgt = demo_dumps["timestep"]
     unet = tiny_pipeline().unet  # the target's UNet is the same port
@@ -52,6 +54,21 @@ def test_replay_is_flat_while_the_pipeline_drifts(demo_dumps, tmp_path):
     assert pipeline.verdict == "diverged" and pipeline.replay is replayed
     html = pipeline.to_html(tmp_path / "both.html").read_text()
     assert "Blue: the replay" in html
+
+    figures = []
+    monkeypatch.setattr(plots, "_data_uri", lambda fig: figures.append(fig) or "data:")
+    assert plots.error_curves(pipeline) == "data:"
+    [l1_axes] = [ax for ax in figures[0].axes if ax.get_title() == "unet: L1 (mean |t − r|)"]
+    drawn = {line.get_label(): dict(zip(line.get_xdata(), line.get_ydata())) for line in l1_axes.get_lines()}
+
+    def per_step(result):
+        outs = result.table[(result.table["submodel"] == "unet") & (result.table["io"] == "outputs")]
+        return outs.groupby("step")["l1"].max().clip(lower=plots._TINY).to_dict()
+
+    assert drawn["pipeline (accumulated)"] == pytest.approx(per_step(pipeline))
+    assert drawn["replay (local error)"] == pytest.approx(per_step(replayed))
+    last = max(drawn["pipeline (accumulated)"])
+    assert max(drawn["replay (local error)"].values()) < drawn["pipeline (accumulated)"][last] / 100
 
 
 def test_replay_reports_dtype_adaptation(tmp_path):
