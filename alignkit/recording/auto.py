@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alignkit.errors import UsageError
-from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, recorded_call
+from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.recorder import Recorder
 from alignkit.recording.targets import name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
 
@@ -100,7 +100,7 @@ class AutoWatch:
             if name is None:
                 name = names[id(session)] = recorder._unique(ort_session_name(session))
             bound = functools.partial(original, session)
-            return recorded_call(recorder, name, bound, args, kwargs, ort_bind, ort_outputs_for(session))
+            return Watch(recorder, name, ort_bind, ort_outputs_for(session)).call(bound, args, kwargs)
 
         had_own = "run" in cls.__dict__
         cls.run = run

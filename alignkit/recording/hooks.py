@@ -16,6 +16,7 @@ import sys
 import inspect
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from alignkit.recording.flatten import Named, name_outputs, signature_binder
@@ -31,41 +32,44 @@ def default_outputs(result: Any, args: tuple, kwargs: dict) -> Named:
     return name_outputs(result)
 
 
-def recorded_call(
-    recorder: Recorder,
-    submodel: str,
-    fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict,
-    bind: Binder,
-    outputs: OutputNamer = default_outputs,
-    after: Callable[[], None] | None = None,
-    layers: Binder | None = None,
-    record: bool = True,
-) -> Any:
-    """Call ``fn`` and record its inputs (copied before) and outputs (copied after).
+@dataclass(frozen=True)
+class Watch:
+    """How the calls of one watched callable are recorded.
 
-    ``layers``, when given, computes named layer outputs for the same arguments (an ONNX
-    model's intermediate outputs) to store under the call. ``after`` runs once the call has
-    returned (a step boundary); with ``record=False`` it is all that happens (``--step-on``).
+    ``bind`` names the arguments and ``outputs`` the result. ``layers``, when given, computes
+    named layer outputs for the same arguments (an ONNX model's intermediate outputs) to store
+    under the call. ``after`` runs once a call has returned (a step boundary); with
+    ``record=False`` it is all that happens (``--step-on``).
     """
-    if not record:
-        result = fn(*args, **kwargs)
-        if after is not None:
-            after()
+
+    recorder: Recorder
+    submodel: str
+    bind: Binder
+    outputs: OutputNamer = default_outputs
+    after: Callable[[], None] | None = None
+    layers: Binder | None = None
+    record: bool = True
+
+    def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Call ``fn`` and record its inputs (copied before) and outputs (copied after)."""
+        if not self.record:
+            result = fn(*args, **kwargs)
+            if self.after is not None:
+                self.after()
+            return result
+        recorder = self.recorder
+        pending = recorder._begin(self.submodel, lambda: self.bind(args, kwargs))
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            recorder._end(pending, lambda: [], error=exc)
+            raise
+        if self.layers is not None and pending is not None:
+            pending.layers.extend(recorder._capture(self.layers(args, kwargs), layers=True)[0])
+        recorder._end(pending, lambda: self.outputs(result, args, kwargs))
+        if self.after is not None:
+            self.after()
         return result
-    pending = recorder._begin(submodel, lambda: bind(args, kwargs))
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:
-        recorder._end(pending, lambda: [], error=exc)
-        raise
-    if layers is not None and pending is not None:
-        pending.layers.extend(recorder._capture(layers(args, kwargs), layers=True)[0])
-    recorder._end(pending, lambda: outputs(result, args, kwargs))
-    if after is not None:
-        after()
-    return result
 
 
 class Hook:
@@ -99,10 +103,11 @@ class MethodHook(Hook):
         self._had_own = method in getattr(obj, "__dict__", {})
         self._own = obj.__dict__.get(method) if self._had_own else None
         original = getattr(obj, method)
-        bind = bind or signature_binder(original)
+
+        watch = Watch(recorder, name, bind or signature_binder(original), outputs, after, layers)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return recorded_call(recorder, name, original, args, kwargs, bind, outputs, after, layers)
+            return watch.call(original, args, kwargs)
 
         object.__setattr__(obj, method, functools.update_wrapper(wrapper, original))
 
@@ -125,11 +130,11 @@ class CallHook(Hook):
     def __init__(self, recorder: Recorder, obj: Any, name: str):
         self.name, self._obj, self._cls = name, obj, type(obj)
         original_call = self._cls.__call__
-        bind = signature_binder(functools.partial(original_call, obj))
+        watch = Watch(recorder, name, signature_binder(functools.partial(original_call, obj)))
 
         @functools.wraps(original_call)
         def __call__(this: Any, *args: Any, **kwargs: Any) -> Any:
-            return recorded_call(recorder, name, functools.partial(original_call, this), args, kwargs, bind)
+            return watch.call(functools.partial(original_call, this), args, kwargs)
 
         namespace = {"__call__": __call__, "__module__": self._cls.__module__, "__qualname__": self._cls.__qualname__}
         obj.__class__ = type(self._cls.__name__, (self._cls,), namespace)
@@ -177,12 +182,12 @@ class ClassHook(Hook):
         self._had_own = method in owner.__dict__
         self._own = owner.__dict__.get(method)
         original = getattr(owner, method)
-        bind = _method_binder(original)
+        watch = Watch(recorder, "", _method_binder(original), after=after, record=record)
 
         @functools.wraps(original)
         def wrapper(this: Any, *args: Any, **kwargs: Any) -> Any:
-            name = namer(this) if record else ""
-            return recorded_call(recorder, name, functools.partial(original, this), args, kwargs, bind, after=after, record=record)
+            named = replace(watch, submodel=namer(this)) if record else watch  # named by instance
+            return named.call(functools.partial(original, this), args, kwargs)
 
         setattr(owner, method, wrapper)
 
@@ -213,11 +218,11 @@ class FunctionHook(Hook):
 
 def wrap_function(recorder: Recorder, fn: Callable[..., Any], name: str, *, after: Callable[[], None] | None = None, record: bool = True) -> Callable[..., Any]:
     """A wrapper of ``fn`` that records each call under ``name``."""
-    bind = signature_binder(fn)
+    watch = Watch(recorder, name, signature_binder(fn), after=after, record=record)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return recorded_call(recorder, name, fn, args, kwargs, bind, after=after, record=record)
+        return watch.call(fn, args, kwargs)
 
     return wrapper
 
