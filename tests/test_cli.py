@@ -164,6 +164,23 @@ def test_record_script_with_hook_and_onnxruntime_keeps_the_exit_code(tmp_path, t
         assert list(next(iter(d)).inputs) == ["input.1", "timesteps.1"]
 
 
+def test_record_a_module_with_a_submodel_excluded(tmp_path, tiny_onnx):
+    (tmp_path / "engine.py").write_text(ENGINE)
+    body = SCRIPT.replace("raise SystemExit(3)", "").replace("\n", "\n    ")
+    (tmp_path / "runner.py").write_text(f"if __name__ == '__main__':{body}")  # run as __main__, as -m does
+    dump = tmp_path / "m.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--hook", "engine:EngineOV.__call__", "--exclude", "^unet$", "-m", "runner", "--", str(tiny_onnx)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import alignkit as ak
+
+    with ak.open_dump(dump) as d:
+        assert d.submodels == ["unet#2"] and len(d) == 3  # the engine is named but not recorded
+        assert "-m runner" in d.metadata["command"]
+
+
 CRASH = textwrap.dedent(
     """
     import numpy as np
