@@ -332,13 +332,24 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
     attrs = {}
     if link != tensor.name:
         attrs["name"] = tensor.name
-    if tensor.dtype != tensor.data.dtype.name:
+    if tensor.dtype != _numpy_name(tensor.data.dtype):
         attrs["dtype"] = tensor.dtype
     if tensor.source != "torch":
         attrs["source"] = tensor.source
     if tensor.device != "cpu":
         attrs["device"] = tensor.device
     return attrs
+
+
+_NAMES: dict[np.dtype, str] = {}
+
+
+def _numpy_name(dtype: np.dtype) -> str:
+    """``dtype.name``, which numpy computes in Python each time (a cost per tensor written)."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = dtype.name
+    return name
 
 
 def _write_tables(f: h5py.File, calls: list[tuple], tensors: list[tuple]) -> None:
