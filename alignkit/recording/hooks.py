@@ -7,13 +7,15 @@
 - :class:`ModuleHook` uses torch's own forward pre/post hooks.
 - :func:`wrap_function` returns a recording wrapper for a plain function.
 - :class:`ClassHook` patches a method on a class (``--hook module:Engine.__call__``).
+
+All but the torch hooks record each call through a :class:`Watch`.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import inspect
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
