@@ -95,7 +95,7 @@ def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any]) -> str:
     else:
         message = f"{where}: propagated — {_values_text(tensor, ev)}"
     if not _missing(row.get("swapped_with")):
-        message += f" (but target `{row['tgt_tensor']}`, matched by position, holds the reference's `{row['swapped_with']}`: see the warning on swapped tensors)"
+        message += f" (target `{row['tgt_tensor']}`, matched to it by position, holds the reference's `{row['swapped_with']}`: see the warning on swapped tensors)"
     return message
 
 
