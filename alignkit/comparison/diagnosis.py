@@ -146,6 +146,9 @@ def growth_text(g: dict[str, Any]) -> str:
     if not g.get("l1"):
         return ""
     vals, steps = g["l1"], g["steps"]
+    final = g.get("final")
+    if not any(vals) and not (final and final["l1"]):
+        return "none — every output from there on matches exactly (L1 0)"
     text = f"{g['submodel']} output L1 {vals[0]:.3g} at step {steps[0]}"
     if len(vals) > 1:
         peak = max(range(len(vals)), key=vals.__getitem__)
@@ -155,7 +158,6 @@ def growth_text(g: dict[str, Any]) -> str:
         factor = g.get("factor")
         if factor and math.isfinite(factor) and factor > 1.05:
             text += f", ×{factor:.3g} the first divergent step's"
-    final = g.get("final")
     if final and (final["submodel"] != g["submodel"] or final["step"] != steps[-1]):
         text += f"; the final output ({final['submodel']}, step {final['step']}) has rel_l1 {final['rel_l1']:.3g}, cos {final['cos']:.6f}"
     return text

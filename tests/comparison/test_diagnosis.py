@@ -128,6 +128,7 @@ def test_position_matched_tensors_in_the_other_order_are_said_to_be_swapped(tmp_
     assert dict(inputs["swapped_with"]) == {"query": "key", "key": "query"}
     assert result.first_divergence.kind == "input mismatch"
     assert "holds the reference's `key`" in result.first_divergence.message
+    assert result.growth_text() == "none — every output from there on matches exactly (L1 0)"  # the engine computes right
     [warning] = [w for w in result.warnings if "hold each other's values" in w]
     assert "target `k.1` and `q.1`, matched by position to `query` and `key`" in warning
     assert "(--map k.1=key --map q.1=query)" in warning
