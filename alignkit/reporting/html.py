@@ -16,6 +16,8 @@ from alignkit.reporting import plots
 from alignkit.reporting.summary import exact_mismatches, submodel_table
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from alignkit.comparison.result import Comparison
 
 _CALL_COLUMNS = ["seq", "submodel", "step", "call", "io", "tensor", "status", "ref_dtype", "tgt_dtype", "ref_shape", "rel_l1", "cos", "max_abs", "sqnr_db", "floor_ratio", "matched_by"]
@@ -164,7 +166,19 @@ def _calls_table(result: Comparison) -> str:
     if t.empty:
         return "<p>No tensors were compared.</p>"
     ordered = t.assign(_sev=t["status"].map(_SEVERITY).fillna(9)).sort_values(["_sev", "seq"], kind="stable")
-    return "<div class='scroll'>" + _frame_table(ordered[[c for c in _CALL_COLUMNS if c in t.columns]], sortable=True, status=True) + "</div>"
+    return "<div class='scroll'>" + _frame_table(ordered[_call_columns(t)], sortable=True, status=True) + "</div>"
+
+
+def _call_columns(t: pd.DataFrame) -> list[str]:
+    """The call table's columns, with the target's own tensor names (and which reference
+    tensor a position-matched one holds) only where they say something."""
+    columns = [c for c in _CALL_COLUMNS if c in t.columns]
+    named = t["tgt_tensor"].notna() & (t["tgt_tensor"] != t["tensor"])
+    if named.any():
+        columns.insert(columns.index("tensor") + 1, "tgt_tensor")
+    if t["swapped_with"].notna().any():
+        columns.append("swapped_with")
+    return columns
 
 
 def _frame_table(frame, *, sortable: bool, status: bool = False) -> str:

@@ -132,6 +132,8 @@ def test_position_matched_tensors_in_the_other_order_are_said_to_be_swapped(tmp_
     [warning] = [w for w in result.warnings if "hold each other's values" in w]
     assert "target `k.1` and `q.1`, matched by position to `query` and `key`" in warning
     assert "(--map k.1=key --map q.1=query)" in warning
+    html = result.to_html(tmp_path / "r.html").read_text()
+    assert "<th>tgt_tensor</th>" in html and "<th>swapped_with</th>" in html  # the report's call table shows both
     assert ak.compare(ref, tgt, name_map=["k.1=key", "q.1=query"]).verdict == "aligned"  # the advice works
 
 

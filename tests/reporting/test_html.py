@@ -19,6 +19,7 @@ def test_report_is_self_contained_and_reads_top_down(demo_dumps, tmp_path):
     assert "input mismatch" in html and "unet step 1" in html and "timestep" in html
     assert html.count("data:image/png;base64,") >= 4  # curves, heatmap, image panels
     assert "port (timestep)" in html and "torch-fp32" in html  # both labels in the metadata table
+    assert "<th>tgt_tensor</th>" not in html and "<th>swapped_with</th>" not in html  # names match: no such columns
 
 
 def test_aligned_report_says_aligned(demo_dumps, tmp_path):
