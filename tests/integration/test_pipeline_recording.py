@@ -116,3 +116,36 @@ def test_prompt_embeds_without_a_tokenizer(tmp_path):
         np.testing.assert_array_equal(got, pipe.scheduler.timesteps.numpy())
         hidden = d["unet", 0].inputs["encoder_hidden_states"]
         np.testing.assert_array_equal(hidden, torch.cat([-embeds, embeds]).numpy())  # classifier-free guidance batch
+
+
+def test_a_controlnet_pipeline_records_the_residuals_that_reach_the_unet(tmp_path):
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    base = tiny_pipeline()
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8)).eval()
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    hint = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        with torch.no_grad():
+            return pipe("a fox", image=hint, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np", height=32, width=32).images
+
+    unwatched = run()
+    with ak.record(tmp_path / "cn.h5", pipe):
+        watched = run()
+    np.testing.assert_array_equal(watched, unwatched)
+    with ak.open_dump(tmp_path / "cn.h5") as d:
+        assert d.submodels == ["text_encoder", "controlnet", "unet", "scheduler", "vae.decode"]
+        assert d.steps("controlnet") == d.steps("unet") == [0, 1, 2]
+        for step in range(3):
+            control, unet = d["controlnet", step], d["unet", step]
+            assert control.inputs["controlnet_cond"].shape == (2, 3, 32, 32)  # the hint, for both guidance halves
+            residuals = [name for name in unet.inputs if name.startswith("down_block_additional_residuals.")]
+            assert len(residuals) == 4
+            for i, name in enumerate(residuals):  # the glue between the two submodels, exactly
+                np.testing.assert_array_equal(unet.inputs[name], control.outputs[f"output.0.{i}"])
+            np.testing.assert_array_equal(unet.inputs["mid_block_additional_residual"], control.outputs["output.1"])

@@ -47,6 +47,20 @@ def test_outputs_are_named_by_shape_of_the_result():
     assert [t.name for t in tensors] == ["sample"] and values == {"extra": "null"}
 
 
+def test_diffusers_and_transformers_outputs_are_named_by_their_fields():
+    import torch
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    unet_out = UNet2DConditionOutput(sample=torch.zeros(1, 4, 8, 8))
+    text_out = BaseModelOutputWithPooling(last_hidden_state=torch.ones(1, 7, 32), pooler_output=torch.ones(1, 32), hidden_states=(torch.zeros(1, 7, 32), torch.ones(1, 7, 32)))
+    assert [t.name for t in split(name_outputs(unet_out))[0]] == ["sample"]
+    tensors, values = split(name_outputs(text_out))
+    assert [t.name for t in tensors] == ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1"]
+    assert values == {}  # unset fields (attentions) are not recorded as null
+    assert [t.name for t in split(name_outputs((unet_out.sample,)))[0]] == ["output.0"]  # return_dict=False
+
+
 def test_non_tensor_arguments_are_kept_as_json_values():
     tensors, values = split([("sample", np.zeros(1)), ("return_dict", False), ("mode", "fast"), ("cfg", None), ("gen", object())])
     assert values == {"return_dict": "false", "mode": '"fast"', "cfg": "null", "gen": '"<object>"'}
