@@ -108,6 +108,45 @@ def test_onnxruntime_session_records_feed_and_output_names(tmp_path, tiny_onnx):
         np.testing.assert_array_equal(call.outputs["y"], y)
 
 
+class SessionWrapper:
+    """The shape of diffusers' OnnxRuntimeModel (deprecated there) and similar wrappers: the
+    ONNX Runtime session in ``.model``, called with the feed as keyword arguments."""
+
+    def __init__(self, session):
+        self.model = session
+
+    def __call__(self, **feed):
+        return self.model.run(None, feed)
+
+
+def test_a_pipeline_of_onnx_sessions_records_each_under_its_component_name(tmp_path, tiny_onnx):
+    import onnxruntime as ort
+    from diffusers import DiffusionPipeline
+
+    class OnnxPipeline(DiffusionPipeline):
+        def __init__(self, text_encoder, unet):
+            super().__init__()
+            self.register_modules(text_encoder=text_encoder, unet=unet)
+
+        def __call__(self, x):
+            h = self.text_encoder(x=x)[0]  # (2, 3): padded back to the (2, 4) that the model takes
+            return self.unet(x=np.concatenate([h, h[:, :1]], axis=1))[0]
+
+    def session():
+        return SessionWrapper(ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"]))
+
+    pipe = OnnxPipeline(text_encoder=session(), unet=session())
+    x = np.ones((2, 4), np.float32)
+    with ak.record(tmp_path / "d.h5", pipe):
+        y = pipe(x)
+    assert "run" not in vars(pipe.unet.model) and "run" not in vars(pipe.text_encoder.model)
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        assert d.submodels == ["text_encoder", "unet"]  # not both "unet" from unet/model.onnx
+        np.testing.assert_array_equal(d["text_encoder", 0].inputs["x"], x)
+        np.testing.assert_array_equal(d["unet", 0].outputs["y"], y)
+        assert len(d) == 2  # each session once: the wrapper is not recorded beside it
+
+
 def test_calls_from_several_threads_are_all_recorded(tmp_path):
     net = Net()
     with ak.record(tmp_path / "d.h5", net):
