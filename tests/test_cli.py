@@ -181,6 +181,47 @@ def test_record_a_module_with_a_submodel_excluded(tmp_path, tiny_onnx):
         assert "-m runner" in d.metadata["command"]
 
 
+ONNX_PIPELINE = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+    from diffusers import DiffusionPipeline
+
+    class Session:  # the shape of diffusers' OnnxRuntimeModel: the session in .model
+        def __init__(self, path):
+            self.model = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        def __call__(self, **feed):
+            return self.model.run(None, feed)
+
+    class OnnxPipeline(DiffusionPipeline):
+        def __init__(self, text_encoder, unet):
+            super().__init__()
+            self.register_modules(text_encoder=text_encoder, unet=unet)
+        def __call__(self, x):
+            h = self.text_encoder(x=x)[0]
+            return self.unet(x=np.concatenate([h, h[:, :1]], axis=1))[0]
+
+    pipe = OnnxPipeline(Session(sys.argv[1]), Session(sys.argv[1]))
+    pipe(np.ones((2, 4), np.float32))
+    """
+)
+
+
+def test_record_script_with_a_pipeline_of_onnx_sessions_records_each_call_once(tmp_path, tiny_onnx):
+    (tmp_path / "run.py").write_text(ONNX_PIPELINE)
+    dump = tmp_path / "p.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--", "run.py", str(tiny_onnx)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import alignkit as ak
+
+    with ak.open_dump(dump) as d:  # by component name, not twice more as unet and unet#2 from unet/model.onnx
+        assert d.submodels == ["text_encoder", "unet"] and len(d) == 2
+
+
 CRASH = textwrap.dedent(
     """
     import numpy as np

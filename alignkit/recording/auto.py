@@ -96,6 +96,8 @@ class AutoWatch:
 
         @functools.wraps(original)
         def run(session: Any, *args: Any, **kwargs: Any) -> Any:
+            if recorder._is_watched(session):  # a watched pipeline's component: recorded under its name
+                return original(session, *args, **kwargs)
             name = names.get(id(session))
             if name is None:
                 name = names[id(session)] = recorder._unique(ort_session_name(session))
