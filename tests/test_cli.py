@@ -222,6 +222,40 @@ def test_record_script_with_a_pipeline_of_onnx_sessions_records_each_call_once(t
         assert d.submodels == ["text_encoder", "unet"] and len(d) == 2
 
 
+ENGINE_PIPELINE = textwrap.dedent(
+    """
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from engine import EngineOV
+
+    class EnginePipeline(DiffusionPipeline):
+        def __init__(self, unet):
+            super().__init__()
+            self.register_modules(unet=unet)
+        def __call__(self, x):
+            return self.unet({"input.1": x, "timesteps.1": np.array([1])})
+
+    EnginePipeline(EngineOV("./unet/compilation.bmodel"))(np.ones((2, 2), np.float32))
+    EngineOV("./vae/compilation.bmodel")({"input.1": np.ones((2, 2), np.float32)})  # outside the pipeline
+    """
+)
+
+
+def test_record_script_with_a_hooked_engine_in_a_pipeline_records_each_call_once(tmp_path):
+    (tmp_path / "engine.py").write_text(ENGINE)
+    (tmp_path / "run.py").write_text(ENGINE_PIPELINE)
+    dump = tmp_path / "e.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--hook", "engine:EngineOV.__call__", "--", "run.py"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import alignkit as ak
+
+    with ak.open_dump(dump) as d:  # the pipeline's engine by component name, the other by --hook
+        assert d.submodels == ["unet", "vae"] and len(d) == 2
+
+
 CRASH = textwrap.dedent(
     """
     import numpy as np

@@ -188,6 +188,8 @@ class ClassHook(Hook):
 
         @functools.wraps(original)
         def wrapper(this: Any, *args: Any, **kwargs: Any) -> Any:
+            if record and recorder._is_watched(this):  # watched itself (a pipeline's component): recorded there
+                return original(this, *args, **kwargs)
             named = replace(watch, submodel=namer(this)) if record else watch  # named by instance
             return named.call(functools.partial(original, this), args, kwargs)
 
