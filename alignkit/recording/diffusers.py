@@ -33,12 +33,12 @@ def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
             for method in ("decode", "encode"):
                 if hasattr(component, method):
                     recorder._watch_method(component, method, f"{name}.{method}")
-            recorder._mark_watched(component)
+            recorder._mark_watched(component, name)
         elif is_torch_module(component):
             recorder.watch(component, name)
         elif is_ort_session(getattr(component, "model", None)):  # diffusers' OnnxRuntimeModel
             recorder.watch(component.model, name)
-            recorder._mark_watched(component)
+            recorder._mark_watched(component, name)
         elif callable(component):
             recorder.watch(component, name)
 

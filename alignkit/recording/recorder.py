@@ -57,7 +57,8 @@ class Recorder:
         self._command = command
         self._max_pending = max_pending_bytes
         self._hooks: list[Hook] = []
-        self._watched: set[int] = set()
+        self._watched: dict[int, str] = {}  # id of each watched object: the submodel it is recorded as
+        self._methods: dict[tuple[int, str], str] = {}  # (id, method) of each watched method: its submodel
         self._names: set[str] = set()
         self._lock = threading.Lock()
         self._seq = 0
@@ -112,21 +113,27 @@ class Recorder:
             hook.remove()
         self._hooks.clear()
         self._watched.clear()
+        self._methods.clear()
 
     # -- watching --------------------------------------------------------------------------
     def watch(self, obj: Any, name: str | None = None, *, method: str | None = None) -> Any:
         """Record calls of ``obj`` under the submodel ``name``; returns what to call.
 
         A pipeline, module, session or engine object is watched in place and returned; a
-        plain function cannot be, so a recording wrapper of it is returned instead.
+        plain function cannot be, so a recording wrapper of it is returned instead. Watching
+        an object again does nothing (each call is recorded once); asking for another name
+        for it is an error.
         """
         if method is not None:
-            self._watch_method(obj, method, name or f"{type(obj).__name__}.{method}")
+            if not self._watched_already(self._methods.get((id(obj), method)), obj, name):
+                self._watch_method(obj, method, name or f"{type(obj).__name__}.{method}")
             return obj
         if is_pipeline(obj):
             from alignkit.recording.diffusers import watch_pipeline
 
             watch_pipeline(self, obj)
+            return obj
+        if self._watched_already(self._watched.get(id(obj)), obj, name):
             return obj
         if is_torch_module(obj):
             submodel = self._unique(name or type(obj).__name__)
@@ -149,6 +156,13 @@ class Recorder:
             return obj
         raise UsageError(f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record")
 
+    def _watched_already(self, submodel: str | None, obj: Any, name: str | None) -> bool:
+        if submodel is None:
+            return False
+        if name is not None and name != submodel:
+            raise UsageError(f"this {type(obj).__name__} is already watched as {submodel!r}; it cannot also be {name!r}")
+        return True
+
     def _records_layers(self, submodel: str) -> bool:
         return submodel in self._layers
 
@@ -165,15 +179,17 @@ class Recorder:
     def _watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> None:
         if not callable(getattr(obj, method, None)):
             raise UsageError(f"{type(obj).__name__} has no method {method!r} to watch")
-        self._add(obj, MethodHook(self, obj, method, self._unique(name), after=after))
+        hook = MethodHook(self, obj, method, self._unique(name), after=after)
+        self._methods[(id(obj), method)] = hook.name
+        self._add(obj, hook)
 
     def _add(self, obj: Any, hook: Hook) -> None:
         self._hooks.append(hook)
         if obj is not None:
-            self._mark_watched(obj)
+            self._mark_watched(obj, hook.name)
 
-    def _mark_watched(self, obj: Any) -> None:
-        self._watched.add(id(obj))
+    def _mark_watched(self, obj: Any, submodel: str) -> None:
+        self._watched.setdefault(id(obj), submodel)
 
     def _is_watched(self, obj: Any) -> bool:
         return id(obj) in self._watched

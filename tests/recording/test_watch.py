@@ -147,6 +147,37 @@ def test_a_pipeline_of_onnx_sessions_records_each_under_its_component_name(tmp_p
         assert len(d) == 2  # each session once: the wrapper is not recorded beside it
 
 
+def test_an_object_watched_twice_is_recorded_once(tmp_path):
+    from alignkit.demo.pipeline import generate, tiny_pipeline
+    from alignkit.errors import UsageError
+
+    pipe = tiny_pipeline()
+    with ak.record(tmp_path / "p.h5", pipe, pipe.unet, pipe.scheduler):  # the UNet and scheduler also on their own
+        generate(pipe, 2)
+    with ak.open_dump(tmp_path / "p.h5") as d:
+        assert d.submodels == ["text_encoder", "unet", "scheduler", "vae.decode"]
+        assert len(d.calls[d.calls["submodel"] == "unet"]) == 2
+
+    class Engine:
+        def __call__(self, x):
+            return x
+
+        def infer(self, x):
+            return x
+
+    engine = Engine()
+    with ak.Recorder(tmp_path / "e.h5") as rec:
+        assert rec.watch(engine, "unet") is rec.watch(engine) is rec.watch(engine, "unet") is engine
+        with pytest.raises(UsageError, match="this Engine is already watched as 'unet'; it cannot also be 'vae'"):
+            rec.watch(engine, "vae")
+        rec.watch(engine, method="infer", name="infer")
+        rec.watch(engine, method="infer")
+        engine(np.ones(2))
+        engine.infer(np.ones(2))
+    with ak.open_dump(tmp_path / "e.h5") as d:
+        assert d.submodels == ["unet", "infer"] and len(d) == 2
+
+
 def test_calls_from_several_threads_are_all_recorded(tmp_path):
     net = Net()
     with ak.record(tmp_path / "d.h5", net):
