@@ -41,6 +41,8 @@ def parse_steps(text: str | None) -> list[int] | None:
     try:
         for part in text.split(","):
             lo, sep, hi = part.strip().partition("-")
+            if sep and int(hi) < int(lo):
+                raise UsageError(f"--steps {text!r}: the range {part.strip()} runs backwards")
             steps.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
     except ValueError as exc:
         raise UsageError(f"--steps {text!r}: expected numbers and ranges like 0-4,10") from exc

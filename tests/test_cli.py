@@ -95,6 +95,10 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         (["record", "-o", tmp_path / "x.h5"], "record needs a script"),
         (["record", "-o", tmp_path / "x.h5", "--", "missing_script.py"], "no such script"),
         (["record", "-o", tmp_path / "x.h5", "--hook", "no_such_module:Engine.__call__", "--", __file__], "cannot import"),
+        (["record", "-o", tmp_path, "--", __file__], "is a directory: give the dump a file name"),
+        (["record", "-o", ref / "x.h5", "--", __file__], "part of its folder is a file, not a folder"),
+        (["record", "-o", tmp_path / "x.h5", "--include", "(", "--", __file__], "include '(' is not a valid regular expression"),
+        (["record", "-o", tmp_path / "x.h5", "--steps", "3-1", "--", __file__], "the range 3-1 runs backwards"),
         (["replay", ref, "--submodel", "nothing", "--callable", "os:getcwd"], "no calls of 'nothing'"),
         (["demo", "--bug", "nonsense"], "unknown bug"),
         (["replay", ref, "--submodel", "unet"], "replay needs one target"),
@@ -106,6 +110,11 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         assert code == 2, args
         assert message in err, (args, err)
         assert "Traceback" not in err
+    assert not (tmp_path / "x.h5").exists()  # refused before a dump was begun
+    import alignkit as ak
+
+    with ak.open_dump(ref) as d:  # and the dump in the way is untouched
+        assert d.metadata["complete"] and len(d) > 0
 
 
 def test_two_dumps_with_no_submodel_in_common(capsys, tmp_path, demo_dumps):

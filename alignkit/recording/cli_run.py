@@ -34,7 +34,11 @@ def record_command(
     recorder = Recorder(output, label=label, command=shlex.join(command), **filters)
     auto = AutoWatch(recorder, hooks, step_on)
     auto.install()  # resolves --hook targets first: a bad one fails before the run
-    recorder.start()
+    try:
+        recorder.start()
+    except BaseException:  # a dump that cannot be written: nothing runs, nothing stays patched
+        auto.remove()
+        raise
     code = 1
     try:
         code = script.run(kind, target, argv)

@@ -48,12 +48,12 @@ class Recorder:
     ):
         self.path = os.fspath(path)
         self.label = label
-        self._include = re.compile(include) if include else None
-        self._exclude = re.compile(exclude) if exclude else None
-        self._tensors = re.compile(tensors) if tensors else None
+        self._include = _regex("include", include)
+        self._exclude = _regex("exclude", exclude)
+        self._tensors = _regex("tensors", tensors)
         self._steps = set(steps) if steps is not None else None
         self._layers = list(layers or [])
-        self._layer_filter = re.compile(layer_filter) if layer_filter else None
+        self._layer_filter = _regex("layer_filter", layer_filter)
         self._command = command
         self._max_pending = max_pending_bytes
         self._hooks: list[Hook] = []
@@ -272,6 +272,15 @@ class Recorder:
         writer = self._writer
         keep = self._tensors.search if self._tensors is not None and not layers else None
         return split(named, stage=writer.stage if writer is not None else None, keep=keep)
+
+
+def _regex(option: str, pattern: str | None) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from exc
 
 
 _CURRENT = threading.local()

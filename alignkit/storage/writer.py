@@ -34,7 +34,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from alignkit.errors import RecordingError
+from alignkit.errors import RecordingError, UsageError
 from alignkit.recording.tensors import Tensor
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
 from alignkit.storage.schema import (
@@ -86,8 +86,7 @@ class DumpWriter:
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], max_pending_bytes: int = 512 << 20):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = _create(self.path, metadata)
+        self._file = _create_dump(self.path, metadata)
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._limit = max_pending_bytes
@@ -293,6 +292,20 @@ def _give_back(record: CallRecord) -> None:
                 tensor.ready()  # a dropped record's device copy may still be landing
             release, tensor.release = tensor.release, None
             release()
+
+
+def _create_dump(path: Path, metadata: dict[str, Any]) -> h5py.File:
+    """Create the dump file (and its folder), or say in one line why it cannot be."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory: give the dump a file name, e.g. {path / 'ref.h5'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _create(path, metadata)
+    except (FileExistsError, NotADirectoryError) as exc:  # a file where a folder should be
+        raise UsageError(f"{path}: part of its folder is a file, not a folder") from exc
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UsageError(f"{path}: cannot write a dump here ({reason})") from exc
 
 
 def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
