@@ -17,6 +17,8 @@ Anything else that escapes alignkit is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class AlignkitError(Exception):
     """Base of every error alignkit raises for a user's mistake or a bad file."""
@@ -55,6 +57,13 @@ class RecordingError(AlignkitError):
 
 class MissingDependencyError(AlignkitError, ImportError):
     """An optional dependency is needed for this feature."""
+
+
+def os_reason(exc: OSError) -> str:
+    """Why the system refused a file operation, in a few words ("Permission denied")."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        return "part of its folder is a file, not a folder"
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def require(module: str, extra: str):

@@ -68,6 +68,8 @@ def replay(
     diverges against a reference recorded with layers.
     """
     out_path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignkit-replay-")) / f"replay_{submodel}.h5"
+    if out_path.exists() and Path(ref_dump).exists() and os.path.samefile(out_path, ref_dump):
+        raise UsageError(f"{out_path}: the replay would be written over the dump it replays")
     wanted = set(steps) if steps is not None else None
     notes: list[str] = []
     with open_dump(ref_dump) as ref:
@@ -179,7 +181,10 @@ def _make_runner(target: Any, layers: bool = False) -> _Runner:
             raise UsageError(f"{target}: no such ONNX file")
         return _make_runner(ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]), layers)
     if isinstance(target, str):
-        return _make_runner(_factory(target)(), layers)
+        made = _factory(target)()
+        if isinstance(made, (str, os.PathLike)) or not callable(made):
+            raise UsageError(f"{target!r} made a {type(made).__name__}: the factory must return a model, a session or a callable")
+        return _make_runner(made, layers)
     if is_ort_session(target):
         exposed = None
         if layers:

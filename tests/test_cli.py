@@ -104,6 +104,14 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         (["replay", ref, "--submodel", "unet"], "replay needs one target"),
         (["replay", ref, "--submodel", "unet", "--onnx", tmp_path / "missing.onnx"], "no such ONNX file"),
         (["replay", ref, "--submodel", "unet", "--steps", "a-b", "--callable", "os:getcwd"], "expected numbers and ranges"),
+        (["replay", ref, "--submodel", "unet", "--callable", "os:getcwd"], "'os:getcwd' made a str: the factory must return"),
+        (["replay", ref, "--submodel", "unet", "--callable", "alignkit.demo.pipeline:tiny_pipeline", "-o", ref], "the replay would be written over the dump it replays"),
+        (["compare", ref, tgt, "--html", ref], "is an HDF5 file, perhaps a dump: the report will not replace it"),
+        (["compare", ref, tgt, "--csv", tgt, "--no-html"], "is an HDF5 file, perhaps a dump: the table will not replace it"),
+        (["compare", ref, tgt, "--json", tmp_path, "--no-html"], "is a directory: give the JSON a file name"),
+        (["compare", ref, tgt, "--csv", ref / "t.csv", "--no-html"], "cannot write the table here (part of its folder is a file, not a folder)"),
+        (["compare", ref, tgt, "--cos-min", "2", "--no-html"], "cos_min 2: a cosine lies between -1 and 1"),
+        (["compare", ref, tgt, "--rel-l1-max", "-1", "--no-html"], "rel_l1_max -1: a relative L1 is never negative"),
     ]
     for args, message in cases:
         code, out, err = run_cli(capsys, *args)
@@ -113,8 +121,9 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
     assert not (tmp_path / "x.h5").exists()  # refused before a dump was begun
     import alignkit as ak
 
-    with ak.open_dump(ref) as d:  # and the dump in the way is untouched
-        assert d.metadata["complete"] and len(d) > 0
+    for dump in (ref, tgt):
+        with ak.open_dump(dump) as d:  # and the dumps in the way are untouched
+            assert d.metadata["complete"] and len(d) > 0
 
 
 def test_two_dumps_with_no_submodel_in_common(capsys, tmp_path, demo_dumps):

@@ -16,6 +16,7 @@ import pandas as pd
 
 from alignkit.comparison.diagnosis import Divergence, growth_text
 from alignkit.comparison.table import Thresholds
+from alignkit.reporting.files import write_text
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Comparison:
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         text = self.table.to_csv(index=False)
         if path is not None:
-            _write(path, text)
+            write_text(path, text, "table")
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,7 +109,7 @@ class Comparison:
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(_finite(self.to_dict()), indent=2, default=str)
         if path is not None:
-            _write(path, text)
+            write_text(path, text, "JSON")
         return text
 
     def to_html(self, path: str | os.PathLike) -> Path:
@@ -116,12 +117,6 @@ class Comparison:
         from alignkit.reporting.html import write_report
 
         return write_report(self, Path(path))
-
-
-def _write(path: str | os.PathLike, text: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text, encoding="utf-8")
 
 
 def _finite(value: Any) -> Any:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from alignkit.comparison.matching import NameMap, TensorPair, match_tensors
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics, floor_dtype_for
-from alignkit.errors import DumpCorruptError
+from alignkit.errors import DumpCorruptError, UsageError
 from alignkit.storage.reader import Call, Dump
 
 EXACT_NUMEL = 64
@@ -42,6 +42,14 @@ class Thresholds:
     cos_min: float = 0.999
     rel_l1_max: float = 1e-3
     floor_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.cos_min <= 1:
+            raise UsageError(f"cos_min {self.cos_min:g}: a cosine lies between -1 and 1")
+        if not self.rel_l1_max >= 0:
+            raise UsageError(f"rel_l1_max {self.rel_l1_max:g}: a relative L1 is never negative")
+        if not self.floor_factor >= 0:
+            raise UsageError(f"floor_factor {self.floor_factor:g}: a multiple of the noise floor is never negative")
 
 
 def build_table(

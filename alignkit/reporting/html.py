@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignkit.reporting import plots
+from alignkit.reporting.files import write_text
 from alignkit.reporting.summary import exact_mismatches, submodel_table
 
 if TYPE_CHECKING:
@@ -54,9 +55,7 @@ document.querySelectorAll('table.sortable th').forEach(function(th, i){
 
 
 def write_report(result: Comparison, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(result), encoding="utf-8")
-    return path
+    return write_text(path, render_html(result), "report")
 
 
 def render_html(result: Comparison) -> str:

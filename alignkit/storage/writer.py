@@ -34,7 +34,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from alignkit.errors import RecordingError, UsageError
+from alignkit.errors import RecordingError, UsageError, os_reason
 from alignkit.recording.tensors import Tensor
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
 from alignkit.storage.schema import (
@@ -301,11 +301,8 @@ def _create_dump(path: Path, metadata: dict[str, Any]) -> h5py.File:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return _create(path, metadata)
-    except (FileExistsError, NotADirectoryError) as exc:  # a file where a folder should be
-        raise UsageError(f"{path}: part of its folder is a file, not a folder") from exc
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise UsageError(f"{path}: cannot write a dump here ({reason})") from exc
+        raise UsageError(f"{path}: cannot write a dump here ({os_reason(exc)})") from exc
 
 
 def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
