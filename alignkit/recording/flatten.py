@@ -102,7 +102,10 @@ def split(named: Named, *, stage: Stage | None = None, keep: Callable[[str], Any
             if not is_tensor(leaf):
                 values[name] = describe_value(leaf)
             elif keep is None or keep(name):
-                tensors.append(capture(name, leaf, stage))
+                try:
+                    tensors.append(capture(name, leaf, stage))
+                except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a quantized torch tensor: keep the rest of the call
+                    values[name] = describe_value(f"<{type(leaf).__name__} not recorded: {exc}>")
     return tensors, values
 
 

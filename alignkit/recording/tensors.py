@@ -128,7 +128,7 @@ def _capture_torch(name: str, value: Any, stage: Stage | None) -> Tensor:
     import torch
 
     t = value.detach()
-    if t.is_sparse:
+    if t.layout != torch.strided:  # sparse COO, CSR, ...: the values the callee sees
         t = t.to_dense()
     t = t.resolve_conj().resolve_neg()
     device = str(t.device)

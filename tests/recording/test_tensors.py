@@ -37,3 +37,23 @@ def test_strings_and_objects_are_not_tensors_and_never_pickled():
     assert describe_value(np.array(["a", "b"])) == '["a", "b"]'
     assert describe_value(object()) == '"<object>"'
     assert not is_tensor(2**70)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_tensors_are_recorded_as_the_dense_values_the_callee_sees():
+    dense = torch.tensor([[0.0, 1.5], [2.0, 0.0]])
+    for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
+        t = capture("x", sparse)
+        np.testing.assert_array_equal(t.data, dense.numpy())
+        assert t.dtype == "float32"
+
+
+def test_a_tensor_that_cannot_be_copied_leaves_the_rest_of_the_call(tmp_path):
+    import alignkit as ak
+
+    with ak.Recorder(tmp_path / "d.h5") as rec:
+        rec.watch(lambda weight, x: x, "f")(torch.empty(3, device="meta"), torch.ones(2))  # meta: shape, no data
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        call = d["f", 0]
+        assert list(call.inputs) == ["x"] and list(call.outputs) == ["output"]
+        assert call.values()["weight"].startswith("<Tensor not recorded: Cannot copy out of meta tensor")
