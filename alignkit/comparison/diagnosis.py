@@ -182,6 +182,7 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
         note = "values equal" if equal else "values differ"
         out.append(f"{sub} {io[:-1]} `{tensor}`: reference {rd}, target {td} ({note}) at {len(steps)} step{'s' if len(steps) != 1 else ''}")
     out.extend(_swap_warnings(table))
+    out.extend(_broadcast_warnings(table))
     precision = table[table["status"] == "precision"]
     if len(precision):
         out.append(f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
@@ -212,6 +213,17 @@ def _swap_warnings(table: pd.DataFrame) -> list[str]:
             f"at {steps} step{'s' if steps != 1 else ''}: if the engine takes them in this order, map the names "
             f"(--map {a}={other} --map {b}={tensor}); if not, they are fed to it swapped"
         )
+    return out
+
+
+def _broadcast_warnings(table: pd.DataFrame) -> list[str]:
+    """Inputs compared as one value against many (a scalar timestep against a tiled one)."""
+    spread = table[table["broadcast"].fillna(False).astype(bool)]
+    out = []
+    for (sub, tensor, rs, ts), group in spread.groupby(["submodel", "tensor", "ref_shape", "tgt_shape"], sort=False):
+        steps = len(set(group["step"]))
+        agree = "the values agree" if (group["status"] == "ok").all() else "the values differ"
+        out.append(f"{sub} input `{tensor}`: reference shape {rs}, target {ts}: one value compared with each of the other's at {steps} step{'s' if steps != 1 else ''} ({agree})")
     return out
 
 

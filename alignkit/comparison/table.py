@@ -29,7 +29,7 @@ SWAP_CHECK_MAX = 8  # position-matched mismatches per call and side tried pairwi
 BAD = ("mismatch", "nonfinite", "shape")
 
 COLUMNS = [
-    "seq", "submodel", "step", "call", "io", "tensor", "tgt_tensor", "matched_by", "swapped_with",
+    "seq", "submodel", "step", "call", "io", "tensor", "tgt_tensor", "matched_by", "swapped_with", "broadcast",
     "ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "numel", "exact",
     "l1", "rel_l1", "max_abs", "cos", "cos_dist", "rmse", "sqnr_db",
     "nan_ref", "nan_tgt", "inf_ref", "inf_tgt", "nonfinite_mismatch",
@@ -104,16 +104,17 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thr
     if r is None or t is None:
         return {**base, "status": "tgt only" if r is None else "ref only"}
     numel_r, numel_t = int(np.prod(r.shape)), int(np.prod(t.shape))
-    base["numel"] = numel_r
-    if numel_r != numel_t:
+    numel = base["numel"] = max(numel_r, numel_t)
+    broadcast = _one_value_for_many(pair.io, numel_r, numel_t)
+    if numel_r != numel_t and not broadcast:
         return {**base, "status": "shape"}
-    exact = pair.io == "inputs" and (numel_r <= EXACT_NUMEL or _discrete(r.dtype) or _discrete(t.dtype))
+    exact = pair.io == "inputs" and (numel <= EXACT_NUMEL or _discrete(r.dtype) or _discrete(t.dtype))
     floor = floor_dtype_for(r.dtype, t.dtype)
     values = None
     try:
-        if numel_r <= BLOCK_ELEMENTS:  # read whole: most tensors of a dump are small
+        if numel <= BLOCK_ELEMENTS:  # read whole: most tensors of a dump are small
             values = ref.read(r.path, r.dtype), tgt.read(t.path, t.dtype)
-            m = array_metrics(*values, floor)
+            m = array_metrics(*(np.broadcast_to(v.ravel(), (numel,)) for v in values) if broadcast else values, floor)
         else:
             m = dataset_metrics(ref.dataset(r.path), tgt.dataset(t.path), floor)
     except (OSError, KeyError, ValueError) as exc:
@@ -121,10 +122,17 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thr
     if floor:
         m["floor_ratio"] = _floor_ratio(m)
     status = _status(m, exact, limits)
-    out = {**base, **m, "exact": exact, "status": status}
-    if values is not None and numel_r <= 8:
+    out = {**base, **m, "exact": exact, "broadcast": broadcast, "status": status}
+    if values is not None and numel <= 8:
         out["ref_value"], out["tgt_value"] = (_value(v) for v in values)
     return out
+
+
+def _one_value_for_many(io: str, numel_r: int, numel_t: int) -> bool:
+    """An input given as one value on one side and repeated on the other: a timestep as a
+    scalar in diffusers and tiled to the batch for an engine (``np.tile(t, batch)``), which
+    the model broadcasts anyway. Compared against every element, and said in a warning."""
+    return io == "inputs" and numel_r != numel_t and min(numel_r, numel_t) == 1 and max(numel_r, numel_t) <= EXACT_NUMEL
 
 
 def _status(m: dict, exact: bool, limits: Thresholds) -> str:

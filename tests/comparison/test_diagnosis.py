@@ -145,6 +145,41 @@ def test_a_position_matched_mismatch_that_is_no_swap_is_not_called_one(tmp_path)
     assert "swapped" not in result.first_divergence.message
 
 
+def _record_timesteps(path, timesteps, as_engine):
+    """A UNet-like callee fed a scalar float timestep (diffusers) or, like the engine of
+    seed 001, the timestep tiled to the batch as int64 (``np.tile(t, batch)``)."""
+    x = np.ones((2, 4), np.float32)
+    with ak.Recorder(path) as rec:
+        unet = rec.watch(lambda sample, timestep: sample * 2, "unet")
+        for t in timesteps:
+            unet(x, np.tile(np.array(t), 2).astype(np.int64) if as_engine else torch.tensor(t))
+            ak.step()
+    return path
+
+
+def test_a_scalar_timestep_against_one_tiled_to_the_batch_compares_value_by_value(tmp_path):
+    ref = _record_timesteps(tmp_path / "ref.h5", [999.0, 979.0], as_engine=False)
+    fixed = _record_timesteps(tmp_path / "fixed.h5", [999.0, 979.0], as_engine=True)
+    result = ak.compare(ref, fixed)
+    assert result.verdict == "aligned"
+    timestep = result.table[result.table["tensor"] == "timestep"]
+    assert list(timestep["broadcast"]) == [True, True] and list(timestep["status"]) == ["ok", "ok"]
+    assert "unet input `timestep`: reference shape [], target [2]: one value compared with each of the other's at 2 steps (the values agree)" in result.warnings
+
+    truncated = _record_timesteps(tmp_path / "truncated.h5", [999.5, 979.5], as_engine=True)
+    fd = ak.compare(_record_timesteps(tmp_path / "ref2.h5", [999.5, 979.5], as_engine=False), truncated).first_divergence
+    assert (fd.step, fd.tensor, fd.kind) == (0, "timestep", "input mismatch")
+    assert "reference float32 999.5, target int64 [999, 999]" in fd.message
+
+
+def test_one_value_against_many_is_a_shape_difference_beyond_small_inputs(tmp_path):
+    for path, n in ((tmp_path / "ref.h5", 1), (tmp_path / "tgt.h5", 100)):
+        with ak.Recorder(path) as rec:
+            rec.watch(lambda x: x, "f")(np.ones(n, np.float32))
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert list(result.table["status"]) == ["shape", "shape"] and not result.table["broadcast"].any()
+
+
 def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
     r = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     for path, value in ((tmp_path / "ref.h5", torch.from_numpy(r)), (tmp_path / "tgt.h5", torch.from_numpy(r).to(torch.bfloat16))):
