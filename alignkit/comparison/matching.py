@@ -134,10 +134,25 @@ def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> l
         elif rs != ts:
             both = sorted(set(rs) & set(ts))
             notes.append(f"{sub}: the reference has steps {_span(rs)}, the target {_span(ts)}; compared the {len(both)} shared steps")
+        else:
+            notes.extend(_calls_per_step_note(sub, r[r["submodel"] == sub], t[t["submodel"] == sub]))
     one_side = int((joined["tgt_seq"].isna() | joined["ref_seq"].isna()).sum())
     if one_side and not notes:
         notes.append(f"{one_side} calls are on one side only (the same steps hold a different number of calls)")
     return notes
+
+
+def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
+    """Say when the two runs call a submodel a different number of times a step, the way a
+    port with a static batch of 1 runs classifier-free guidance as two calls."""
+    per_r, per_t = r.groupby("step").size(), t.groupby("step").size()
+    if per_r.equals(per_t):
+        return []
+    if per_r.nunique() == 1 and per_t.nunique() == 1:
+        nr, nt = int(per_r.iloc[0]), int(per_t.iloc[0])
+        return [f"{sub}: the reference calls it {nr} time{'s' if nr != 1 else ''} a step, the target {nt}; calls are paired by their "
+                f"index within the step, so a batch split into several calls (classifier-free guidance at batch 1) shows as a shape difference"]
+    return [f"{sub}: the two runs call it a different number of times in some steps; calls are paired by their index within the step"]
 
 
 def _span(steps: list[int]) -> str:

@@ -180,6 +180,21 @@ def test_one_value_against_many_is_a_shape_difference_beyond_small_inputs(tmp_pa
     assert list(result.table["status"]) == ["shape", "shape"] and not result.table["broadcast"].any()
 
 
+def test_a_batch_split_into_two_calls_a_step_is_said(tmp_path):
+    x = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
+    for path, batches in ((tmp_path / "ref.h5", [x]), (tmp_path / "tgt.h5", [x[:1], x[1:]])):
+        with ak.Recorder(path) as rec:
+            unet = rec.watch(lambda sample: sample * 2, "unet")
+            for _ in range(3):
+                for batch in batches:
+                    unet(batch)
+                ak.step()
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert "unet: the reference calls it 1 time a step, the target 2; calls are paired by their index within the step" in result.notes[0]
+    assert len(result.notes) == 1  # not also the generic count of calls on one side
+    assert result.first_divergence.message.startswith("unet step 0: input mismatch — `sample`: reference shape [2,4], target [1,4]")
+
+
 def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
     r = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     for path, value in ((tmp_path / "ref.h5", torch.from_numpy(r)), (tmp_path / "tgt.h5", torch.from_numpy(r).to(torch.bfloat16))):
