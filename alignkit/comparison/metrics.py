@@ -54,6 +54,8 @@ class Sums:
     floor_tgt_sq: float = 0.0
 
     def add(self, r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> None:
+        if np.iscomplexobj(r) or np.iscomplexobj(t):
+            r, t = as_reals(r), as_reals(t)
         scratch = _scratch(np.size(r))
         r64, t64, d, work = (buf[: np.size(r)] for buf in scratch)
         np.copyto(r64, np.ravel(r), casting="unsafe")  # widen into reused buffers: fresh pages
@@ -174,6 +176,15 @@ def pair_metrics(r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -
 def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
     for i in range(0, max(flat.size, 1), BLOCK_ELEMENTS):
         yield flat[i : i + BLOCK_ELEMENTS]
+
+
+def as_reals(x: np.ndarray) -> np.ndarray:
+    """A tensor's values as reals: a complex one as (real, imaginary) pairs, so that metrics
+    and statistics see both parts instead of dropping the imaginary one."""
+    x = np.asarray(x)
+    if not np.iscomplexobj(x):
+        x = x.astype(np.complex128)  # the other side is complex: an imaginary part of 0
+    return np.ascontiguousarray(x).view(x.real.dtype)
 
 
 def floor_dtype_for(ref_dtype: str, tgt_dtype: str) -> str | None:

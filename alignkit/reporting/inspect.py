@@ -9,7 +9,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from alignkit.comparison.metrics import BLOCK_ELEMENTS, iter_blocks
+from alignkit.comparison.metrics import BLOCK_ELEMENTS, as_reals, iter_blocks
 from alignkit.storage.reader import Dump
 
 
@@ -32,7 +32,7 @@ def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
     for info in group.itertuples(index=False):
         whole = info.numel <= BLOCK_ELEMENTS
         for block in [dump.read(info.path, info.dtype)] if whole else iter_blocks(dump.dataset(info.path)):
-            b = np.asarray(block, dtype=np.float64).ravel()
+            b = np.asarray(as_reals(block) if np.iscomplexobj(block) else block, dtype=np.float64).ravel()
             finite = b[np.isfinite(b)]
             nonfinite += b.size - finite.size
             if finite.size:

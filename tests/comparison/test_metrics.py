@@ -99,3 +99,15 @@ def test_blocks_cover_the_dataset_in_order(tmp_path):
         blocks = [b.copy() for b in iter_blocks(ds, max_elements=40_000)]  # each block is valid until the next
         assert all(b.size <= 50_000 for b in blocks)
         np.testing.assert_array_equal(np.concatenate([b.ravel() for b in blocks]), data.ravel())
+
+
+def test_complex_tensors_compare_both_parts():
+    rng = np.random.default_rng(5)
+    r = (rng.standard_normal(50) + 1j * rng.standard_normal(50)).astype(np.complex64)
+    conj = pair_metrics(r, np.conj(r))  # equal real parts, opposite imaginary parts
+    assert conj["max_abs"] == pytest.approx(2 * np.abs(r.imag).max(), rel=1e-6) and conj["cos"] < 0.5
+    want = reference_metrics(np.stack([r.real, r.imag], -1), np.stack([r.real * 1.01, r.imag * 1.01], -1))
+    got = pair_metrics(r, r * np.float32(1.01))
+    for key in ("l1", "rel_l1", "max_abs", "cos", "rmse"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    assert pair_metrics(r.real.astype(np.complex64), r.real)["max_abs"] == 0  # a real side has an imaginary part of 0
