@@ -52,7 +52,7 @@ def record_command(
                 console.print(f"alignkit: error: {exc}", markup=False, highlight=False)
                 code = code or 2
         for w in caught:
-            console.print(f"alignkit: warning: {w.message}", markup=False, highlight=False)
+            console.print(f"alignkit: warning: {str(w.message).removeprefix('alignkit: ')}", markup=False, highlight=False)
     n = recorder.calls_recorded
     console.print(f"alignkit: recorded {n} calls to {output}", markup=False, highlight=False)
     return code

@@ -59,7 +59,7 @@ class Recorder:
         self._hooks: list[Hook] = []
         self._watched: dict[int, str] = {}  # id of each watched object: the submodel it is recorded as
         self._methods: dict[tuple[int, str], str] = {}  # (id, method) of each watched method: its submodel
-        self._names: set[str] = set()
+        self._names: dict[str, None] = {}  # every submodel name given out, in order
         self._lock = threading.Lock()
         self._seq = 0
         self._step = 0
@@ -76,8 +76,12 @@ class Recorder:
         return self
 
     def stop(self) -> None:
-        """Remove every hook, then drain and close the dump (raises RecordingError on failure)."""
+        """Remove every hook, then drain and close the dump (raises RecordingError on failure).
+        Filters that matched nothing are warned about: a typo would otherwise leave an empty dump."""
         self.remove_hooks()
+        if self._writer is not None:
+            for message in self._unmatched_filters():
+                warnings.warn(f"alignkit: {message}", RuntimeWarning, stacklevel=2)
         if self in _ACTIVE:
             _ACTIVE.remove(self)
         if self._writer is not None:
@@ -98,6 +102,17 @@ class Recorder:
             self.stop()
         except Exception as close_error:  # never mask the user's own exception
             warnings.warn(str(close_error), RuntimeWarning, stacklevel=2)
+
+    def _unmatched_filters(self) -> list[str]:
+        names = list(self._names)
+        watched = ", ".join(names) or "none"
+        out = []
+        if self._include is not None and not any(self._include.search(n) for n in names):
+            out.append(f"include {self._include.pattern!r} matched none of the watched submodels ({watched}), so none was recorded")
+        out += [f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it" for layer in self._layers if layer not in self._names]
+        if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
+            out.append(f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded")
+        return out
 
     @property
     def calls_recorded(self) -> int:
@@ -198,7 +213,7 @@ class Recorder:
         candidate, n = name, 2
         while candidate in self._names:
             candidate, n = f"{name}#{n}", n + 1
-        self._names.add(candidate)
+        self._names[candidate] = None
         return candidate
 
     # -- steps -----------------------------------------------------------------------------

@@ -178,6 +178,21 @@ def test_an_object_watched_twice_is_recorded_once(tmp_path):
         assert d.submodels == ["unet", "infer"] and len(d) == 2
 
 
+def test_filters_that_match_nothing_are_warned_about(tmp_path):
+    def run(**filters):
+        with pytest.warns(RuntimeWarning) as caught:
+            with ak.Recorder(tmp_path / "d.h5", **filters) as rec:
+                f = rec.watch(lambda x: x, "unet")
+                for _ in range(3):
+                    f(np.ones(2))
+                    ak.step()
+        return [str(w.message) for w in caught]
+
+    assert run(include="unett") == ["alignkit: include 'unett' matched none of the watched submodels (unet), so none was recorded"]
+    assert run(layers=["vae"]) == ["alignkit: layers: 'vae' is not a watched submodel (unet), so no layers were recorded for it"]
+    assert run(steps=[7]) == ["alignkit: steps: none of the steps asked for ran (the run had steps 0–3), so no calls were recorded"]
+
+
 def test_calls_from_several_threads_are_all_recorded(tmp_path):
     net = Net()
     with ak.record(tmp_path / "d.h5", net):
