@@ -41,6 +41,10 @@ def compare(
         calls, notes = match_calls(r, t, names)
         if submodels is not None:
             keep = set(submodels)
+            shared = list(dict.fromkeys(calls.dropna(subset=["ref_seq", "tgt_seq"])["submodel"]))
+            unknown = [s for s in submodels if s not in shared]
+            if unknown:
+                raise UsageError(f"submodels {', '.join(map(repr, unknown))}: not in both dumps (in both: {', '.join(shared) or 'none'})")
             calls = calls[calls["submodel"].isin(keep)].reset_index(drop=True)
             notes = [n for n in notes if n.split(":", 1)[0] in keep]
         total = len(calls)

@@ -41,6 +41,9 @@ def test_int64_vs_float32_timestep_with_equal_values_is_aligned_with_a_warning(d
 def test_identical_rerun_is_aligned(demo_dumps):
     result = ak.compare(*demo_dumps["none"])
     assert result.verdict == "aligned" and result.exit_code == 0
+    assert set(ak.compare(*demo_dumps["none"], submodels=["unet"]).table["submodel"]) == {"unet"}
+    with pytest.raises(UsageError, match=r"submodels 'unett': not in both dumps \(in both: text_encoder, unet, scheduler, vae.decode\)"):
+        ak.compare(*demo_dumps["none"], submodels=["unett"])  # not an empty "aligned"
     assert (result.table["status"] == "ok").all()
     assert (result.table["cos"] == 1.0).all()
 
