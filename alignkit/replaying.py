@@ -75,6 +75,9 @@ def replay(
     with open_dump(ref_dump) as ref:
         calls = [c for c in ref if c.submodel == submodel and (wanted is None or c.step in wanted)]
         if not calls:
+            if submodel in ref.submodels:
+                have = ref.steps(submodel)
+                raise UsageError(f"{ref.path}: no calls of {submodel!r} at the steps asked for (it has steps {have[0]}–{have[-1]})")
             have = ", ".join(ref.submodels) or "none"
             raise UsageError(f"{ref.path}: no calls of {submodel!r} to replay (submodels: {have})")
         runner = _make_runner(target, layers)

@@ -105,6 +105,7 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         (["replay", ref, "--submodel", "unet", "--onnx", tmp_path / "missing.onnx"], "no such ONNX file"),
         (["replay", ref, "--submodel", "unet", "--steps", "a-b", "--callable", "os:getcwd"], "expected numbers and ranges"),
         (["replay", ref, "--submodel", "unet", "--callable", "os:getcwd"], "'os:getcwd' made a str: the factory must return"),
+        (["replay", ref, "--submodel", "unet", "--steps", "40-50", "--callable", "os:getcwd"], "no calls of 'unet' at the steps asked for (it has steps 0–"),
         (["replay", ref, "--submodel", "unet", "--callable", "alignkit.demo.pipeline:tiny_pipeline", "-o", ref], "the replay would be written over the dump it replays"),
         (["compare", ref, tgt, "--html", ref], "is an HDF5 file, perhaps a dump: the report will not replace it"),
         (["compare", ref, tgt, "--csv", tgt, "--no-html"], "is an HDF5 file, perhaps a dump: the table will not replace it"),
