@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from alignkit.comparison.result import Comparison
 
 _CALL_COLUMNS = ["seq", "submodel", "step", "call", "io", "tensor", "status", "ref_dtype", "tgt_dtype", "ref_shape", "rel_l1", "cos", "max_abs", "sqnr_db", "floor_ratio", "matched_by"]
+CALL_ROWS = 1000  # rows of the calls table in the report; the CSV and JSON have every row
 _SEVERITY = {"nonfinite": 0, "shape": 1, "mismatch": 2, "precision": 3, "ref only": 4, "tgt only": 4, "ok": 5}
 
 _CSS = """
@@ -145,7 +146,14 @@ def _curves(result: Comparison) -> str:
 
 def _heatmap(result: Comparison) -> str:
     uri = plots.heatmap(result)
-    return _section("Tensors × steps (log10 relative L1)", f"<img alt='heatmap' src='{uri}'>") if uri else ""
+    if not uri:
+        return ""
+    t = result.table[result.table["rel_l1"].notna() & (result.table["io"] != "layers")]
+    n = len(t.drop_duplicates(["submodel", "io", "tensor"]))
+    title = "Tensors × steps (log10 relative L1)"
+    if n > plots.HEATMAP_ROWS:
+        title += f": the {plots.HEATMAP_ROWS} of {n} tensors that differ most"
+    return _section(title, f"<img alt='heatmap' src='{uri}'>")
 
 
 def _images(result: Comparison) -> str:
@@ -165,7 +173,11 @@ def _calls_table(result: Comparison) -> str:
     if t.empty:
         return "<p>No tensors were compared.</p>"
     ordered = t.assign(_sev=t["status"].map(_SEVERITY).fillna(9)).sort_values(["_sev", "seq"], kind="stable")
-    return "<div class='scroll'>" + _frame_table(ordered[_call_columns(t)], sortable=True, status=True) + "</div>"
+    note = ""
+    if len(ordered) > CALL_ROWS:
+        note = f"<p class='muted'>The first {CALL_ROWS} of {len(ordered)} rows, mismatches first; <code>--csv</code> or <code>--json</code> writes them all.</p>"
+        ordered = ordered.head(CALL_ROWS)
+    return note + "<div class='scroll'>" + _frame_table(ordered[_call_columns(t)], sortable=True, status=True) + "</div>"
 
 
 def _call_columns(t: pd.DataFrame) -> list[str]:

@@ -64,13 +64,20 @@ def _outputs_by_step(table: pd.DataFrame) -> pd.DataFrame:
     return outs.groupby(["submodel", "step"], sort=False).agg(l1=("l1", "max"), cos_dist=("cos_dist", "max")).reset_index()
 
 
+HEATMAP_ROWS = 40  # tensors drawn at most: the ones that differ most
+
+
 def heatmap(result: Comparison) -> str | None:
-    """Tensors × steps, coloured by log10 of relative L1."""
-    t = result.table[result.table["rel_l1"].notna()]
+    """Tensors × steps, coloured by log10 of relative L1; the HEATMAP_ROWS tensors that differ
+    most when there are more (layers are in the drill-down, not here)."""
+    t = result.table[result.table["rel_l1"].notna() & (result.table["io"] != "layers")]
     if t.empty:
         return None
     labels = t["submodel"] + " " + t["io"].str[:-1] + " " + t["tensor"]
     grid = t.assign(label=labels).pivot_table(index="label", columns="step", values="rel_l1", aggfunc="max", sort=False)
+    if len(grid) > HEATMAP_ROWS:
+        worst = grid.max(axis=1).nlargest(HEATMAP_ROWS).index
+        grid = grid[grid.index.isin(worst)]
     values = np.log10(grid.to_numpy(dtype=float).clip(min=_TINY))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(min(2 + 0.4 * grid.shape[1], 14), 0.8 + 0.28 * grid.shape[0]))

@@ -85,3 +85,26 @@ def test_browser_opens_the_report_with_everything_loaded(demo_dumps, tmp_path, b
     finally:
         driver.quit()
     assert (tmp_path / "shot.png").stat().st_size > 10_000
+
+
+def test_a_large_comparison_shows_its_worst_rows_and_says_so(tmp_path, monkeypatch):
+    from alignkit.reporting import html as report
+    from alignkit.reporting import plots
+
+    for path, noise in ((tmp_path / "ref.h5", 0.0), (tmp_path / "tgt.h5", 0.01)):
+        with ak.Recorder(path) as rec:
+            f = rec.watch(lambda **kw: None, "net")
+            for _ in range(2):
+                f(**{f"t{i}": np.linspace(1, 2, 8, dtype=np.float32) * (1 + noise * i) for i in range(12)})
+                ak.step()
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    monkeypatch.setattr(report, "CALL_ROWS", 10)
+    monkeypatch.setattr(plots, "HEATMAP_ROWS", 3)
+    figures = []
+    data_uri = plots._data_uri
+    monkeypatch.setattr(plots, "_data_uri", lambda fig: figures.append([t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]) or data_uri(fig))
+    html = result.to_html(tmp_path / "r.html").read_text()
+    assert "The first 10 of 24 rows, mismatches first" in html
+    assert html.count("<tr class='bad'>") == 10
+    assert "the 3 of 12 tensors that differ most" in html
+    assert any(labels[:3] == ["net input t9", "net input t10", "net input t11"] for labels in figures)  # the largest noise
