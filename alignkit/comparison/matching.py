@@ -105,10 +105,40 @@ class TensorPair:
     how: str  # "name", "map", "position", or "one side"
 
 
+class MergedCall:
+    """The calls a target split one reference call into, seen as that one call: a port with a
+    static batch of 1 runs classifier-free guidance as two calls a step where diffusers makes
+    one at batch 2. Each tensor is the parts concatenated along the batch."""
+
+    def __init__(self, calls: list[Call]):
+        self.calls = calls
+        first = calls[0]
+        self.seq, self.submodel, self.step, self.call = first.seq, first.submodel, first.step, first.call
+
+    def info(self, io: str) -> list[TensorInfo]:
+        sides = [c.info(io) for c in self.calls]
+        merged = []
+        for parts in zip(*sides):
+            head = parts[0]
+            shape = (sum(p.shape[0] for p in parts), *head.shape[1:]) if head.shape else (len(parts),)
+            merged.append(MergedTensor(io, head.name, head.dtype, shape, head.path, tuple(p.path for p in parts)))
+        return merged
+
+
+@dataclass(frozen=True)
+class MergedTensor(TensorInfo):
+    """A tensor of a :class:`MergedCall`: read by concatenating its ``parts``."""
+
+    parts: tuple[str, ...] = ()
+
+
 def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, list[str]]:
-    """Join the call tables on (submodel, step, call); notes say what only one side has."""
+    """Join the call tables on (submodel, step, call); notes say what only one side has.
+
+    A target that splits every call of a submodel into calls of a smaller batch has them
+    joined as one (``tgt_parts`` lists their sequence numbers), and a note says so."""
     r = ref.calls.assign(ref_seq=ref.calls["seq"])
-    t = tgt.calls.assign(tgt_seq=tgt.calls["seq"])
+    t = tgt.calls.assign(tgt_seq=tgt.calls["seq"], tgt_name=tgt.calls["submodel"])
     t["submodel"] = [names.submodel(s) for s in t["submodel"]]
     shared = set(r["submodel"]) & set(t["submodel"])
     if not shared:
@@ -117,9 +147,46 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
             f"(reference: {', '.join(ref.submodels) or 'none'}; target: {', '.join(tgt.submodels) or 'none'}); "
             "map target names with --map target=reference"
         )
-    joined = r.merge(t[["submodel", "step", "call", "tgt_seq"]], on=["submodel", "step", "call"], how="outer")
+    notes = []
+    for sub in sorted(shared):
+        parts = _batch_split(ref, tgt, r[r["submodel"] == sub], t[t["submodel"] == sub])
+        if parts:
+            t = _merge_split_calls(t, sub)
+            notes.append(f"{sub}: the target splits each call into {parts} along the batch (as classifier-free guidance at batch 1 does); "
+                         "compared with the reference's call as one, concatenated")
+    columns = ["submodel", "step", "call", "tgt_seq"] + (["tgt_parts"] if "tgt_parts" in t else [])
+    joined = r.merge(t[columns], on=["submodel", "step", "call"], how="outer")
     joined = joined.sort_values(["ref_seq", "tgt_seq"], kind="stable").reset_index(drop=True)
-    return joined, _one_side_notes(joined, r, t)
+    return joined, notes + _one_side_notes(joined, r, t)
+
+
+def _batch_split(ref: Dump, tgt: Dump, r: pd.DataFrame, t: pd.DataFrame) -> int:
+    """How many calls the target makes for each of the reference's, when it splits every
+    call of this submodel along the batch (one reference call a step, k target calls whose
+    first inputs add up to the reference's batch); 0 when it does not."""
+    per_r, per_t = r.groupby("step").size(), t.groupby("step").size()
+    if set(per_r.index) != set(per_t.index) or (per_r != 1).any() or per_t.nunique() != 1 or per_t.iloc[0] < 2:
+        return 0
+    step = int(per_r.index[0])
+    ref_first = ref[str(r["submodel"].iloc[0]), step, 0].info("inputs")
+    parts = [tgt[str(name), step, int(call)].info("inputs") for name, call in zip(t.loc[t["step"] == step, "tgt_name"], t.loc[t["step"] == step, "call"])]
+    if not ref_first or not ref_first[0].shape or any(not p or not p[0].shape for p in parts):
+        return 0
+    batch, rest = ref_first[0].shape[0], ref_first[0].shape[1:]
+    fits = sum(p[0].shape[0] for p in parts) == batch and all(p[0].shape[1:] == rest for p in parts)
+    return len(parts) if fits and all([i.name for i in p] == [i.name for i in parts[0]] for p in parts) else 0
+
+
+def _merge_split_calls(t: pd.DataFrame, sub: str) -> pd.DataFrame:
+    """One row per step for ``sub``: call 0, the first part's seq, and every part's in ``tgt_parts``."""
+    if "tgt_parts" not in t:
+        t = t.assign(tgt_parts=None)
+    mine = t["submodel"] == sub
+    merged = t[mine].groupby("step", sort=False).agg(
+        seq=("seq", "first"), submodel=("submodel", "first"), ordinal=("ordinal", "first"), tgt_seq=("tgt_seq", "first"),
+        tgt_name=("tgt_name", "first"), tgt_parts=("tgt_seq", tuple),
+    ).reset_index().assign(call=0)
+    return pd.concat([t[~mine], merged[t.columns]], ignore_index=True)
 
 
 def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
@@ -143,15 +210,15 @@ def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> l
 
 
 def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
-    """Say when the two runs call a submodel a different number of times a step, the way a
-    port with a static batch of 1 runs classifier-free guidance as two calls."""
+    """Say when the two runs call a submodel a different number of times a step (and the
+    target's calls are no batch split, which is joined instead)."""
     per_r, per_t = r.groupby("step").size(), t.groupby("step").size()
     if per_r.equals(per_t):
         return []
     if per_r.nunique() == 1 and per_t.nunique() == 1:
         nr, nt = int(per_r.iloc[0]), int(per_t.iloc[0])
         return [f"{sub}: the reference calls it {nr} time{'s' if nr != 1 else ''} a step, the target {nt}; calls are paired by their "
-                f"index within the step, so a batch split into several calls (classifier-free guidance at batch 1) shows as a shape difference"]
+                f"index within the step (the target's do not split one batch between them)"]
     return [f"{sub}: the two runs call it a different number of times in some steps; calls are paired by their index within the step"]
 
 

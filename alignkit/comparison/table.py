@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from alignkit.comparison.matching import NameMap, TensorPair, match_tensors
+from alignkit.comparison.matching import MergedCall, MergedTensor, NameMap, TensorPair, match_tensors
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics, floor_dtype_for
 from alignkit.errors import DumpCorruptError, UsageError
-from alignkit.storage.reader import Call, Dump
+from alignkit.storage.reader import Call, Dump, TensorInfo
 
 EXACT_NUMEL = 64
 SWAP_CHECK_MAX = 8  # position-matched mismatches per call and side tried pairwise for a swap
@@ -63,9 +63,11 @@ def build_table(
     rows: list[dict] = []
     ref_calls = {c.seq: c for c in ref}
     tgt_calls = {c.seq: c for c in tgt}
-    for i, row in enumerate(calls.itertuples(index=False)):
+    parts = calls["tgt_parts"] if "tgt_parts" in calls else pd.Series([None] * len(calls))
+    for i, (row, split) in enumerate(zip(calls.itertuples(index=False), parts)):
         if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
-            rc, tc = ref_calls[int(row.ref_seq)], tgt_calls[int(row.tgt_seq)]
+            rc = ref_calls[int(row.ref_seq)]
+            tc = MergedCall([tgt_calls[int(s)] for s in split]) if isinstance(split, tuple) else tgt_calls[int(row.tgt_seq)]
             pairs = match_tensors(rc, tc, names)
             call_rows = [_row(ref, tgt, rc, tc, pair, limits) for pair in pairs]
             _mark_swaps(ref, tgt, rc, tc, pairs, call_rows, limits)
@@ -112,8 +114,8 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thr
     floor = floor_dtype_for(r.dtype, t.dtype)
     values = None
     try:
-        if numel <= BLOCK_ELEMENTS:  # read whole: most tensors of a dump are small
-            values = ref.read(r.path, r.dtype), tgt.read(t.path, t.dtype)
+        if numel <= BLOCK_ELEMENTS or isinstance(t, MergedTensor):  # read whole: most tensors of a dump are small
+            values = ref.read(r.path, r.dtype), _read(tgt, t)
             m = array_metrics(*(np.broadcast_to(v.ravel(), (numel,)) for v in values) if broadcast else values, floor)
         else:
             m = dataset_metrics(ref.dataset(r.path), tgt.dataset(t.path), floor)
@@ -126,6 +128,13 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thr
     if values is not None and numel <= 8:
         out["ref_value"], out["tgt_value"] = (_value(v) for v in values)
     return out
+
+
+def _read(dump: Dump, info: TensorInfo) -> np.ndarray:
+    if isinstance(info, MergedTensor):  # a batch split into calls: the parts joined again
+        values = [dump.read(p, info.dtype) for p in info.parts]
+        return np.concatenate(values) if values[0].ndim else np.stack(values)
+    return dump.read(info.path, info.dtype)
 
 
 def _one_value_for_many(io: str, numel_r: int, numel_t: int) -> bool:

@@ -183,19 +183,42 @@ def test_one_value_against_many_is_a_shape_difference_beyond_small_inputs(tmp_pa
     assert list(result.table["status"]) == ["shape", "shape"] and not result.table["broadcast"].any()
 
 
-def test_a_batch_split_into_two_calls_a_step_is_said(tmp_path):
+def _record_unet_calls(path, batches_per_step, steps=3):
+    with ak.Recorder(path) as rec:
+        unet = rec.watch(lambda sample, timestep: sample * 2, "unet")
+        for step in range(steps):
+            for batch in batches_per_step(step):
+                unet(batch, torch.tensor(999.0 - step))
+            ak.step()
+    return path
+
+
+def test_a_batch_split_into_calls_is_compared_joined_again(tmp_path):
+    """Classifier-free guidance at batch 2 in the reference, as two batch-1 calls a step in a
+    port with a static batch of 1."""
     x = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
-    for path, batches in ((tmp_path / "ref.h5", [x]), (tmp_path / "tgt.h5", [x[:1], x[1:]])):
-        with ak.Recorder(path) as rec:
-            unet = rec.watch(lambda sample: sample * 2, "unet")
-            for _ in range(3):
-                for batch in batches:
-                    unet(batch)
-                ak.step()
-    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
-    assert "unet: the reference calls it 1 time a step, the target 2; calls are paired by their index within the step" in result.notes[0]
-    assert len(result.notes) == 1  # not also the generic count of calls on one side
-    assert result.first_divergence.message.startswith("unet step 0: input mismatch — `sample`: reference shape [2,4], target [1,4]")
+    ref = _record_unet_calls(tmp_path / "ref.h5", lambda step: [x])
+    split = _record_unet_calls(tmp_path / "split.h5", lambda step: [x[:1], x[1:]])
+    result = ak.compare(ref, split)
+    assert result.verdict == "aligned", result.summary()
+    assert result.notes == ["unet: the target splits each call into 2 along the batch (as classifier-free guidance at batch 1 does); "
+                            "compared with the reference's call as one, concatenated"]
+    sample = result.table[result.table["tensor"] == "sample"]
+    assert list(sample["tgt_shape"]) == ["[2,4]"] * 3 and (sample["status"] == "ok").all()
+
+    wrong_half = _record_unet_calls(tmp_path / "wrong.h5", lambda step: [x[:1], x[1:] * (1.5 if step == 2 else 1)])
+    fd = ak.compare(ref, wrong_half).first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 2, "sample", "input mismatch")
+
+
+def test_calls_that_do_not_split_the_batch_are_paired_by_index_and_said(tmp_path):
+    x = np.ones((2, 4), np.float32)
+    ref = _record_unet_calls(tmp_path / "ref.h5", lambda step: [x])
+    twice = _record_unet_calls(tmp_path / "twice.h5", lambda step: [x, x])  # the whole batch twice: no split
+    result = ak.compare(ref, twice)
+    assert result.notes == ["unet: the reference calls it 1 time a step, the target 2; calls are paired by their index within the step "
+                            "(the target's do not split one batch between them)"]
+    assert result.verdict == "aligned" and (result.table["status"] == "ok").all()  # call 0 with call 0; call 1 on one side
 
 
 def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
