@@ -169,7 +169,8 @@ def _batch_split(ref: Dump, tgt: Dump, r: pd.DataFrame, t: pd.DataFrame) -> int:
         return 0
     step = int(per_r.index[0])
     ref_first = ref[str(r["submodel"].iloc[0]), step, 0].info("inputs")
-    parts = [tgt[str(name), step, int(call)].info("inputs") for name, call in zip(t.loc[t["step"] == step, "tgt_name"], t.loc[t["step"] == step, "call"])]
+    at_step = t[t["step"] == step]
+    parts = [tgt[str(name), step, int(call)].info("inputs") for name, call in zip(at_step["tgt_name"], at_step["call"])]
     if not ref_first or not ref_first[0].shape or any(not p or not p[0].shape for p in parts):
         return 0
     batch, rest = ref_first[0].shape[0], ref_first[0].shape[1:]
