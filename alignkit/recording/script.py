@@ -49,6 +49,9 @@ def run(kind: str, target: str, argv: list[str]) -> int:
             return code
         print(code, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the traceback Python prints, and the shell's 128 + SIGINT
+        _print_user_traceback()
+        return 130
     except BaseException:
         _print_user_traceback()
         return 1
