@@ -192,22 +192,32 @@ def _merge_split_calls(t: pd.DataFrame, sub: str) -> pd.DataFrame:
 
 def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
     notes = []
+    only_ref, only_tgt = [], []
     for sub in dict.fromkeys([*r["submodel"], *t["submodel"]]):
         rs = sorted(set(r.loc[r["submodel"] == sub, "step"]))
         ts = sorted(set(t.loc[t["submodel"] == sub, "step"]))
         if not ts:
-            notes.append(f"{sub}: only in the reference ({len(rs)} steps); not compared")
+            only_ref.append((sub, rs))
+            notes.append(f"{sub}: only in the reference ({_steps(rs)}); not compared")
         elif not rs:
-            notes.append(f"{sub}: only in the target ({len(ts)} steps); not compared")
+            only_tgt.append((sub, ts))
+            notes.append(f"{sub}: only in the target ({_steps(ts)}); not compared")
         elif rs != ts:
             both = sorted(set(rs) & set(ts))
             notes.append(f"{sub}: the reference has steps {_span(rs)}, the target {_span(ts)}; compared the {len(both)} shared steps")
         else:
             notes.extend(_calls_per_step_note(sub, r[r["submodel"] == sub], t[t["submodel"] == sub]))
+    if len(only_ref) == 1 and len(only_tgt) == 1 and only_ref[0][1] == only_tgt[0][1]:  # one submodel under two names
+        notes.append(f"{only_tgt[0][0]} looks like the target's name for {only_ref[0][0]} (the same steps): "
+                     f"compare them with --map {only_tgt[0][0]}={only_ref[0][0]}")
     one_side = int((joined["tgt_seq"].isna() | joined["ref_seq"].isna()).sum())
     if one_side and not notes:
         notes.append(f"{one_side} calls are on one side only (the same steps hold a different number of calls)")
     return notes
+
+
+def _steps(steps: list[int]) -> str:
+    return f"{len(steps)} step{'s' if len(steps) != 1 else ''}"
 
 
 def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:

@@ -221,6 +221,23 @@ def test_calls_that_do_not_split_the_batch_are_paired_by_index_and_said(tmp_path
     assert result.verdict == "aligned" and (result.table["status"] == "ok").all()  # call 0 with call 0; call 1 on one side
 
 
+def test_a_submodel_under_another_name_is_pointed_out_with_the_map_that_pairs_it(tmp_path):
+    x = np.ones((2, 4), np.float32)
+    for path, vae in ((tmp_path / "ref.h5", "vae.decode"), (tmp_path / "tgt.h5", "vae_decoder")):
+        with ak.Recorder(path) as rec:
+            unet, decode = rec.watch(lambda sample: sample, "unet"), rec.watch(lambda z: z, vae)
+            unet(x)
+            ak.step()
+            decode(x)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.notes == [
+        "vae.decode: only in the reference (1 step); not compared",
+        "vae_decoder: only in the target (1 step); not compared",
+        "vae_decoder looks like the target's name for vae.decode (the same steps): compare them with --map vae_decoder=vae.decode",
+    ]
+    assert set(ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5", name_map=["vae_decoder=vae.decode"]).table["submodel"]) == {"unet", "vae.decode"}
+
+
 def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
     r = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     for path, value in ((tmp_path / "ref.h5", torch.from_numpy(r)), (tmp_path / "tgt.h5", torch.from_numpy(r).to(torch.bfloat16))):
