@@ -237,7 +237,7 @@ def _span(steps: list[int]) -> str:
     return f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0])
 
 
-def match_tensors(ref_call: Call, tgt_call: Call, names: NameMap) -> list[TensorPair]:
+def match_tensors(ref_call: Call, tgt_call: Call | MergedCall, names: NameMap) -> list[TensorPair]:
     """Pair the tensors of two matched calls, io by io."""
     pairs: list[TensorPair] = []
     for io in ("inputs", "outputs", "layers"):

@@ -77,7 +77,7 @@ def build_table(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call, pairs: list[TensorPair], rows: list[dict], limits: Thresholds) -> None:
+def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: list[TensorPair], rows: list[dict], limits: Thresholds) -> None:
     """Say which position-matched tensors hold each other's values (``swapped_with``: the
     reference tensor the target's holds). Position matching trusts the order an engine
     records its inputs in; when two tensors of one shape come in the other order, both
@@ -95,7 +95,7 @@ def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call, pairs: list[TensorPair
                     rows[i]["swapped_with"], rows[j]["swapped_with"] = b.ref.name, a.ref.name
 
 
-def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call, pair: TensorPair, limits: Thresholds) -> dict:
+def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair, limits: Thresholds) -> dict:
     r, t = pair.ref, pair.tgt
     base = {
         "seq": rc.seq, "submodel": rc.submodel, "step": rc.step, "call": rc.call, "io": pair.io,
