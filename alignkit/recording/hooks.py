@@ -87,7 +87,11 @@ class Hook:
 
 
 class MethodHook(Hook):
-    """Record every call of ``obj.<method>`` by shadowing it with an instance attribute."""
+    """Record every call of ``obj.<method>`` by shadowing it with an instance attribute.
+
+    Two recorders may watch one object and stop in either order: a hook removed while another
+    is installed over it turns inert (it only passes calls on), and the one over it, when it
+    is removed in turn, restores what was there before both."""
 
     def __init__(
         self,
@@ -104,47 +108,69 @@ class MethodHook(Hook):
         self.name, self._obj, self._method = name, obj, method
         self._had_own = method in getattr(obj, "__dict__", {})
         self._own = obj.__dict__.get(method) if self._had_own else None
+        self.removed = False
         original = getattr(obj, method)
 
         watch = Watch(recorder, name, bind or signature_binder(original), outputs, after, layers)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self.removed:
+                return original(*args, **kwargs)
             return watch.call(original, args, kwargs)
 
-        object.__setattr__(obj, method, functools.update_wrapper(wrapper, original))
+        self._wrapper = functools.update_wrapper(wrapper, original)
+        self._wrapper.__alignkit_hook__ = self  # type: ignore[attr-defined]
+        object.__setattr__(obj, method, self._wrapper)
 
     def remove(self) -> None:
         if self._obj is None:
             return
-        if self._had_own:
-            object.__setattr__(self._obj, self._method, self._own)
-        else:
-            try:
-                object.__delattr__(self._obj, self._method)
-            except AttributeError:
-                pass
+        self.removed = True
+        if self._obj.__dict__.get(self._method) is self._wrapper:  # else another hook is over this one
+            had_own, own = self._had_own, self._own
+            while had_own and getattr(getattr(own, "__alignkit_hook__", None), "removed", False):
+                below = own.__alignkit_hook__
+                had_own, own = below._had_own, below._own
+            if had_own:
+                object.__setattr__(self._obj, self._method, own)
+            else:
+                try:
+                    object.__delattr__(self._obj, self._method)
+                except AttributeError:
+                    pass
         self._obj = None
 
 
 class CallHook(Hook):
-    """Record ``obj(...)`` for an engine object by swapping in a private subclass."""
+    """Record ``obj(...)`` for an engine object by swapping in a private subclass (out-of-order
+    removal as for :class:`MethodHook`)."""
 
     def __init__(self, recorder: Recorder, obj: Any, name: str):
         self.name, self._obj, self._cls = name, obj, type(obj)
+        self.removed = False
         original_call = self._cls.__call__
         watch = Watch(recorder, name, signature_binder(functools.partial(original_call, obj)))
 
         @functools.wraps(original_call)
         def __call__(this: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.removed:
+                return original_call(this, *args, **kwargs)
             return watch.call(functools.partial(original_call, this), args, kwargs)
 
-        namespace = {"__call__": __call__, "__module__": self._cls.__module__, "__qualname__": self._cls.__qualname__}
-        obj.__class__ = type(self._cls.__name__, (self._cls,), namespace)
+        namespace = {"__call__": __call__, "__module__": self._cls.__module__, "__qualname__": self._cls.__qualname__, "__alignkit_hook__": self}
+        self._subclass = type(self._cls.__name__, (self._cls,), namespace)
+        obj.__class__ = self._subclass
 
     def remove(self) -> None:
-        if self._obj is not None:
-            self._obj.__class__ = self._cls
-            self._obj = None
+        if self._obj is None:
+            return
+        self.removed = True
+        if type(self._obj) is self._subclass:  # else another hook's subclass is over this one
+            cls = self._cls
+            while getattr(cls.__dict__.get("__alignkit_hook__"), "removed", False):
+                cls = cls.__dict__["__alignkit_hook__"]._cls
+            self._obj.__class__ = cls
+        self._obj = None
 
 
 class ModuleHook(Hook):

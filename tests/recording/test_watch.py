@@ -193,6 +193,32 @@ def test_filters_that_match_nothing_are_warned_about(tmp_path):
     assert run(steps=[7]) == ["alignkit: steps: none of the steps asked for ran (the run had steps 0–3), so no calls were recorded"]
 
 
+@pytest.mark.parametrize("first_stopped", ["outer", "inner"])
+def test_two_recorders_on_one_object_stop_in_either_order_without_a_trace(tmp_path, first_stopped):
+    class Engine:
+        def __call__(self, x):
+            return x
+
+        def infer(self, x):
+            return x
+
+    engine = Engine()
+    outer, inner = ak.Recorder(tmp_path / "outer.h5").start(), ak.Recorder(tmp_path / "inner.h5").start()
+    for rec in (outer, inner):
+        rec.watch(engine, "engine")
+        rec.watch(engine, method="infer", name="infer")
+    engine(np.ones(1)), engine.infer(np.ones(1))
+    (outer if first_stopped == "outer" else inner).stop()
+    engine(np.ones(1)), engine.infer(np.ones(1))  # the other still records
+    (inner if first_stopped == "outer" else outer).stop()
+    engine(np.ones(1)), engine.infer(np.ones(1))
+    assert type(engine) is Engine and "infer" not in vars(engine)  # no trace of either
+    counts = {"outer": 2 if first_stopped == "outer" else 4, "inner": 4 if first_stopped == "outer" else 2}
+    for name, n in counts.items():
+        with ak.open_dump(tmp_path / f"{name}.h5") as d:
+            assert len(d) == n, name
+
+
 def test_calls_from_several_threads_are_all_recorded(tmp_path):
     net = Net()
     with ak.record(tmp_path / "d.h5", net):
