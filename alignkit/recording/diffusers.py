@@ -29,6 +29,7 @@ def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
             continue
         if name.startswith("scheduler") or _is_scheduler(component):
             recorder._watch_method(component, "step", "scheduler" if name == "scheduler" else name, after=recorder._scheduler_step)
+            recorder._mark_watched(component, name)
         elif is_torch_module(component) and _is_autoencoder(component):
             for method in ("decode", "encode"):
                 if hasattr(component, method):

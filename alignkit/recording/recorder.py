@@ -196,11 +196,12 @@ class Recorder:
             raise UsageError(f"{type(obj).__name__} has no method {method!r} to watch")
         hook = MethodHook(self, obj, method, self._unique(name), after=after)
         self._methods[(id(obj), method)] = hook.name
-        self._add(obj, hook)
+        self._add(obj, hook, whole=False)
 
-    def _add(self, obj: Any, hook: Hook) -> None:
+    def _add(self, obj: Any, hook: Hook, *, whole: bool = True) -> None:
+        """Keep ``hook``; ``whole``: it records calls of ``obj`` itself, not of one of its methods."""
         self._hooks.append(hook)
-        if obj is not None:
+        if obj is not None and whole:
             self._mark_watched(obj, hook.name)
 
     def _mark_watched(self, obj: Any, submodel: str) -> None:

@@ -177,6 +177,15 @@ def test_an_object_watched_twice_is_recorded_once(tmp_path):
     with ak.open_dump(tmp_path / "e.h5") as d:
         assert d.submodels == ["unet", "infer"] and len(d) == 2
 
+    other = Engine()
+    with ak.Recorder(tmp_path / "m.h5") as rec:  # a watched method first does not stand for the whole object
+        rec.watch(other, method="infer", name="infer")
+        rec.watch(other, "engine")
+        other(np.ones(2))
+        other.infer(np.ones(2))
+    with ak.open_dump(tmp_path / "m.h5") as d:
+        assert d.submodels == ["engine", "infer"]
+
 
 def test_filters_that_match_nothing_are_warned_about(tmp_path):
     def run(**filters):
