@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from alignkit.errors import UsageError
 from alignkit.recording.flatten import Named, name_outputs, signature_binder
 
 if TYPE_CHECKING:
@@ -219,7 +220,10 @@ class ClassHook(Hook):
             named = replace(watch, submodel=namer(this)) if record else watch  # named by instance
             return named.call(functools.partial(original, this), args, kwargs)
 
-        setattr(owner, method, wrapper)
+        try:
+            setattr(owner, method, wrapper)
+        except TypeError as exc:  # a built-in class: its methods cannot be replaced
+            raise UsageError(f"cannot hook {owner.__qualname__}.{method}: {exc}; hook the Python function or class that calls it") from exc
 
     def remove(self) -> None:
         if self._owner is None:

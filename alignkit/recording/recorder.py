@@ -60,6 +60,7 @@ class Recorder:
         self._watched: dict[int, str] = {}  # id of each watched object: the submodel it is recorded as
         self._methods: dict[tuple[int, str], str] = {}  # (id, method) of each watched method: its submodel
         self._names: dict[str, None] = {}  # every submodel name given out, in order
+        self._wrapped: list[str] = []  # submodels recorded only through the wrapper watch() returned
         self._lock = threading.Lock()
         self._seq = 0
         self._step = 0
@@ -110,6 +111,8 @@ class Recorder:
         if self._include is not None and not any(self._include.search(n) for n in names):
             out.append(f"include {self._include.pattern!r} matched none of the watched submodels ({watched}), so none was recorded")
         out += [f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it" for layer in self._layers if layer not in self._names]
+        out += [f"{name!r} could not be watched in place (its class is built in), and the recording wrapper that watch() returned "
+                "for it was never called: call that instead" for name in self._wrapped if not self._ordinals[name]]
         if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
             out.append(f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded")
         return out
@@ -135,7 +138,8 @@ class Recorder:
         """Record calls of ``obj`` under the submodel ``name``; returns what to call.
 
         A pipeline, module, session or engine object is watched in place and returned; a
-        plain function cannot be, so a recording wrapper of it is returned instead. Watching
+        plain function cannot be, nor an object of a built-in class (a C-extension engine,
+        ``functools.partial``), so a recording wrapper of it is returned instead. Watching
         an object again does nothing (each call is recorded once); asking for another name
         for it is an error.
         """
@@ -167,7 +171,12 @@ class Recorder:
         if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
             return wrap_function(self, obj, self._unique(name or obj.__name__))
         if callable(obj):
-            self._add(obj, CallHook(self, obj, self._unique(name or type(obj).__name__)))
+            submodel = self._unique(name or type(obj).__name__)
+            try:
+                self._add(obj, CallHook(self, obj, submodel))
+            except TypeError:  # a built-in class (a C-extension engine, functools.partial): wrap it
+                self._wrapped.append(submodel)
+                return wrap_function(self, obj, submodel)
             return obj
         raise UsageError(f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record")
 

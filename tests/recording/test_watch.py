@@ -228,6 +228,22 @@ def test_two_recorders_on_one_object_stop_in_either_order_without_a_trace(tmp_pa
             assert len(d) == n, name
 
 
+def test_an_object_of_a_built_in_class_is_recorded_through_the_wrapper_returned(tmp_path):
+    import functools
+
+    scaled = functools.partial(np.multiply, 2.0)  # its class cannot take a recording subclass
+    with ak.Recorder(tmp_path / "d.h5") as rec:
+        watched = rec.watch(scaled, "scaled")
+        assert watched is not scaled
+        np.testing.assert_array_equal(watched(np.ones(2)), [2.0, 2.0])
+    with ak.open_dump(tmp_path / "d.h5") as d:
+        np.testing.assert_array_equal(d["scaled", 0].outputs["output"], [2.0, 2.0])
+    with pytest.warns(RuntimeWarning, match="'scaled' could not be watched in place .* never called: call that instead"):
+        with ak.Recorder(tmp_path / "unused.h5") as rec:
+            rec.watch(scaled, "scaled")
+            scaled(np.ones(2))  # the original, not the wrapper: nothing is recorded, and that is said
+
+
 def test_calls_from_several_threads_are_all_recorded(tmp_path):
     net = Net()
     with ak.record(tmp_path / "d.h5", net):
