@@ -212,15 +212,15 @@ class Dump:
         if by_ordinal:
             hit = rows[rows["ordinal"] == step]
             if hit.empty:
-                raise CallNotFoundError(f"{submodel} has {len(rows)} calls: 0–{len(rows) - 1}")
+                raise CallNotFoundError(f"{submodel} has {_count(len(rows), 'call')}: 0–{len(rows) - 1}")
         else:
             hit = rows[(rows["step"] == step) & (rows["call"] == call)]
             if hit.empty:
                 steps = self.steps(submodel)
                 if step not in steps:
-                    raise CallNotFoundError(f"{submodel} has {len(steps)} steps: {_ranges(steps)}")
+                    raise CallNotFoundError(f"{submodel} has {_count(len(steps), 'step')}: {_ranges(steps)}")
                 n = int((rows["step"] == step).sum())
-                raise CallNotFoundError(f"{submodel} has {n} calls at step {step}: 0–{n - 1}")
+                raise CallNotFoundError(f"{submodel} has {_count(n, 'call')} at step {step}: 0–{n - 1}")
         return Call(self, next(hit.itertuples(index=False)))
 
 
@@ -326,11 +326,8 @@ _KEY = re.compile(r"^(?P<sub>.+?)(?:(?P<at>@step)(?P<step>\d+)(?::(?P<call>\d+))
 
 def _parse_key(key: Any) -> tuple[str, int, int, bool]:
     """(submodel, step, call, by_ordinal) from ``("unet", 3[, 0])``, ``"unet@step3"`` or ``"unet:12"``."""
-    if isinstance(key, tuple):
-        if len(key) == 2:
-            return str(key[0]), int(key[1]), 0, False
-        if len(key) == 3:
-            return str(key[0]), int(key[1]), int(key[2]), False
+    if isinstance(key, tuple) and len(key) in (2, 3) and all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in key[1:]):
+        return str(key[0]), int(key[1]), int(key[2]) if len(key) == 3 else 0, False
     if isinstance(key, str):
         m = _KEY.match(key)
         if m and m.group("at"):
@@ -338,6 +335,10 @@ def _parse_key(key: Any) -> tuple[str, int, int, bool]:
         if m and m.group("ord") is not None:
             return m.group("sub"), int(m.group("ord")), 0, True
     raise CallNotFoundError(f"cannot read {key!r} as a call: use (submodel, step[, call]), 'unet@step3' or 'unet:12'")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _ranges(values: list[int]) -> str:

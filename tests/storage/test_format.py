@@ -63,6 +63,12 @@ def test_reader_index_and_keyed_access(dump_path):
             d["my/model", 7]
         with pytest.raises(CallNotFoundError, match="the dump has: my/model"):
             d["unet", 0]
+        with pytest.raises(CallNotFoundError, match="my/model has 1 call at step 1: 0–0"):
+            d["my/model", 1, 3]
+        for bad in (("my/model", "1"), ("my/model", True), ("my/model", 1.5)):
+            with pytest.raises(CallNotFoundError, match="as a call: use \\(submodel, step\\[, call\\]\\)"):
+                d[bad]
+        assert d["my/model", np.int64(1)].step == 1  # numpy integers, as from a DataFrame, are steps
 
 
 def test_foreign_and_future_files_are_refused(tmp_path, dump_path):
