@@ -179,15 +179,13 @@ def _batch_split(ref: Dump, tgt: Dump, r: pd.DataFrame, t: pd.DataFrame) -> int:
 
 
 def _merge_split_calls(t: pd.DataFrame, sub: str) -> pd.DataFrame:
-    """One row per step for ``sub``: call 0, the first part's seq, and every part's in ``tgt_parts``."""
+    """One row per step for ``sub``: its first call, as call 0, with every part's seq in ``tgt_parts``."""
     if "tgt_parts" not in t:
         t = t.assign(tgt_parts=None)
-    mine = t["submodel"] == sub
-    merged = t[mine].groupby("step", sort=False).agg(
-        seq=("seq", "first"), submodel=("submodel", "first"), ordinal=("ordinal", "first"), tgt_seq=("tgt_seq", "first"),
-        tgt_name=("tgt_name", "first"), tgt_parts=("tgt_seq", tuple),
-    ).reset_index().assign(call=0)
-    return pd.concat([t[~mine], merged[t.columns]], ignore_index=True)
+    mine = t[t["submodel"] == sub]
+    parts = mine.groupby("step")["tgt_seq"].agg(tuple)
+    merged = mine.drop_duplicates("step").assign(call=0, tgt_parts=lambda f: f["step"].map(parts))
+    return pd.concat([t[t["submodel"] != sub], merged], ignore_index=True)
 
 
 def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:

@@ -12,6 +12,7 @@ that is off by 0.25, however small its relative L1.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,13 +87,12 @@ def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: li
     so the pairing stands and the finding is reported."""
     for io in ("inputs", "outputs"):
         bad = [i for i, (p, row) in enumerate(zip(pairs, rows)) if p.io == io and p.how == "position" and row["status"] in BAD][:SWAP_CHECK_MAX]
-        for n, i in enumerate(bad):
-            for j in bad[n + 1:]:
-                a, b = pairs[i], pairs[j]
-                if a.ref.shape != b.ref.shape or rows[i]["swapped_with"] is not None or rows[j]["swapped_with"] is not None:
-                    continue
-                if all(_row(ref, tgt, rc, tc, TensorPair(io, r, t, "position"), limits)["status"] not in BAD for r, t in ((a.ref, b.tgt), (b.ref, a.tgt))):
-                    rows[i]["swapped_with"], rows[j]["swapped_with"] = b.ref.name, a.ref.name
+        for i, j in itertools.combinations(bad, 2):
+            a, b = pairs[i], pairs[j]
+            if a.ref.shape != b.ref.shape or rows[i]["swapped_with"] is not None or rows[j]["swapped_with"] is not None:
+                continue
+            if all(_row(ref, tgt, rc, tc, TensorPair(io, r, t, "position"), limits)["status"] not in BAD for r, t in ((a.ref, b.tgt), (b.ref, a.tgt))):
+                rows[i]["swapped_with"], rows[j]["swapped_with"] = b.ref.name, a.ref.name
 
 
 def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair, limits: Thresholds) -> dict:

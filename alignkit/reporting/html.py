@@ -148,8 +148,7 @@ def _heatmap(result: Comparison) -> str:
     uri = plots.heatmap(result)
     if not uri:
         return ""
-    t = result.table[result.table["rel_l1"].notna() & (result.table["io"] != "layers")]
-    n = len(t.drop_duplicates(["submodel", "io", "tensor"]))
+    n = len(plots.heatmap_rows(result.table).drop_duplicates(["submodel", "io", "tensor"]))
     title = "Tensors × steps (log10 relative L1)"
     if n > plots.HEATMAP_ROWS:
         title += f": the {plots.HEATMAP_ROWS} of {n} tensors that differ most"

@@ -67,10 +67,15 @@ def _outputs_by_step(table: pd.DataFrame) -> pd.DataFrame:
 HEATMAP_ROWS = 40  # tensors drawn at most: the ones that differ most
 
 
+def heatmap_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The compared tensor pairs the heatmap draws from (layers are in the drill-down)."""
+    return table[table["rel_l1"].notna() & (table["io"] != "layers")]
+
+
 def heatmap(result: Comparison) -> str | None:
     """Tensors × steps, coloured by log10 of relative L1; the HEATMAP_ROWS tensors that differ
     most when there are more (layers are in the drill-down, not here)."""
-    t = result.table[result.table["rel_l1"].notna() & (result.table["io"] != "layers")]
+    t = heatmap_rows(result.table)
     if t.empty:
         return None
     labels = t["submodel"] + " " + t["io"].str[:-1] + " " + t["tensor"]

@@ -19,6 +19,7 @@ machine would then starve it, and a kill would lose more of the run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -351,15 +352,10 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
     return attrs
 
 
-_NAMES: dict[np.dtype, str] = {}
-
-
+@functools.cache
 def _numpy_name(dtype: np.dtype) -> str:
     """``dtype.name``, which numpy computes in Python each time (a cost per tensor written)."""
-    name = _NAMES.get(dtype)
-    if name is None:
-        name = _NAMES[dtype] = dtype.name
-    return name
+    return dtype.name
 
 
 def _write_tables(f: h5py.File, calls: list[tuple], tensors: list[tuple]) -> None:

@@ -19,6 +19,16 @@ class Net(torch.nn.Module):
         return (self.lin(sample) + timestep.float(),)
 
 
+class Engine:
+    """An engine object called directly and through a named method."""
+
+    def __call__(self, x):
+        return x
+
+    def infer(self, x):
+        return x
+
+
 class EngineOV:
     """Like seed 001's engine: a dict feed with compiler-made names, a bare array back."""
 
@@ -158,13 +168,6 @@ def test_an_object_watched_twice_is_recorded_once(tmp_path):
         assert d.submodels == ["text_encoder", "unet", "scheduler", "vae.decode"]
         assert len(d.calls[d.calls["submodel"] == "unet"]) == 2
 
-    class Engine:
-        def __call__(self, x):
-            return x
-
-        def infer(self, x):
-            return x
-
     engine = Engine()
     with ak.Recorder(tmp_path / "e.h5") as rec:
         assert rec.watch(engine, "unet") is rec.watch(engine) is rec.watch(engine, "unet") is engine
@@ -204,13 +207,6 @@ def test_filters_that_match_nothing_are_warned_about(tmp_path):
 
 @pytest.mark.parametrize("first_stopped", ["outer", "inner"])
 def test_two_recorders_on_one_object_stop_in_either_order_without_a_trace(tmp_path, first_stopped):
-    class Engine:
-        def __call__(self, x):
-            return x
-
-        def infer(self, x):
-            return x
-
     engine = Engine()
     outer, inner = ak.Recorder(tmp_path / "outer.h5").start(), ak.Recorder(tmp_path / "inner.h5").start()
     for rec in (outer, inner):
