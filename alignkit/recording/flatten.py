@@ -6,6 +6,10 @@ and ``unet(sample=latents, timestep=t, encoder_hidden_states=e)`` give the same 
 ``.index``: ``added_cond_kwargs.text_embeds``. A call whose only argument is a dict (an
 engine's feed, ``{"input.1": ...}``) is named by the dict's keys. Outputs: a bare tensor is
 ``output``, a tuple gives ``output.0``, ``output.1``, a dict or output dataclass its keys.
+A transformers KV cache (``DynamicCache``, ``StaticCache``…) gives its tensors per layer under
+the names ONNX exports of decoders give them: ``past_key_values.0.key``,
+``past_key_values.0.value``, and for an ``EncoderDecoderCache`` ``past_key_values.0.decoder.key``
+(self-attention) and ``past_key_values.0.encoder.key`` (cross-attention).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from alignkit.recording.tensors import Stage, Tensor, capture, describe_value, is_tensor
+from alignkit.recording.tensors import Stage, Tensor, capture, describe_value, is_tensor, torch_tensor_type
 
 Named = list[tuple[str, Any]]
 
@@ -33,8 +37,51 @@ def flatten(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     elif isinstance(value, (list, tuple)) and any(_holds_tensor(v) for v in value):
         for i, item in enumerate(value):
             yield from flatten(item, _join(prefix, str(i)))
+    elif parts := kv_cache_tensors(value):
+        for name, tensor in parts:
+            yield _join(prefix, name), tensor
     else:
-        yield prefix, value
+        yield prefix, value  # an empty cache stays a value ("<DynamicCache>")
+
+
+_KV_NAMES = {"keys": "key", "values": "value"}
+
+
+def kv_cache_tensors(value: Any) -> list[tuple[str, Any]]:
+    """The tensors of a transformers KV cache, named per layer; empty for anything else.
+
+    A cache is neither a container nor a dataclass, and the model updates it in place, so it
+    is read through its layers (``layers[i].keys``; ``key_cache[i]`` before transformers
+    4.56). Recognised by its class (a subclass of transformers' ``Cache``), without importing
+    transformers."""
+    cls = type(value)
+    if not cls.__module__.startswith("transformers") or not any(c.__name__ == "Cache" for c in cls.__mro__):
+        return []
+    if hasattr(value, "self_attention_cache") and hasattr(value, "cross_attention_cache"):
+        sides = [("decoder", _cache_layers(value.self_attention_cache)), ("encoder", _cache_layers(value.cross_attention_cache))]
+        depth = max(len(layers) for _, layers in sides)
+        return [
+            (f"{i}.{side}.{kind}", tensor)
+            for i in range(depth) for side, layers in sides if i < len(layers) for kind, tensor in layers[i].items()
+        ]
+    return [(f"{i}.{kind}", tensor) for i, layer in enumerate(_cache_layers(value)) for kind, tensor in layer.items()]
+
+
+def _cache_layers(cache: Any) -> list[dict[str, Any]]:
+    """Each layer's tensors (keys, values, and a linear-attention layer's states), by kind."""
+    tensor_type = torch_tensor_type()
+    layers = getattr(cache, "layers", None)
+    if tensor_type is None:  # (transformers' caches hold torch tensors)
+        return []
+    if isinstance(layers, list):
+        return [
+            {_KV_NAMES.get(k, k): v for k, v in getattr(layer, "__dict__", {}).items() if not k.startswith("_") and isinstance(v, tensor_type)}
+            for layer in layers
+        ]
+    keys, values = getattr(cache, "key_cache", None), getattr(cache, "value_cache", None)
+    if isinstance(keys, list) and isinstance(values, list):
+        return [{"key": k, "value": v} for k, v in zip(keys, values)]
+    return []
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -44,7 +91,7 @@ def _holds_tensor(value: Any) -> bool:
         return any(_holds_tensor(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return any(_holds_tensor(v) for v in value)
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)) or bool(kv_cache_tensors(value))
 
 
 def _join(prefix: str, key: str) -> str:

@@ -88,7 +88,7 @@ def _from_array(name: str, source: np.ndarray, dtype: str, origin: str, device: 
     return Tensor(name, np.array(source, copy=True, order="C"), dtype, origin, device)
 
 
-def _torch_tensor_type():
+def torch_tensor_type():
     torch = sys.modules.get("torch")
     return torch.Tensor if torch is not None else None
 
@@ -101,7 +101,7 @@ def is_tensor(value: Any) -> bool:
         return True
     if isinstance(value, int) and not isinstance(value, bool):
         return -(2**63) <= value < 2**63
-    tensor_type = _torch_tensor_type()
+    tensor_type = torch_tensor_type()
     return tensor_type is not None and isinstance(value, tensor_type)
 
 
@@ -111,7 +111,7 @@ def _is_bit_stored(dtype: np.dtype) -> bool:
 
 def capture(name: str, value: Any, stage: Stage | None = None) -> Tensor:
     """Copy ``value`` (a tensor per :func:`is_tensor`) into a :class:`Tensor`."""
-    tensor_type = _torch_tensor_type()
+    tensor_type = torch_tensor_type()
     if tensor_type is not None and isinstance(value, tensor_type):
         return _capture_torch(name, value, stage)
     if isinstance(value, (int, float)):

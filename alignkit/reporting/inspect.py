@@ -11,20 +11,35 @@ from rich.table import Table
 
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, as_reals, iter_blocks
 from alignkit.storage.reader import Dump
+from alignkit.storage.schema import IO_GROUPS
+
+
+SHAPES_SHOWN = 4  # distinct shapes listed in full; more (a KV cache growing each step) as first … last
 
 
 def tensor_summary(dump: Dump) -> pd.DataFrame:
-    """Per submodel, io and tensor: calls, dtypes, shapes, and min/max/mean/std over all calls."""
+    """Per submodel, io and tensor: calls, dtypes, shapes, and min/max/mean/std over all calls.
+    Submodels in the order they were first called, each one's inputs before its outputs."""
     rows = []
-    for (sub, io, name), group in dump.tensors.groupby(["submodel", "io", "name"], sort=False):
+    tensors = dump.tensors.assign(_io=dump.tensors["io"].map({io: i for i, io in enumerate(IO_GROUPS)}))
+    tensors = tensors.assign(_sub=tensors["submodel"].map({sub: i for i, sub in enumerate(dump.submodels)}))
+    tensors = tensors.sort_values(["_sub", "_io"], kind="stable")
+    for (sub, io, name), group in tensors.groupby(["submodel", "io", "name"], sort=False):
         stats = _stats(dump, group)
         rows.append({
             "submodel": sub, "io": io, "tensor": name, "calls": len(group),
             "dtype": ",".join(dict.fromkeys(group["dtype"])),
-            "shape": ",".join(dict.fromkeys("[" + ",".join(map(str, s)) + "]" for s in group["shape"])),
+            "shape": _shapes_text(list(dict.fromkeys(group["shape"]))),
             **stats,
         })
     return pd.DataFrame(rows)
+
+
+def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
+    texts = ["[" + ",".join(map(str, s)) + "]" for s in shapes]
+    if len(texts) > SHAPES_SHOWN:
+        return f"{texts[0]} … {texts[-1]} ({len(texts)} shapes)"
+    return ",".join(texts)
 
 
 def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
@@ -98,7 +113,10 @@ def shape_lines(dump: Dump) -> list[str]:
             if len(shapes) > 1 and len({len(s) for s in shapes}) == 1:
                 axes = {i: f"{n}_dim{i}" for i in range(len(shapes[0])) if len({s[i] for s in shapes}) > 1}
                 dynamic[n] = axes
-                lines.append(f"  {n} varies: " + " | ".join("x".join(map(str, s)) for s in shapes))
+                seen = ["x".join(map(str, s)) for s in shapes]
+                if len(seen) > SHAPES_SHOWN:
+                    seen = [seen[0], f"… ({len(seen) - 2} more)", seen[-1]]
+                lines.append(f"  {n} varies: " + " | ".join(seen))
         if dynamic:
             lines.append(f"  dynamic_axes={json.dumps(dynamic)}")
     return lines

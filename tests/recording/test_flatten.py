@@ -86,3 +86,40 @@ def test_flatten_names_are_unique_and_values_survive(value):
     assert len(tensors) == len(expected)
     for t, e in zip(tensors, expected):
         np.testing.assert_array_equal(t.data, e)
+
+
+def test_kv_caches_are_named_per_layer_as_onnx_exports_name_them():
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    def filled(layers: int, fill: float) -> DynamicCache:
+        cache = DynamicCache()
+        for i in range(layers):
+            cache.update(torch.full((1, 2, 3, 4), fill + i), torch.full((1, 2, 3, 4), -fill - i), i)
+        return cache
+
+    tensors, values = split([("past_key_values", filled(2, 1.0))])
+    assert [t.name for t in tensors] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert [float(t.data.flat[0]) for t in tensors] == [1.0, -1.0, 2.0, -2.0]
+
+    tensors, _ = split([("past_key_values", EncoderDecoderCache(filled(1, 1.0), filled(1, 5.0)))])
+    assert [t.name for t in tensors] == [
+        "past_key_values.0.decoder.key", "past_key_values.0.decoder.value", "past_key_values.0.encoder.key", "past_key_values.0.encoder.value",
+    ]
+    tensors, values = split([("past_key_values", DynamicCache())])
+    assert not tensors and values == {"past_key_values": '"<DynamicCache>"'}  # empty: still visible as a value
+
+
+def test_kv_caches_of_older_transformers_are_read_from_their_lists():
+    import torch
+
+    Cache = type("Cache", (), {"__module__": "transformers.cache_utils"})
+    Legacy = type("DynamicCache", (Cache,), {"__module__": "transformers.cache_utils"})
+    cache = Legacy()
+    cache.key_cache, cache.value_cache = [torch.ones(1, 2), torch.ones(1, 3)], [torch.zeros(1, 2), torch.zeros(1, 3)]
+    tensors, _ = split([("past_key_values", cache)])
+    assert [(t.name, t.data.shape) for t in tensors] == [
+        ("past_key_values.0.key", (1, 2)), ("past_key_values.0.value", (1, 2)), ("past_key_values.1.key", (1, 3)), ("past_key_values.1.value", (1, 3)),
+    ]
+    lookalike = type("DynamicCache", (), {"key_cache": [torch.ones(1)], "value_cache": [torch.ones(1)]})()  # not transformers'
+    assert split([("x", lookalike)])[0] == []
