@@ -105,13 +105,15 @@ def image_panels(result: Comparison, ref_dump, tgt_dump, limit: int = 3) -> list
 
 
 def _image_rows(table: pd.DataFrame) -> list:
-    """The final output of the run and the last latents: 4-d, 1–4 channels, at least 8×8."""
+    """The final output of the run and the last latents: 4-d, 1–4 channels, at least 8×8;
+    not a KV cache (batch, heads, positions, head size), which can take that shape."""
     cands = table[(table["io"] == "outputs") & table["ref_shape"].notna() & (table["ref_shape"] == table["tgt_shape"])]
     cands = cands.assign(_order=range(len(cands))).sort_values(["seq", "_order"], ascending=[False, True])
     picked, seen = [], set()
     for row in cands.itertuples(index=False):
         dims = [int(x) for x in row.ref_shape.strip("[]").split(",") if x]
-        if len(dims) == 4 and dims[1] in (1, 3, 4) and min(dims[2:]) >= 8 and row.submodel not in seen:
+        kv_cache = row.tensor.startswith(("past_key_values.", "present."))
+        if len(dims) == 4 and dims[1] in (1, 3, 4) and min(dims[2:]) >= 8 and row.submodel not in seen and not kv_cache:
             picked.append(row)
             seen.add(row.submodel)
     return picked

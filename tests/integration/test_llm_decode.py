@@ -92,6 +92,8 @@ def test_a_port_with_exported_names_compares_aligned(reference, tmp_path):
     assert len(cache_rows) == 2 * LAYERS * (NEW_TOKENS - 1) and set(cache_rows["matched_by"]) == {"name"}
     present = rows[rows["tgt_tensor"].str.startswith("present.", na=False)]
     assert len(present) == 2 * LAYERS * NEW_TOKENS and set(present["matched_by"]) == {"position"}
+    result.to_html(tmp_path / "report.html")
+    assert "output past_key_values" not in (tmp_path / "report.html").read_text()  # a cache is not drawn as an image
 
 
 def test_position_ids_off_by_one_in_the_loop_is_the_first_divergence(reference, tmp_path):
