@@ -40,6 +40,8 @@ def error_curves(result: Comparison) -> str | None:
     counts = outs.groupby("submodel", sort=False)["step"].nunique()
     submodels = [s for s, n in counts.items() if n > 1] or list(counts.index)
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(len(submodels), 2, figsize=(10, 2.3 * len(submodels)), squeeze=False)
     for row, sub in enumerate(submodels):
         part = outs[outs["submodel"] == sub]
@@ -53,6 +55,7 @@ def error_curves(result: Comparison) -> str | None:
             ax.set_yscale("log")
             ax.set_title(f"{sub}: {title}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
             ax.grid(True, alpha=0.3)
             ax.tick_params(labelsize=7)
     fig.tight_layout()
@@ -65,6 +68,7 @@ def _outputs_by_step(table: pd.DataFrame) -> pd.DataFrame:
 
 
 HEATMAP_ROWS = 40  # tensors drawn at most: the ones that differ most
+HEATMAP_STEP_LABELS = 30  # step labels at most along the bottom (an LLM makes a step a token)
 
 
 def heatmap_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -88,7 +92,8 @@ def heatmap(result: Comparison) -> str | None:
     fig, ax = plt.subplots(figsize=(min(2 + 0.4 * grid.shape[1], 14), 0.8 + 0.28 * grid.shape[0]))
     im = ax.imshow(values, aspect="auto", cmap="magma_r", vmin=-12, vmax=max(0.0, float(np.nanmax(values))))
     ax.set_yticks(range(grid.shape[0]), [str(x) for x in grid.index], fontsize=7)
-    ax.set_xticks(range(grid.shape[1]), [str(x) for x in grid.columns], fontsize=7)
+    every = -(-grid.shape[1] // HEATMAP_STEP_LABELS)  # a label for every step, or every n-th of many
+    ax.set_xticks(range(0, grid.shape[1], every), [str(x) for x in grid.columns[::every]], fontsize=7)
     ax.set_xlabel("step", fontsize=8)
     fig.colorbar(im, ax=ax, label="log10 rel_l1")  # no tight_layout: the saved image grows to fit long tensor labels
     return _data_uri(fig)

@@ -108,3 +108,31 @@ def test_a_large_comparison_shows_its_worst_rows_and_says_so(tmp_path, monkeypat
     assert html.count("<tr class='bad'>") == 10
     assert "the 3 of 12 tensors that differ most" in html
     assert any(labels[:3] == ["net input t9", "net input t10", "net input t11"] for labels in figures)  # the largest noise
+
+
+def _drawn(tmp_path, monkeypatch, steps: int) -> list:
+    """The figures of the error curves and the heatmap of a comparison over ``steps`` steps."""
+    from alignkit.reporting import plots
+
+    for path, noise in ((tmp_path / "ref.h5", 0.0), (tmp_path / "tgt.h5", 0.01)):
+        with ak.Recorder(path) as rec:
+            f = rec.watch(lambda x: x * 2, "decoder")
+            for step in range(steps):  # a step a call, as in an LLM decode loop
+                f(np.linspace(1, 2, 8, dtype=np.float32) * (1 + noise * step))
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    figures = []
+    monkeypatch.setattr(plots, "_data_uri", lambda fig: figures.append(fig) or "data:")
+    plots.error_curves(result)
+    plots.heatmap(result)
+    return figures
+
+
+def test_steps_are_whole_numbers_on_the_error_curves(tmp_path, monkeypatch):
+    curves, _ = _drawn(tmp_path, monkeypatch, steps=5)
+    ticks = [t for t in curves.axes[0].get_xticks() if 0 <= t <= 4]
+    assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks)
+
+
+def test_many_steps_are_labelled_sparsely_on_the_heatmap(tmp_path, monkeypatch):
+    _, grid = _drawn(tmp_path, monkeypatch, steps=90)
+    assert [t.get_text() for t in grid.axes[0].get_xticklabels()] == [str(s) for s in range(0, 90, 3)]
