@@ -29,7 +29,7 @@ def record(
     ctx: typer.Context,
     output: Path = typer.Option(..., "-o", "--output", help="The dump to write (.h5)."),
     label: Optional[str] = typer.Option(None, help="A name for this run, shown in reports."),
-    hook: list[str] = typer.Option([], "--hook", help="module:Qualified.name of an engine to record (repeatable)."),
+    hook: list[str] = typer.Option([], "--hook", help="module:Qualified.name of an engine method or function to record; a class alone records its instances' calls (repeatable)."),
     step_on: list[str] = typer.Option([], "--step-on", help="module:qualname whose calls end a step."),
     include: Optional[str] = typer.Option(None, help="Record only submodels matching this regex."),
     exclude: Optional[str] = typer.Option(None, help="Skip submodels matching this regex."),

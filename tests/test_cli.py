@@ -97,6 +97,7 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         (["record", "-o", tmp_path / "x.h5", "--hook", "no_such_module:Engine.__call__", "--", __file__], "cannot import"),
         (["record", "-o", tmp_path, "--", __file__], "is a directory: give the dump a file name"),
         (["record", "-o", tmp_path / "x.h5", "--hook", "numpy:ndarray.sum", "--", __file__], "cannot hook ndarray.sum"),
+        (["record", "-o", tmp_path / "x.h5", "--hook", "json:JSONDecoder", "--", __file__], "JSONDecoder instances are not callable"),
         (["record", "-o", ref / "x.h5", "--", __file__], "part of its folder is a file, not a folder"),
         (["record", "-o", tmp_path / "x.h5", "--include", "(", "--", __file__], "include '(' is not a valid regular expression"),
         (["record", "-o", tmp_path / "x.h5", "--steps", "3-1", "--", __file__], "the range 3-1 runs backwards"),

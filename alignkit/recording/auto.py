@@ -19,7 +19,7 @@ from typing import Any
 from alignkit.errors import UsageError
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.recorder import Recorder
-from alignkit.recording.targets import name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
+from alignkit.recording.targets import is_torch_module_class, name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
 
 
 class AutoWatch:
@@ -138,9 +138,22 @@ def resolve(spec: str) -> tuple[Any, str, bool]:
         if not hasattr(owner, part):
             raise UsageError(f"{spec!r}: {module_name} has no {qualname!r}")
         owner = getattr(owner, part)
-    if not callable(getattr(owner, parts[-1], None)):
+    target = getattr(owner, parts[-1], None)
+    if not callable(target):
         raise UsageError(f"{spec!r}: {module_name} has no callable {qualname!r}")
+    if isinstance(target, type):  # a class named alone: its instances' calls, never its constructor
+        return target, _instance_method(spec, target), True
     return owner, parts[-1], isinstance(owner, type)
+
+
+def _instance_method(spec: str, cls: type) -> str:
+    """The method that runs when an instance of ``cls`` is called: a torch module's
+    ``forward`` (its parameters name the inputs), else ``__call__``."""
+    if is_torch_module_class(cls):
+        return "forward"
+    if any("__call__" in c.__dict__ for c in cls.__mro__[:-1]):
+        return "__call__"
+    raise UsageError(f"{spec!r}: {cls.__qualname__} instances are not callable; name the method that runs the model, e.g. {spec}.infer")
 
 
 class _Restore(Hook):

@@ -15,6 +15,11 @@ def is_torch_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
+def is_torch_module_class(cls: type) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and issubclass(cls, torch.nn.Module)
+
+
 def is_ort_session(obj: Any) -> bool:
     ort = sys.modules.get("onnxruntime")
     return ort is not None and isinstance(obj, ort.InferenceSession)

@@ -1,0 +1,59 @@
+"""The process-wide patches of ``alignkit record``: ``--hook`` and ``--step-on``."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import alignkit as ak
+from alignkit.errors import UsageError
+from alignkit.recording.auto import AutoWatch
+
+
+class Engine:
+    def __call__(self, feed):
+        return {"out": feed["x"] * 2}
+
+
+class Net(torch.nn.Module):
+    def forward(self, sample, timestep):
+        return sample * timestep
+
+
+class Tokenizer:
+    def encode(self, text):
+        return [len(text)]
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    module = types.ModuleType("engines")
+    module.Engine, module.Net, module.Tokenizer = Engine, Net, Tokenizer
+    monkeypatch.setitem(sys.modules, "engines", module)
+    return module
+
+
+def test_a_class_named_alone_records_its_instances_calls_not_its_constructor(tmp_path, engines):
+    originals = Engine.__dict__["__call__"], Net.__dict__["forward"]
+    with ak.Recorder(tmp_path / "x.h5") as rec:
+        auto = AutoWatch(rec, hooks=["engines:Engine", "engines:Net"])
+        auto.install()
+        try:
+            assert engines.Engine is Engine  # the class stays itself: isinstance still works
+            engines.Engine()({"x": np.ones(3, np.float32)})
+            engines.Net()(torch.ones(2), timestep=3)
+        finally:
+            auto.remove()
+    assert (Engine.__dict__["__call__"], Net.__dict__["forward"]) == originals  # and no trace is left
+    with ak.open_dump(tmp_path / "x.h5") as dump:
+        assert dump.submodels == ["Engine", "Net"]
+        assert list(dump["Net", 0].inputs) == ["sample", "timestep"]  # bound to forward's parameters
+        np.testing.assert_array_equal(dump["Engine", 0].outputs["out"], np.full(3, 2, np.float32))
+
+
+def test_a_class_whose_instances_cannot_be_called_asks_for_the_method(tmp_path, engines):
+    with ak.Recorder(tmp_path / "x.h5") as rec:
+        with pytest.raises(UsageError, match=r"Tokenizer instances are not callable; name the method .* engines:Tokenizer\.infer"):
+            AutoWatch(rec, hooks=["engines:Tokenizer"]).install()
