@@ -1,7 +1,8 @@
 """Pair up the calls and tensors of two dumps.
 
-Calls pair by (submodel, step, call). Tensors pair by name, then through the name map, then,
-for what is left, by position when count, order and shapes agree. What has no partner is
+Calls pair by (submodel, step, call). Tensors pair by name, then through the name map, then
+where one name is the other's dotted tail (``added_cond_kwargs.text_embeds`` and ``text_embeds``),
+then, for what is left, by position when count, order and shapes agree. What has no partner is
 kept, never dropped: it appears in the table as present on one side only.
 """
 
@@ -102,7 +103,7 @@ class TensorPair:
     io: str
     ref: TensorInfo | None
     tgt: TensorInfo | None
-    how: str  # "name", "map", "position", or "one side"
+    how: str  # "name", "map", "suffix", "position", or "one side"
 
 
 class MergedCall:
@@ -243,6 +244,23 @@ def match_tensors(ref_call: Call, tgt_call: Call | MergedCall, names: NameMap) -
     return pairs
 
 
+def _match_nested(io: str, refs: list[TensorInfo], tgts: list[TensorInfo]) -> tuple[list[TensorPair], list[TensorInfo], list[TensorInfo]]:
+    """Pair names where one is the other's dotted tail, each the only candidate of the other:
+    diffusers' ``added_cond_kwargs.text_embeds`` is an export's ``text_embeds``. Returns the
+    pairs and what is left on each side."""
+
+    def nests(a: str, b: str) -> bool:
+        return a.endswith("." + b) or b.endswith("." + a)
+
+    pairs = []
+    for t in tgts:
+        candidates = [r for r in refs if nests(r.name, t.name)]
+        if len(candidates) == 1 and sum(nests(candidates[0].name, other.name) for other in tgts) == 1:
+            pairs.append(TensorPair(io, candidates[0], t, "suffix"))
+    paired_r, paired_t = {id(p.ref) for p in pairs}, {id(p.tgt) for p in pairs}
+    return pairs, [r for r in refs if id(r) not in paired_r], [t for t in tgts if id(t) not in paired_t]
+
+
 def _match_io(io: str, refs: list[TensorInfo], tgts: list[TensorInfo], tgt_submodel: str, names: NameMap) -> list[TensorPair]:
     by_name = {r.name: r for r in refs}
     pairs, left_t = [], []
@@ -256,6 +274,8 @@ def _match_io(io: str, refs: list[TensorInfo], tgts: list[TensorInfo], tgt_submo
         else:
             left_t.append(t)
     left_r = [r for r in refs if r.name not in taken]
+    nested, left_r, left_t = _match_nested(io, left_r, left_t)
+    pairs.extend(nested)
     if left_r and len(left_r) == len(left_t) and all(r.shape == t.shape for r, t in zip(left_r, left_t)):
         pairs.extend(TensorPair(io, r, t, "position") for r, t in zip(left_r, left_t))
     else:

@@ -112,6 +112,36 @@ def test_position_fallback_when_names_differ_but_shapes_agree(tmp_path):
     assert result.verdict == "aligned"
 
 
+def test_nested_names_pair_with_an_exports_flat_names_in_any_order(tmp_path):
+    def unet(sample, timestep, added_cond_kwargs=None, return_dict=True):
+        return sample * 2
+
+    rng = np.random.default_rng(0)
+    sample, text_embeds = rng.standard_normal((2, 4, 8, 8), dtype=np.float32), rng.standard_normal((2, 32), dtype=np.float32)
+    time_ids = np.tile(np.float32([64, 64, 0, 0, 64, 64]), (2, 1))
+    with ak.Recorder(tmp_path / "ref.h5") as rec:  # SDXL: diffusers nests the extra inputs
+        rec.watch(unet, "unet")(sample, np.float32(999), added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+    with ak.Recorder(tmp_path / "tgt.h5") as rec:  # the export takes them flat, in its own order
+        rec.watch(lambda feed: {"out_sample": feed["sample"] * 2}, "unet")(
+            {"time_ids": time_ids, "sample": sample, "timestep": np.float32(999), "text_embeds": text_embeds * 1.5}
+        )
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    inputs = result.table[result.table["io"] == "inputs"].set_index("tensor")
+    assert inputs.loc["added_cond_kwargs.time_ids", ["tgt_tensor", "matched_by", "status"]].tolist() == ["time_ids", "suffix", "ok"]
+    assert inputs.loc["added_cond_kwargs.text_embeds", ["tgt_tensor", "matched_by", "status"]].tolist() == ["text_embeds", "suffix", "mismatch"]
+    first = result.first_divergence
+    assert (first.tensor, first.kind) == ("added_cond_kwargs.text_embeds", "input mismatch")
+
+
+def test_a_dotted_tail_with_two_candidates_is_left_to_position(tmp_path):
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        rec.watch(lambda a, b: None, "net")({"x": np.zeros(2)}, {"x": np.ones(2)})
+    with ak.Recorder(tmp_path / "tgt.h5") as rec:
+        rec.watch(lambda x, y: None, "net")(np.zeros(2), np.ones(2))
+    table = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").table
+    assert table[["tensor", "tgt_tensor", "matched_by"]].values.tolist() == [["a.x", "x", "position"], ["b.x", "y", "position"]]
+
+
 def _record_attention(tmp_path, feed):
     """A reference function of (query, key) and an engine fed a dict with compiler-made names."""
     rng = np.random.default_rng(3)
