@@ -19,7 +19,7 @@ from typing import Any
 from alignkit.errors import UsageError
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.recorder import Recorder
-from alignkit.recording.targets import is_torch_module_class, name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
+from alignkit.recording.targets import ObjectNames, is_torch_module_class, name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
 
 
 class AutoWatch:
@@ -30,7 +30,7 @@ class AutoWatch:
         self._patches: list[Hook] = []
         self._finder = _PostImportFinder({"diffusers.pipelines.pipeline_utils": self._patch_diffusers, "onnxruntime": self._patch_onnxruntime})
         self._hook_specs, self._step_specs = list(hooks), list(step_on)
-        self._instance_names: dict[int, str] = {}
+        self._instance_names = ObjectNames()
 
     def install(self) -> None:
         for spec in self._hook_specs:
@@ -92,15 +92,13 @@ class AutoWatch:
         cls = module.InferenceSession
         recorder = self.recorder
         original = cls.run
-        names: dict[int, str] = {}
+        names = ObjectNames()
 
         @functools.wraps(original)
         def run(session: Any, *args: Any, **kwargs: Any) -> Any:
             if recorder._is_watched(session):  # a watched pipeline's component: recorded under its name
                 return original(session, *args, **kwargs)
-            name = names.get(id(session))
-            if name is None:
-                name = names[id(session)] = recorder._unique(ort_session_name(session))
+            name = names.name_for(session, ort_session_name(session), recorder._unique)
             bound = functools.partial(original, session)
             return Watch(recorder, name, ort_bind, ort_outputs_for(session)).call(bound, args, kwargs)
 
@@ -117,11 +115,8 @@ class AutoWatch:
             self._patches.append(FunctionHook(self.recorder, owner, attr, attr, after=after, record=record))
 
     def _instance_name(self, obj: Any) -> str:
-        key = id(obj)
-        if key not in self._instance_names:
-            path = path_of(obj)
-            self._instance_names[key] = self.recorder._unique(name_from_path(path) if path else type(obj).__name__)
-        return self._instance_names[key]
+        path = path_of(obj)
+        return self._instance_names.name_for(obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique)
 
 
 def resolve(spec: str) -> tuple[Any, str, bool]:

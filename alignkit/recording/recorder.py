@@ -18,7 +18,7 @@ from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
-from alignkit.recording.targets import is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name
+from alignkit.recording.targets import ObjectNames, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name
 from alignkit.storage.writer import CallRecord, DumpWriter
 
 _ACTIVE: list[Recorder] = []
@@ -57,8 +57,8 @@ class Recorder:
         self._command = command
         self._max_pending = max_pending_bytes
         self._hooks: list[Hook] = []
-        self._watched: dict[int, str] = {}  # id of each watched object: the submodel it is recorded as
-        self._methods: dict[tuple[int, str], str] = {}  # (id, method) of each watched method: its submodel
+        self._watched = ObjectNames()  # each watched object: the submodel it is recorded as
+        self._methods = ObjectNames()  # each watched method of an object: its submodel
         self._names: dict[str, None] = {}  # every submodel name given out, in order
         self._wrapped: list[str] = []  # submodels recorded only through the wrapper watch() returned
         self._lock = threading.Lock()
@@ -144,7 +144,7 @@ class Recorder:
         for it is an error.
         """
         if method is not None:
-            if not self._watched_already(self._methods.get((id(obj), method)), obj, name):
+            if not self._watched_already(self._methods.get(obj, method), obj, name):
                 self._watch_method(obj, method, name or f"{type(obj).__name__}.{method}")
             return obj
         if is_pipeline(obj):
@@ -152,7 +152,7 @@ class Recorder:
 
             watch_pipeline(self, obj)
             return obj
-        if self._watched_already(self._watched.get(id(obj)), obj, name):
+        if self._watched_already(self._watched.get(obj), obj, name):
             return obj
         if is_torch_module(obj):
             submodel = self._unique(name or type(obj).__name__)
@@ -204,7 +204,7 @@ class Recorder:
         if not callable(getattr(obj, method, None)):
             raise UsageError(f"{type(obj).__name__} has no method {method!r} to watch")
         hook = MethodHook(self, obj, method, self._unique(name), after=after)
-        self._methods[(id(obj), method)] = hook.name
+        self._methods.add(obj, hook.name, method)
         self._add(obj, hook, whole=False)
 
     def _add(self, obj: Any, hook: Hook, *, whole: bool = True) -> None:
@@ -214,10 +214,10 @@ class Recorder:
             self._mark_watched(obj, hook.name)
 
     def _mark_watched(self, obj: Any, submodel: str) -> None:
-        self._watched.setdefault(id(obj), submodel)
+        self._watched.add(obj, submodel)
 
     def _is_watched(self, obj: Any) -> bool:
-        return id(obj) in self._watched
+        return self._watched.get(obj) is not None
 
     def _unique(self, name: str) -> str:
         candidate, n = name, 2

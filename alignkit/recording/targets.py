@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import weakref
+from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any
 
@@ -65,3 +67,45 @@ def ort_outputs_for(session: Any):
         return list(zip(names, result))
 
     return outputs
+
+
+class ObjectNames:
+    """Submodel names by object identity, for objects still alive.
+
+    CPython gives a freed object's id to the next object, so a pipeline that loads its models
+    one after another to save memory would get its new model taken for the freed one. Each
+    entry is checked against a weak reference (a strong one where the object allows none,
+    which then keeps it, and its id, alive)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str], tuple[Callable[[], Any], str, str]] = {}  # (id, part) → (ref, name, base)
+
+    def get(self, obj: Any, part: str = "") -> str | None:
+        """The name ``obj`` (or its method ``part``) was given, if it was."""
+        entry = self._entries.get((id(obj), part))
+        return entry[1] if entry is not None and entry[0]() is obj else None
+
+    def add(self, obj: Any, name: str, part: str = "", base: str = "") -> None:
+        """Name ``obj`` unless it has a name already."""
+        if self.get(obj, part) is None:
+            self._entries[(id(obj), part)] = (_reference(obj), name, base)
+
+    def name_for(self, obj: Any, base: str, unique: Callable[[str], str]) -> str:
+        """``obj``'s name, given on first sight: the name of a freed object of the same ``base``
+        (a session made again for the same model file keeps its name), else ``unique(base)``."""
+        name = self.get(obj)
+        if name is None:
+            freed = next((key for key, (ref, _, b) in self._entries.items() if b == base and ref() is None), None)
+            name = self._entries.pop(freed)[1] if freed is not None else unique(base)
+            self.add(obj, name, base=base)
+        return name
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _reference(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj

@@ -190,6 +190,23 @@ def test_an_object_watched_twice_is_recorded_once(tmp_path):
         assert d.submodels == ["engine", "infer"]
 
 
+def test_models_loaded_one_after_another_are_each_recorded_under_their_own_name(tmp_path):
+    import gc
+
+    ids = []
+    with ak.Recorder(tmp_path / "x.h5") as rec:
+        for i in range(30):  # load, run, free: a freed model's id goes to the next one
+            model = torch.nn.Linear(4, 4)
+            ids.append(id(model))
+            rec.watch(model, f"model{i}")
+            model(torch.ones(1, 4))
+            del model
+            gc.collect()
+    assert len(set(ids)) < len(ids)  # ids were reused, so the case was met
+    with ak.open_dump(tmp_path / "x.h5") as dump:
+        assert dump.submodels == [f"model{i}" for i in range(30)]
+
+
 def test_filters_that_match_nothing_are_warned_about(tmp_path):
     def run(**filters):
         with pytest.warns(RuntimeWarning) as caught:
