@@ -10,6 +10,7 @@
      ├── CallNotFoundError        a (submodel, step, call) key that the dump does not hold
      ├── UsageError               arguments that cannot work (a name map naming nothing, ...)
      ├── RecordingError           the background writer failed; raised when recording ends
+     ├── ReplayError              the replayed target raised on a recorded call
      └── MissingDependencyError   an optional dependency (torch, onnxruntime, ...) is absent
 
 Anything else that escapes alignkit is a bug and keeps its traceback.
@@ -53,6 +54,10 @@ class UsageError(AlignkitError):
 
 class RecordingError(AlignkitError):
     """The background writer failed; the dump holds what was written before."""
+
+
+class ReplayError(AlignkitError):
+    """The target of a replay raised on a recorded call; the cause is chained."""
 
 
 class MissingDependencyError(AlignkitError, ImportError):

@@ -10,7 +10,9 @@ it can itself be the bug.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from alignkit.comparison import Comparison, compare
-from alignkit.errors import UsageError, require
+from alignkit.errors import AlignkitError, ReplayError, UsageError, require
 from alignkit.recording.flatten import name_outputs, split
 from alignkit.recording.metadata import run_metadata
 from alignkit.recording.targets import is_ort_session, is_torch_module, ort_outputs_for
@@ -85,8 +87,13 @@ def replay(
         try:
             for call in calls:
                 feed, values, adapted = runner.feed(call)
-                notes.extend(n for n in adapted if n not in notes)
-                named_out, named_layers = runner.run(feed, values)
+                try:
+                    named_out, named_layers, said = runner.run(feed, values)
+                except (AlignkitError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    raise ReplayError(f"{submodel} step {call.step} call {call.call}: the target raised {type(exc).__name__}: {exc}") from exc
+                notes.extend(n for n in [*adapted, *said] if n not in notes)
                 inputs, in_values = split(list(feed.items()))
                 outputs, _ = split(named_out)
                 layer_tensors, _ = split(named_layers)
@@ -104,10 +111,13 @@ Named = list[tuple[str, Any]]
 
 class _Runner:
     def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-        return call.inputs, call.values("inputs"), []
+        """The recorded inputs, Python numbers given back as numbers (a model may treat an
+        ``int`` and a tensor differently: transformers' ``logits_to_keep``)."""
+        inputs = {name: value.item() if call.source("inputs", name) == "python" else value for name, value in call.inputs.items()}
+        return inputs, call.values("inputs"), []
 
-    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
-        """(outputs, layer outputs) of one call."""
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named, list[str]]:
+        """(outputs, layer outputs, what was adapted, said as notes) of one call."""
         raise NotImplementedError
 
 
@@ -136,11 +146,11 @@ class _OrtRunner(_Runner):
             chosen[meta.name] = value
         return chosen, {}, adapted
 
-    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named, list[str]]:
         if self.exposed is not None:
-            return self.exposed.run(feed)
+            return (*self.exposed.run(feed), [])
         result = self.session.run(None, feed)
-        return ort_outputs_for(self.session)(result, (None,), {}), []
+        return ort_outputs_for(self.session)(result, (None,), {}), [], []
 
 
 class _CallableRunner(_Runner):
@@ -150,19 +160,109 @@ class _CallableRunner(_Runner):
         if layers and not self.torch:
             raise UsageError("layers can be replayed for torch modules and ONNX models only")
         self.layers = layers
+        self.signature = _signature(fn.forward if self.torch else fn)
+        self.feed_name = None if self.torch else _sole_parameter(self.signature)
 
-    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named]:
-        args = {**_unflatten(feed), **{k: v for k, v in values.items() if "." not in k}}
+    def takes(self, name: str) -> bool:
+        """Whether the target has a parameter ``name`` (or takes any keyword)."""
+        if self.signature is None:
+            return True
+        params = self.signature.parameters
+        return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named, list[str]]:
+        if self.feed_name is not None and set(feed) != {self.feed_name}:  # an engine fed one dict, as recorded
+            return name_outputs(self.fn(dict(feed))), [], []
+        recorded = {k: v for k, v in values.items() if "." not in k and not _stands_in(v)}
+        left_out = [k for k in recorded if not self.takes(k)]
+        notes = [f"replay left out the recorded {', '.join(f'`{k}`' for k in left_out)}: not parameters of the target"] if left_out else []
+        args = {**_unflatten(feed), **{k: v for k, v in recorded.items() if k not in left_out}}
         if not self.torch:
-            return name_outputs(self.fn(**args)), []
+            return name_outputs(self.fn(**args)), [], notes
         import torch
 
         from alignkit.recording.layers import capture_layers
 
-        args = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+        args, cast = _to_module(self.fn, args)
         with torch.no_grad(), capture_layers(self.fn, enabled=self.layers) as layers:
             result = self.fn(**args)
-        return name_outputs(result), [(t.name, t.data) for t in layers]
+        return name_outputs(result), [(t.name, t.data) for t in layers], cast + notes
+
+
+def _stands_in(value: Any) -> bool:
+    """A value recorded only by its type (``"<DynamicCache>"``, ``"<Generator>"``): the
+    callee makes its own when it is left out."""
+    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _sole_parameter(signature: inspect.Signature | None) -> str | None:
+    """The name of the one positional parameter, when that is all a callable takes (an engine
+    fed a dict of compiler-made names, ``{"input.1": ...}``)."""
+    params = list(signature.parameters.values()) if signature is not None else []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return params[0].name if len(params) == 1 and params[0].kind in positional else None
+
+
+def _to_module(module: Any, args: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Recorded arrays as torch tensors on the module's device, and a KV cache rebuilt.
+
+    Floating tensors of two or more dimensions take the dtype of most of the module's
+    parameters (fp32 latents into a bf16 port), each cast said. Scalars and vectors (a
+    timestep, a guidance scale) stay as recorded: models embed them in float32 and cast after,
+    and diffusers feeds them so; a bf16 timestep would itself be a bug (999 becomes 1000)."""
+    import torch
+
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    dtype = max({p.dtype for p in params}, key=lambda d: sum(p.numel() for p in params if p.dtype == d)) if params else None
+    device = params[0].device if params else torch.device("cpu")
+    cast: list[str] = []
+
+    def tensor(name: str, value: np.ndarray) -> Any:
+        t = torch.from_numpy(np.ascontiguousarray(value)).to(device)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype and t.dim() >= 2:
+            cast.append(f"replay cast input `{name}` from {t.dtype} (recorded) to {dtype} (the module's parameters)".replace("torch.", ""))
+            t = t.to(dtype)
+        return t
+
+    out = {}
+    for name, value in args.items():
+        if isinstance(value, np.ndarray):
+            out[name] = tensor(name, value)
+        elif isinstance(value, dict) and _is_kv_cache(value):
+            out[name] = _kv_cache({k: tensor(f"{name}.{k}", v) for k, v in value.items()})
+        else:
+            out[name] = value
+    return out, list(dict.fromkeys(cast))
+
+
+_KV_PART = re.compile(r"\d+\.((decoder|encoder)\.)?(key|value)")
+
+
+def _is_kv_cache(parts: dict[str, Any]) -> bool:
+    return bool(parts) and all(_KV_PART.fullmatch(k) for k in parts)
+
+
+def _kv_cache(parts: dict[str, Any]) -> Any:
+    """The transformers cache that recording flattened to ``0.key``, ``0.value``…
+    (``0.decoder.key``, ``0.encoder.key`` for an encoder-decoder cache)."""
+    transformers = require("transformers", "demo")
+
+    def build(side: str) -> Any:
+        cache, prefix = transformers.DynamicCache(), f"{side}." if side else ""
+        for i in sorted({int(k.split(".")[0]) for k in parts if (_KV_PART.fullmatch(k).group(2) or "") == side}):
+            cache.update(parts[f"{i}.{prefix}key"], parts[f"{i}.{prefix}value"], i)
+        return cache
+
+    if any(".decoder." in k for k in parts):
+        return transformers.EncoderDecoderCache(build("decoder"), build("encoder"))
+    return build("")
 
 
 def _unflatten(feed: dict[str, Any]) -> dict[str, Any]:

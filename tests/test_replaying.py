@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import alignkit as ak
+from alignkit.errors import ReplayError
 
 
 class Block(torch.nn.Module):
@@ -69,6 +70,55 @@ def test_replay_is_flat_while_the_pipeline_drifts(demo_dumps, tmp_path, monkeypa
     assert drawn["replay (local error)"] == pytest.approx(per_step(replayed))
     last = max(drawn["pipeline (accumulated)"])
     assert max(drawn["replay (local error)"].values()) < drawn["pipeline (accumulated)"][last] / 100
+
+
+def test_replay_into_a_bf16_module_casts_what_it_computes_with_but_not_the_timestep(demo_dumps, tmp_path):
+    from alignkit.demo.pipeline import tiny_pipeline
+
+    ref, _ = demo_dumps["none"]
+    unet = tiny_pipeline().unet.to(torch.bfloat16)
+    result = ak.replay(ref, submodel="unet", target=unet, out=tmp_path / "replay.h5")
+    casts = [w for w in result.warnings if w.startswith("replay cast")]
+    assert casts == [
+        "replay cast input `sample` from float32 (recorded) to bfloat16 (the module's parameters)",
+        "replay cast input `encoder_hidden_states` from float32 (recorded) to bfloat16 (the module's parameters)",
+    ]
+    outputs = result.table[result.table["io"] == "outputs"]
+    assert set(outputs["tgt_dtype"]) == {"bfloat16"}
+    assert outputs["rel_l1"].max() < 0.1  # bf16 noise; a bf16 timestep (999 → 1000) gave 0.5
+
+
+def test_replay_into_an_engine_fed_one_dict(tmp_path):
+    model = Block().eval()
+    ref = record_calls(tmp_path / "ref.h5", model)
+
+    def engine(feed):  # EngineOV's shape: one dict in, one dict out
+        with torch.no_grad():
+            return {"out": model(torch.from_numpy(feed["sample"]), torch.from_numpy(feed["timestep"])).numpy()}
+
+    result = ak.replay(ref, submodel="unet", target=engine, out=tmp_path / "replay.h5")
+    assert result.verdict == "aligned" and len(result.table[result.table["io"] == "outputs"]) == 3
+
+
+def test_recorded_values_a_callable_does_not_take_are_left_out_and_said(demo_dumps):
+    ref, _ = demo_dumps["none"]
+    result = ak.replay(ref, submodel="unet", target=lambda sample, timestep, encoder_hidden_states: sample * 0, steps=[0])
+    assert result.warnings[0] == (
+        "replay left out the recorded `added_cond_kwargs`, `cross_attention_kwargs`, `return_dict`, `timestep_cond`: not parameters of the target"
+    )
+    assert result.verdict == "diverged"  # it ran, and its zeros are compared
+
+
+def test_a_target_that_raises_is_named_with_its_call_in_one_line(tmp_path):
+    ref = record_calls(tmp_path / "ref.h5", Block().eval())
+
+    def broken(sample, timestep):
+        if int(timestep) == 1:
+            raise RuntimeError("mat1 and mat2 must have the same dtype")
+        return sample
+
+    with pytest.raises(ReplayError, match=r"^unet step 1 call 0: the target raised RuntimeError: mat1 and mat2 must have the same dtype$"):
+        ak.replay(ref, submodel="unet", target=broken, out=tmp_path / "replay.h5")
 
 
 def test_replay_reports_dtype_adaptation(tmp_path):

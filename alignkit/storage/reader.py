@@ -81,6 +81,10 @@ class Call:
         """One tensor's h5py dataset, to read a large one in slices."""
         return self._dump.dataset(self._find(io, name).path)
 
+    def source(self, io: str, name: str) -> str:
+        """Where a tensor came from: ``torch``, ``numpy``, or ``python`` (a Python number)."""
+        return str(self.dataset(io, name).attrs.get("source", "torch"))
+
     def tensor(self, io: str, name: str) -> np.ndarray:
         """One tensor as numpy (bfloat16 widened to float32 exactly)."""
         info = self._find(io, name)

@@ -101,3 +101,22 @@ def test_position_ids_off_by_one_in_the_loop_is_the_first_divergence(reference, 
     record_port(tmp_path / "port.h5", position_shift=1)
     first = ak.compare(path, tmp_path / "port.h5").first_divergence
     assert (first.submodel, first.step, first.io, first.tensor, first.kind) == ("decoder", 1, "inputs", "position_ids", "input mismatch")
+
+
+def test_the_port_replayed_on_reference_inputs_is_aligned_at_every_step(reference, tmp_path):
+    path, _ = reference
+    result = ak.replay(path, submodel="decoder", target=ExportedDecoder(tiny_gpt2()), out=tmp_path / "replay.h5")
+    assert result.verdict == "aligned"
+    assert sorted(set(result.table["step"])) == list(range(NEW_TOKENS))
+
+
+def test_a_bf16_model_replayed_gets_the_reference_cache_rebuilt_in_its_dtype(reference, tmp_path):
+    path, _ = reference
+    result = ak.replay(path, submodel="decoder", target=tiny_gpt2().to(torch.bfloat16), out=tmp_path / "replay.h5")
+    casts = [w for w in result.warnings if w.startswith("replay cast")]
+    assert "replay cast input `past_key_values.0.key` from float32 (recorded) to bfloat16 (the module's parameters)" in casts
+    assert not any("position_ids" in w for w in casts)
+    outputs = result.table[result.table["io"] == "outputs"]
+    cache_out = outputs[outputs["tensor"] == "past_key_values.1.value"]
+    assert list(cache_out["tgt_shape"]) == [f"[1,4,{len(PROMPT[0]) + step},8]" for step in range(NEW_TOKENS)]  # prefill, then one more a step
+    assert outputs["rel_l1"].max() < 0.05
