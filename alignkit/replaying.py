@@ -24,7 +24,7 @@ from alignkit.comparison import Comparison, compare
 from alignkit.errors import AlignkitError, ReplayError, UsageError, require
 from alignkit.recording.flatten import name_outputs, split
 from alignkit.recording.metadata import run_metadata
-from alignkit.recording.targets import is_ort_session, is_torch_module, ort_outputs_for
+from alignkit.recording.targets import is_ort_session, is_torch_module, ort_outputs_for, uncompiled
 from alignkit.storage.reader import Call, open_dump
 from alignkit.storage.writer import CallRecord, DumpWriter
 
@@ -160,7 +160,7 @@ class _CallableRunner(_Runner):
         if layers and not self.torch:
             raise UsageError("layers can be replayed for torch modules and ONNX models only")
         self.layers = layers
-        self.signature = _signature(fn.forward if self.torch else fn)
+        self.signature = _signature(uncompiled(fn).forward if self.torch else fn)
         self.feed_name = None if self.torch else _sole_parameter(self.signature)
 
     def takes(self, name: str) -> bool:

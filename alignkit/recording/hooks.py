@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import UsageError
 from alignkit.recording.flatten import Named, name_outputs, signature_binder
+from alignkit.recording.targets import uncompiled
 
 if TYPE_CHECKING:
     from alignkit.recording.recorder import Recorder
@@ -179,7 +180,7 @@ class ModuleHook(Hook):
 
     def __init__(self, recorder: Recorder, module: Any, name: str):
         self.name = name
-        bind = signature_binder(module.forward)
+        bind = signature_binder(uncompiled(module).forward)
         local = threading.local()
 
         def pre(mod: Any, args: tuple, kwargs: dict) -> None:

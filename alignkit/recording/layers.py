@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.recording.flatten import Named, name_outputs, split
 from alignkit.recording.hooks import Hook
+from alignkit.recording.targets import uncompiled
 from alignkit.recording.tensors import Tensor
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def capture_layers(module: Any, enabled: bool = True) -> Iterator[list[Tensor]]:
 
 
 def leaf_modules(module: Any, pattern: re.Pattern | None = None) -> Iterator[tuple[str, Any]]:
-    for path, sub in module.named_modules():
+    for path, sub in uncompiled(module).named_modules():
         if path and next(sub.children(), None) is None and (pattern is None or pattern.search(path)):
             yield path, sub
 

@@ -18,7 +18,7 @@ from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
-from alignkit.recording.targets import ObjectNames, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name
+from alignkit.recording.targets import ObjectNames, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name, uncompiled
 from alignkit.storage.writer import CallRecord, DumpWriter
 
 _ACTIVE: list[Recorder] = []
@@ -155,7 +155,7 @@ class Recorder:
         if self._watched_already(self._watched.get(obj), obj, name):
             return obj
         if is_torch_module(obj):
-            submodel = self._unique(name or type(obj).__name__)
+            submodel = self._unique(name or type(uncompiled(obj)).__name__)
             self._add(obj, ModuleHook(self, obj, submodel))
             if self._records_layers(submodel):
                 from alignkit.recording.layers import recorder_layers

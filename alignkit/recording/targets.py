@@ -22,6 +22,12 @@ def is_torch_module_class(cls: type) -> bool:
     return torch is not None and issubclass(cls, torch.nn.Module)
 
 
+def uncompiled(module: Any) -> Any:
+    """The module ``torch.compile`` wrapped (its forward's parameters name the inputs, its
+    class names the submodel, its layer paths have no ``_orig_mod.``), or ``module`` itself."""
+    return getattr(module, "_orig_mod", module) if type(module).__name__ == "OptimizedModule" else module
+
+
 def is_ort_session(obj: Any) -> bool:
     ort = sys.modules.get("onnxruntime")
     return ort is not None and isinstance(obj, ort.InferenceSession)

@@ -55,6 +55,26 @@ def test_torch_module_positional_and_keyword_calls_record_the_same(tmp_path):
         assert a.tensor("inputs", "timestep").dtype == np.int64
 
 
+def test_a_compiled_module_records_as_the_module_it_compiles(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, sample, timestep):
+            return self.lin(sample) * timestep
+
+    net = Net()
+    for path, model in ((tmp_path / "eager.h5", net), (tmp_path / "compiled.h5", torch.compile(net, backend="eager"))):
+        with ak.Recorder(path, layers=["Net"]) as rec:
+            rec.watch(model)
+            model(torch.ones(2), torch.tensor(3.0))
+    with ak.open_dump(tmp_path / "eager.h5") as eager, ak.open_dump(tmp_path / "compiled.h5") as compiled:
+        assert compiled.submodels == eager.submodels == ["Net"]
+        assert list(compiled["Net", 0].inputs) == list(eager["Net", 0].inputs) == ["sample", "timestep"]
+        assert list(compiled["Net", 0].layers) == list(eager["Net", 0].layers) == ["lin"]
+
+
 def test_hooks_are_removed_after_an_exception(tmp_path):
     net = Net()
     forward = net.forward
