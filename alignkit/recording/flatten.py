@@ -70,9 +70,9 @@ def kv_cache_tensors(value: Any) -> list[tuple[str, Any]]:
 def _cache_layers(cache: Any) -> list[dict[str, Any]]:
     """Each layer's tensors (keys, values, and a linear-attention layer's states), by kind."""
     tensor_type = torch_tensor_type()
-    layers = getattr(cache, "layers", None)
     if tensor_type is None:  # (transformers' caches hold torch tensors)
         return []
+    layers = getattr(cache, "layers", None)
     if isinstance(layers, list):
         return [
             {_KV_NAMES.get(k, k): v for k, v in getattr(layer, "__dict__", {}).items() if not k.startswith("_") and isinstance(v, tensor_type)}
