@@ -129,6 +129,11 @@ class _OrtRunner(_Runner):
 
     def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         recorded = call.inputs
+        adapted = []
+        empty = {m.name: e for m in self.inputs if m.name not in recorded and (e := _empty_cache(m, recorded)) is not None}
+        if empty:  # the prefill: a decoder export takes a cache of no positions where the reference had none
+            recorded = {**recorded, **empty}
+            adapted.append("replay fed an empty KV cache (no positions) where the reference recorded none: the prefill")
         names = [i.name for i in self.inputs]
         if set(names) <= set(recorded):
             chosen = {n: recorded[n] for n in names}
@@ -136,7 +141,6 @@ class _OrtRunner(_Runner):
             chosen = dict(zip(names, recorded.values()))
         else:
             raise UsageError(f"the ONNX model takes {names}, the recorded call has {list(recorded)}")
-        adapted = []
         for meta in self.inputs:
             want = _ORT_TYPES.get(meta.type)
             value = np.asarray(chosen[meta.name])
@@ -151,6 +155,16 @@ class _OrtRunner(_Runner):
             return (*self.exposed.run(feed), [])
         result = self.session.run(None, feed)
         return ort_outputs_for(self.session)(result, (None,), {}), [], []
+
+
+def _empty_cache(meta: Any, recorded: dict[str, np.ndarray]) -> np.ndarray | None:
+    """A KV-cache input of no positions, (batch, heads, 0, head size), for an ONNX decoder's
+    ``past_key_values.N.key`` when its heads and head size are fixed; else None."""
+    shape = list(meta.shape or [])
+    if not meta.name.startswith(("past_key_values.", "past.")) or len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+        return None
+    batch = shape[0] if isinstance(shape[0], int) else next((v.shape[0] for v in recorded.values() if np.ndim(v)), None)
+    return None if batch is None else np.zeros((batch, shape[1], 0, shape[3]), _ORT_TYPES.get(meta.type, np.float32))
 
 
 class _CallableRunner(_Runner):

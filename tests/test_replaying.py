@@ -141,6 +141,47 @@ def test_replay_reports_dtype_adaptation(tmp_path):
     assert any("cast input `timestep` from int64" in w for w in result.warnings)
 
 
+def test_an_onnx_decoder_gets_an_empty_cache_at_the_prefill(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # present.0.key = concat(past, input_ids broadcast to (batch, 2 heads, seq, 4)) along positions
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+        helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("axes", TensorProto.INT64, [2], [1, 3])),
+        helper.make_node("Unsqueeze", ["ids", "axes"], ["ids4"]),
+        helper.make_node("Constant", [], ["heads"], value=helper.make_tensor("heads", TensorProto.INT64, [4], [1, 2, 1, 4])),
+        helper.make_node("Expand", ["ids4", "heads"], ["new"]),
+        helper.make_node("Concat", ["past_key_values.0.key", "new"], ["present.0.key"], axis=2),
+    ]
+    graph = helper.make_graph(
+        nodes, "decoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", 4])],
+        [helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["batch", 2, "total", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "decoder.onnx")
+
+    def decoder(input_ids, past_key_values=None):
+        new = np.broadcast_to(input_ids.astype(np.float32)[:, None, :, None], (input_ids.shape[0], 2, input_ids.shape[1], 4))
+        past = past_key_values["0.key"] if past_key_values else np.zeros((input_ids.shape[0], 2, 0, 4), np.float32)
+        return {"present.0.key": np.concatenate([past, new], axis=2)}
+
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        watched = rec.watch(decoder, "decoder")
+        out = watched(np.array([[5, 6, 7]]))  # the prefill: no cache yet
+        for token in (8, 9):
+            out = watched(np.array([[token]]), past_key_values={"0.key": out["present.0.key"]})
+    with ak.open_dump(tmp_path / "ref.h5") as dump:
+        assert "past_key_values.0.key" not in dump["decoder", 0].inputs
+    result = ak.replay(tmp_path / "ref.h5", submodel="decoder", target=tmp_path / "decoder.onnx")
+    assert "replay fed an empty KV cache (no positions) where the reference recorded none: the prefill" in result.warnings
+    outputs = result.table[result.table["io"] == "outputs"]
+    assert list(outputs["step"]) == [0, 1, 2] and set(outputs["status"]) == {"ok"}
+
+
 class Overflowing(torch.nn.Module):
     """A norm computed as sqrt(sum(x²)): fine in fp32, inf in fp16 for large activations."""
 
