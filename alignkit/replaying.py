@@ -24,6 +24,7 @@ from alignkit.comparison import Comparison, compare
 from alignkit.errors import AlignkitError, ReplayError, UsageError, require
 from alignkit.recording.flatten import name_outputs, split
 from alignkit.recording.metadata import run_metadata
+from alignkit.recording.tensors import stands_in
 from alignkit.recording.targets import is_ort_session, is_torch_module, ort_outputs_for, uncompiled
 from alignkit.storage.reader import Call, open_dump
 from alignkit.storage.writer import CallRecord, DumpWriter
@@ -113,7 +114,7 @@ class _Runner:
     def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         """The recorded inputs, Python numbers given back as numbers (a model may treat an
         ``int`` and a tensor differently: transformers' ``logits_to_keep``)."""
-        inputs = {name: value.item() if call.source("inputs", name) == "python" else value for name, value in call.inputs.items()}
+        inputs = {name: value.item() if value.ndim == 0 and call.source("inputs", name) == "python" else value for name, value in call.inputs.items()}
         return inputs, call.values("inputs"), []
 
     def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named, list[str]]:
@@ -187,7 +188,7 @@ class _CallableRunner(_Runner):
     def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named, list[str]]:
         if self.feed_name is not None and set(feed) != {self.feed_name}:  # an engine fed one dict, as recorded
             return name_outputs(self.fn(dict(feed))), [], []
-        recorded = {k: v for k, v in values.items() if "." not in k and not _stands_in(v)}
+        recorded = {k: v for k, v in values.items() if "." not in k and not stands_in(v)}
         left_out = [k for k in recorded if not self.takes(k)]
         notes = [f"replay left out the recorded {', '.join(f'`{k}`' for k in left_out)}: not parameters of the target"] if left_out else []
         args = {**_unflatten(feed), **{k: v for k, v in recorded.items() if k not in left_out}}
@@ -201,12 +202,6 @@ class _CallableRunner(_Runner):
         with torch.no_grad(), capture_layers(self.fn, enabled=self.layers) as layers:
             result = self.fn(**args)
         return name_outputs(result), [(t.name, t.data) for t in layers], cast + notes
-
-
-def _stands_in(value: Any) -> bool:
-    """A value recorded only by its type (``"<DynamicCache>"``, ``"<Generator>"``): the
-    callee makes its own when it is left out."""
-    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
 
 
 def _signature(fn: Any) -> inspect.Signature | None:

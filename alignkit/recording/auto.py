@@ -98,7 +98,7 @@ class AutoWatch:
         def run(session: Any, *args: Any, **kwargs: Any) -> Any:
             if recorder._is_watched(session):  # a watched pipeline's component: recorded under its name
                 return original(session, *args, **kwargs)
-            name = names.name_for(session, ort_session_name(session), recorder._unique)
+            name = names.get(session) or names.name_for(session, ort_session_name(session), recorder._unique)
             bound = functools.partial(original, session)
             return Watch(recorder, name, ort_bind, ort_outputs_for(session)).call(bound, args, kwargs)
 
@@ -115,8 +115,13 @@ class AutoWatch:
             self._patches.append(FunctionHook(self.recorder, owner, attr, attr, after=after, record=record))
 
     def _instance_name(self, obj: Any) -> str:
-        path = path_of(obj)
-        return self._instance_names.name_for(obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique)
+        """The submodel an instance's calls are recorded as (asked on every call: the name
+        is worked out on first sight only)."""
+        name = self._instance_names.get(obj)
+        if name is None:
+            path = path_of(obj)
+            name = self._instance_names.name_for(obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique)
+        return name
 
 
 def resolve(spec: str) -> tuple[Any, str, bool]:

@@ -213,12 +213,16 @@ class ClassHook(Hook):
         self._own = owner.__dict__.get(method)
         original = getattr(owner, method)
         watch = Watch(recorder, "", _method_binder(original), after=after, record=record)
+        by_name: dict[str, Watch] = {}  # the watch of each instance name
 
         @functools.wraps(original)
         def wrapper(this: Any, *args: Any, **kwargs: Any) -> Any:
-            if record and recorder._is_watched(this):  # watched itself (a pipeline's component): recorded there
+            if not record:
+                return watch.call(functools.partial(original, this), args, kwargs)
+            if recorder._is_watched(this):  # watched itself (a pipeline's component): recorded there
                 return original(this, *args, **kwargs)
-            named = replace(watch, submodel=namer(this)) if record else watch  # named by instance
+            name = namer(this)
+            named = by_name.get(name) or by_name.setdefault(name, replace(watch, submodel=name))
             return named.call(functools.partial(original, this), args, kwargs)
 
         try:
