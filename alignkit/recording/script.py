@@ -24,6 +24,11 @@ def split_command(command: list[str]) -> tuple[str, str, list[str]]:
         if len(args) < 2:
             raise UsageError("record -m needs a module name")
         return "module", args[1], args[1:]
+    if args[0].startswith("-"):
+        raise UsageError(
+            f"{args[0]}: Python's own options cannot be given here, the script runs in alignkit's interpreter; "
+            f"give them to that one: python {args[0]} -m alignkit record … -- script.py"
+        )
     script = Path(args[0])
     if not script.is_file():
         raise UsageError(f"{script}: no such script")
@@ -60,7 +65,15 @@ def run(kind: str, target: str, argv: list[str]) -> int:
 
 
 def _print_user_traceback() -> None:
+    """The traceback from the user's script down: alignkit's and runpy's frames above it left out."""
     etype, value, tb = sys.exc_info()
-    while tb is not None and "alignkit" in tb.tb_frame.f_code.co_filename or (tb is not None and "runpy" in tb.tb_frame.f_code.co_filename):
+    while tb is not None and _above_the_script(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     traceback.print_exception(etype, value, tb)
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(__file__)) + os.sep  # alignkit/, as its frames name it
+
+
+def _above_the_script(filename: str) -> bool:
+    return filename.startswith(_PACKAGE) or filename == runpy.__file__ or filename.startswith("<frozen runpy")
