@@ -1,9 +1,10 @@
 """Zero code change: record what an unmodified script calls (``alignkit record -- script.py``).
 
-Diffusers pipelines are watched when they are called and ONNX Runtime sessions on ``run``;
-both patches are installed when the script imports those libraries (nothing is imported
-ahead of the script). ``--hook module:Qualified.name`` wraps any other engine, and
-``--step-on module:qualname`` makes a function or method the step boundary.
+Diffusers pipelines are watched when they are called, a diffusers scheduler that a hand-written
+loop calls itself on its first ``step``, and ONNX Runtime sessions on ``run``; each patch is
+installed when the script imports its library (nothing is imported ahead of the script).
+``--hook module:Qualified.name`` wraps any other engine, and ``--step-on module:qualname``
+makes a function or method the step boundary.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ class AutoWatch:
     def __init__(self, recorder: Recorder, hooks: list[str] = (), step_on: list[str] = ()):
         self.recorder = recorder
         self._patches: list[Hook] = []
-        self._finder = _PostImportFinder({"diffusers.pipelines.pipeline_utils": self._patch_diffusers, "onnxruntime": self._patch_onnxruntime})
+        self._finder = _PostImportFinder({
+            "diffusers.pipelines.pipeline_utils": self._patch_pipelines,
+            "diffusers.schedulers.scheduling_utils": self._patch_schedulers,
+            "onnxruntime": self._patch_onnxruntime,
+        })
         self._hook_specs, self._step_specs = list(hooks), list(step_on)
         self._instance_names = ObjectNames()
 
@@ -50,42 +55,37 @@ class AutoWatch:
         self._patches.clear()
 
     # -- diffusers -------------------------------------------------------------------------
-    def _patch_diffusers(self, module: Any) -> None:
-        base = module.DiffusionPipeline
+    def _patch_pipelines(self, module: Any) -> None:
+        """Watch a pipeline when it is called."""
         recorder = self.recorder
-        wrapped: list[tuple[type, Any]] = []
 
-        def wrap(cls: type) -> None:
-            original = cls.__dict__.get("__call__")
-            if original is None or getattr(original, "__alignkit__", False):
-                return
-
+        def around(original: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(original)
             def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
                 recorder.watch(pipe)
                 return original(pipe, *args, **kwargs)
 
-            __call__.__alignkit__ = True  # type: ignore[attr-defined]
-            cls.__call__ = __call__
-            wrapped.append((cls, original))
+            return __call__
 
-        def subclasses(cls: type) -> list[type]:
-            out = []
-            for sub in cls.__subclasses__():
-                out += [sub, *subclasses(sub)]
-            return out
+        self._patches.append(_wrap_subclasses(module.DiffusionPipeline, "__call__", around))
 
-        for cls in subclasses(base):
-            wrap(cls)
-        had_hook = "__init_subclass__" in base.__dict__
-        previous = base.__dict__.get("__init_subclass__")
+    def _patch_schedulers(self, module: Any) -> None:
+        """Watch a scheduler that a hand-written loop calls itself, on its first ``step``
+        (a pipeline's is watched with the pipeline): the loop gets its steps and the glue."""
+        recorder = self.recorder
 
-        def __init_subclass__(cls: type, **kw: Any) -> None:
-            super(base, cls).__init_subclass__(**kw)
-            wrap(cls)
+        def around(original: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(original)
+            def step(scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+                if not recorder._is_watched(scheduler):
+                    recorder.watch(scheduler)
+                    if recorder._is_watched(scheduler):
+                        return scheduler.step(*args, **kwargs)  # through the hook just installed
+                return original(scheduler, *args, **kwargs)
 
-        base.__init_subclass__ = classmethod(__init_subclass__)
-        self._patches.append(_Restore(lambda: _undo_diffusers(base, wrapped, had_hook, previous)))
+            return step
+
+        self._patches.append(_wrap_subclasses(module.SchedulerMixin, "step", around))
 
     # -- onnxruntime -----------------------------------------------------------------------
     def _patch_onnxruntime(self, module: Any) -> None:
@@ -166,13 +166,47 @@ class _Restore(Hook):
             self._undo = None
 
 
-def _undo_diffusers(base: type, wrapped: list, had_hook: bool, previous: Any) -> None:
-    for cls, original in wrapped:
-        cls.__call__ = original
-    if had_hook:
-        base.__init_subclass__ = previous
-    else:
-        del base.__init_subclass__
+def _wrap_subclasses(base: type, method: str, around: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Hook:
+    """Replace ``method`` with ``around(method)`` on every subclass of ``base`` that defines
+    it, now and as later subclasses are created (diffusers imports its classes lazily);
+    returns the hook that puts everything back."""
+    wrapped: list[tuple[type, Any]] = []
+
+    def wrap(cls: type) -> None:
+        original = cls.__dict__.get(method)
+        if original is None or getattr(original, "__alignkit__", False):
+            return
+        replacement = around(original)
+        replacement.__alignkit__ = True  # type: ignore[attr-defined]
+        setattr(cls, method, replacement)
+        wrapped.append((cls, original))
+
+    def subclasses(cls: type) -> list[type]:
+        out = []
+        for sub in cls.__subclasses__():
+            out += [sub, *subclasses(sub)]
+        return out
+
+    for cls in subclasses(base):
+        wrap(cls)
+    had_hook = "__init_subclass__" in base.__dict__
+    previous = base.__dict__.get("__init_subclass__")
+
+    def __init_subclass__(cls: type, **kw: Any) -> None:
+        super(base, cls).__init_subclass__(**kw)
+        wrap(cls)
+
+    base.__init_subclass__ = classmethod(__init_subclass__)
+
+    def undo() -> None:
+        for cls, original in wrapped:
+            setattr(cls, method, original)
+        if had_hook:
+            base.__init_subclass__ = previous
+        else:
+            del base.__init_subclass__
+
+    return _Restore(undo)
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):

@@ -3,14 +3,15 @@
 Tokenizers, feature extractors and image processors are not submodels. The VAE is watched on
 ``decode``/``encode`` (what pipelines call), recorded as ``vae.decode``/``vae.encode``. The
 scheduler's ``step`` is recorded as the submodel ``scheduler`` (its inputs and outputs are the
-glue between UNet calls) and each of its calls ends a step.
+glue between UNet calls) and each of its calls ends a step: in a pipeline, and as well in a
+hand-written loop that calls a diffusers scheduler itself.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from alignkit.recording.targets import is_ort_session, is_torch_module
+from alignkit.recording.targets import is_diffusers_scheduler, is_ort_session, is_torch_module
 
 if TYPE_CHECKING:
     from alignkit.recording.recorder import Recorder
@@ -27,9 +28,8 @@ def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
     for name, component in pipe.components.items():
         if component is None or not is_submodel_name(name) or recorder._is_watched(component):
             continue
-        if name.startswith("scheduler") or _is_scheduler(component):
-            recorder._watch_method(component, "step", "scheduler" if name == "scheduler" else name, after=recorder._scheduler_step)
-            recorder._mark_watched(component, name)
+        if name.startswith("scheduler") or is_diffusers_scheduler(component):
+            watch_scheduler(recorder, component, name)
         elif is_torch_module(component) and _is_autoencoder(component):
             for method in ("decode", "encode"):
                 if hasattr(component, method):
@@ -44,8 +44,10 @@ def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
             recorder.watch(component, name)
 
 
-def _is_scheduler(obj: Any) -> bool:
-    return any(c.__name__ == "SchedulerMixin" for c in type(obj).__mro__)
+def watch_scheduler(recorder: Recorder, scheduler: Any, name: str = "scheduler") -> None:
+    """Record the scheduler's ``step`` calls as the submodel ``name``, each ending a step."""
+    submodel = recorder._watch_method(scheduler, "step", name, after=recorder._scheduler_step)
+    recorder._mark_watched(scheduler, submodel)
 
 
 def _is_autoencoder(module: Any) -> bool:

@@ -18,7 +18,9 @@ from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
-from alignkit.recording.targets import ObjectNames, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name, uncompiled
+from alignkit.recording.targets import (
+    ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name, uncompiled,
+)
 from alignkit.storage.writer import CallRecord, DumpWriter
 
 _ACTIVE: list[Recorder] = []
@@ -137,8 +139,8 @@ class Recorder:
     def watch(self, obj: Any, name: str | None = None, *, method: str | None = None) -> Any:
         """Record calls of ``obj`` under the submodel ``name``; returns what to call.
 
-        A pipeline, module, session or engine object is watched in place and returned; a
-        plain function cannot be, nor an object of a built-in class (a C-extension engine,
+        A pipeline, module, session or engine object is watched in place and returned (a
+        diffusers scheduler on its ``step``, which then ends each step); a plain function cannot be, nor an object of a built-in class (a C-extension engine,
         ``functools.partial``), so a recording wrapper of it is returned instead. Watching
         an object again does nothing (each call is recorded once); asking for another name
         for it is an error.
@@ -153,6 +155,11 @@ class Recorder:
             watch_pipeline(self, obj)
             return obj
         if self._watched_already(self._watched.get(obj), obj, name):
+            return obj
+        if is_diffusers_scheduler(obj):
+            from alignkit.recording.diffusers import watch_scheduler
+
+            watch_scheduler(self, obj, name or "scheduler")
             return obj
         if is_torch_module(obj):
             submodel = self._unique(name or type(uncompiled(obj)).__name__)
@@ -200,12 +207,14 @@ class Recorder:
         exposed = expose(path, self._layer_filter, session.get_providers())
         return lambda args, kwargs: exposed.run(dict(ort_bind(args, kwargs)))[1]
 
-    def _watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> None:
+    def _watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> str:
+        """Watch ``obj.<method>``; returns the submodel it is recorded as."""
         if not callable(getattr(obj, method, None)):
             raise UsageError(f"{type(obj).__name__} has no method {method!r} to watch")
         hook = MethodHook(self, obj, method, self._unique(name), after=after)
         self._methods.add(obj, hook.name, method)
         self._add(obj, hook, whole=False)
+        return hook.name
 
     def _add(self, obj: Any, hook: Hook, *, whole: bool = True) -> None:
         """Keep ``hook``; ``whole``: it records calls of ``obj`` itself, not of one of its methods."""

@@ -37,6 +37,11 @@ def is_pipeline(obj: Any) -> bool:
     return any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__) and hasattr(obj, "components")
 
 
+def is_diffusers_scheduler(obj: Any) -> bool:
+    """A diffusers scheduler (``SchedulerMixin``): its ``step`` is the step boundary."""
+    return any(c.__name__ == "SchedulerMixin" for c in type(obj).__mro__) and callable(getattr(obj, "step", None))
+
+
 def name_from_path(path: str) -> str:
     """``unet/model.onnx`` → ``unet``; ``text_encoder.onnx`` → ``text_encoder``."""
     p = PurePath(str(path))

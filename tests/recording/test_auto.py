@@ -57,3 +57,30 @@ def test_a_class_whose_instances_cannot_be_called_asks_for_the_method(tmp_path, 
     with ak.Recorder(tmp_path / "x.h5") as rec:
         with pytest.raises(UsageError, match=r"Tokenizer instances are not callable; name the method .* engines:Tokenizer\.infer"):
             AutoWatch(rec, hooks=["engines:Tokenizer"]).install()
+
+
+def test_a_hand_written_loops_diffusers_scheduler_is_recorded_and_ends_each_step(tmp_path, engines):
+    """A port that drives a diffusers scheduler itself, around an engine, gets the same steps
+    and the same ``scheduler`` glue as a pipeline would give it."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler.set_timesteps(3)
+    with ak.Recorder(tmp_path / "loop.h5") as rec:
+        auto = AutoWatch(rec, hooks=["engines:Engine"])
+        auto.install()
+        try:
+            engine, latents = engines.Engine(), torch.ones(1, 4, 2, 2)
+            for t in scheduler.timesteps:
+                noise = torch.from_numpy(engine({"x": latents.numpy()})["out"])
+                latents = scheduler.step(noise, t, latents).prev_sample
+        finally:
+            auto.remove()
+    assert not hasattr(EulerDiscreteScheduler.step, "__alignkit__") and "step" not in vars(scheduler)  # no trace left
+    with ak.open_dump(tmp_path / "loop.h5") as dump:
+        assert dump.metadata["step_source"] == "scheduler"
+        assert dump.submodels == ["Engine", "scheduler"]
+        assert list(dump.calls["step"]) == [0, 0, 1, 1, 2, 2]  # each engine call with its step's scheduler call
+        first = dump["scheduler", 0]
+        assert list(first.inputs) == ["model_output", "timestep", "sample"]
+        assert float(first.inputs["timestep"]) == float(scheduler.timesteps[0])

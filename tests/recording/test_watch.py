@@ -316,3 +316,22 @@ def test_without_a_step_source_each_call_is_a_step(tmp_path):
             net(torch.ones(1, 4), torch.tensor(0))
     with ak.open_dump(tmp_path / "d.h5") as d:
         assert d.steps("Net") == [0, 1, 2]
+
+
+def test_a_diffusers_scheduler_is_watched_on_its_step_which_ends_each_step(tmp_path):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(4)
+    unet = torch.nn.Identity()
+    with ak.record(tmp_path / "s.h5", unet, scheduler) as rec:
+        assert rec.watch(scheduler) is scheduler  # watched once, under its first name
+        latents = torch.zeros(1, 4, 2, 2)
+        for t in scheduler.timesteps:
+            latents = scheduler.step(unet(latents), t, latents).prev_sample
+    assert "step" not in vars(scheduler)
+    with ak.open_dump(tmp_path / "s.h5") as dump:
+        assert dump.submodels == ["Identity", "scheduler"]
+        assert dump.metadata["step_source"] == "scheduler"
+        assert list(dump.calls.loc[dump.calls["submodel"] == "Identity", "step"]) == [0, 1, 2, 3]
+        assert [int(dump["scheduler", s].inputs["timestep"]) for s in range(4)] == [int(t) for t in scheduler.timesteps]
