@@ -141,6 +141,8 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
     r = ref.calls.assign(ref_seq=ref.calls["seq"])
     t = tgt.calls.assign(tgt_seq=tgt.calls["seq"], tgt_name=tgt.calls["submodel"])
     t["submodel"] = [names.submodel(s) for s in t["submodel"]]
+    aliases = _export_aliases(set(r["submodel"]), set(t["submodel"]), names)
+    t["submodel"] = [aliases.get(s, s) for s in t["submodel"]]
     shared = set(r["submodel"]) & set(t["submodel"])
     if not shared:
         raise UsageError(
@@ -148,7 +150,8 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
             f"(reference: {', '.join(ref.submodels) or 'none'}; target: {', '.join(tgt.submodels) or 'none'}); "
             "map target names with --map target=reference"
         )
-    notes = []
+    notes = [f"{tgt_name} (target) is compared with {ref_name} (reference): the names diffusers' ONNX export and a torch "
+             f"pipeline give the same VAE half" for tgt_name, ref_name in aliases.items()]
     for sub in sorted(shared):
         parts = _batch_split(ref, tgt, r[r["submodel"] == sub], t[t["submodel"] == sub])
         if parts:
@@ -159,6 +162,22 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
     joined = r.merge(t[columns], on=["submodel", "step", "call"], how="outer")
     joined = joined.sort_values(["ref_seq", "tgt_seq"], kind="stable").reset_index(drop=True)
     return joined, notes + _one_side_notes(joined, r, t)
+
+
+EXPORT_ALIASES = {"vae_decoder": "vae.decode", "vae_encoder": "vae.encode"}
+"""diffusers' and optimum's ONNX layout (``vae_decoder/model.onnx``) against what a torch
+pipeline records (the VAE's ``decode`` and ``encode``)."""
+
+
+def _export_aliases(ref_subs: set[str], tgt_subs: set[str], names: NameMap) -> dict[str, str]:
+    """Target submodels to compare under the reference's name for them: a VAE half named the
+    ONNX way on one side and the torch way on the other, with no name map entry of its own."""
+    out = {}
+    for onnx_name, torch_name in EXPORT_ALIASES.items():
+        for tgt_name, ref_name in ((onnx_name, torch_name), (torch_name, onnx_name)):
+            if tgt_name in tgt_subs - ref_subs and ref_name in ref_subs - tgt_subs and tgt_name not in names.entries:
+                out[tgt_name] = ref_name
+    return out
 
 
 def _batch_split(ref: Dump, tgt: Dump, r: pd.DataFrame, t: pd.DataFrame) -> int:

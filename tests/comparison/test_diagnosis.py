@@ -251,21 +251,38 @@ def test_calls_that_do_not_split_the_batch_are_paired_by_index_and_said(tmp_path
     assert result.verdict == "aligned" and (result.table["status"] == "ok").all()  # call 0 with call 0; call 1 on one side
 
 
-def test_a_submodel_under_another_name_is_pointed_out_with_the_map_that_pairs_it(tmp_path):
+def _record_with_vae_named(tmp_path, ref_vae, tgt_vae):
     x = np.ones((2, 4), np.float32)
-    for path, vae in ((tmp_path / "ref.h5", "vae.decode"), (tmp_path / "tgt.h5", "vae_decoder")):
+    for path, vae in ((tmp_path / "ref.h5", ref_vae), (tmp_path / "tgt.h5", tgt_vae)):
         with ak.Recorder(path) as rec:
             unet, decode = rec.watch(lambda sample: sample, "unet"), rec.watch(lambda z: z, vae)
             unet(x)
             ak.step()
             decode(x)
-    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    return tmp_path / "ref.h5", tmp_path / "tgt.h5"
+
+
+def test_a_submodel_under_another_name_is_pointed_out_with_the_map_that_pairs_it(tmp_path):
+    ref, tgt = _record_with_vae_named(tmp_path, "vae.decode", "decoder")
+    result = ak.compare(ref, tgt)
     assert result.notes == [
         "vae.decode: only in the reference (1 step); not compared",
-        "vae_decoder: only in the target (1 step); not compared",
-        "vae_decoder looks like the target's name for vae.decode (the same steps): compare them with --map vae_decoder=vae.decode",
+        "decoder: only in the target (1 step); not compared",
+        "decoder looks like the target's name for vae.decode (the same steps): compare them with --map decoder=vae.decode",
     ]
-    assert set(ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5", name_map=["vae_decoder=vae.decode"]).table["submodel"]) == {"unet", "vae.decode"}
+    assert set(ak.compare(ref, tgt, name_map=["decoder=vae.decode"]).table["submodel"]) == {"unet", "vae.decode"}
+
+
+@pytest.mark.parametrize("ref_vae, tgt_vae", [("vae.decode", "vae_decoder"), ("vae_encoder", "vae.encode")])
+def test_the_vae_halves_of_an_onnx_export_pair_with_a_torch_pipelines(tmp_path, ref_vae, tgt_vae):
+    """diffusers' ONNX layout (``vae_decoder/model.onnx``) against the torch VAE's methods, either way round."""
+    ref, tgt = _record_with_vae_named(tmp_path, ref_vae, tgt_vae)
+    result = ak.compare(ref, tgt)
+    assert set(result.table["submodel"]) == {"unet", ref_vae} and result.verdict == "aligned"
+    assert result.notes == [f"{tgt_vae} (target) is compared with {ref_vae} (reference): the names diffusers' ONNX export "
+                            "and a torch pipeline give the same VAE half"]
+    mapped = ak.compare(ref, tgt, name_map=[f"{tgt_vae}=unet"])  # a map entry of its own wins
+    assert f"{ref_vae}: only in the reference (1 step); not compared" in mapped.notes
 
 
 def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
