@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 from alignkit.comparison.result import Comparison
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.layers import drill_down
-from alignkit.comparison.matching import NameMap, match_calls
-from alignkit.comparison.table import Thresholds, build_table
+from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls
+from alignkit.comparison.table import Thresholds, build_table, inputs_agree
 from alignkit.errors import UsageError
 from alignkit.storage.reader import Dump, open_dump
 
@@ -39,6 +39,9 @@ def compare(
     limits = Thresholds(cos_min, rel_l1_max, floor_factor)
     with _opened(ref) as r, _opened(tgt) as t:
         calls, notes = match_calls(r, t, names)
+        ref_calls, tgt_calls = {c.seq: c for c in r}, {c.seq: c for c in t}
+        calls, reordered = pair_reordered_calls(calls, lambda rs, ts: inputs_agree(r, t, ref_calls[rs], tgt_calls[ts], names, limits))
+        notes += reordered
         if submodels is not None:
             keep = set(submodels)
             shared = list(dict.fromkeys(calls.dropna(subset=["ref_seq", "tgt_seq"])["submodel"]))

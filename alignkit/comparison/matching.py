@@ -1,6 +1,7 @@
 """Pair up the calls and tensors of two dumps.
 
-Calls pair by (submodel, step, call). Tensors pair by name, then through the name map, then
+Calls pair by (submodel, step, call), or, where a target makes a step's calls of one submodel in
+another order (the negative prompt encoded first), by their inputs. Tensors pair by name, then through the name map, then
 where one name is the other's dotted tail (``added_cond_kwargs.text_embeds`` and ``text_embeds``),
 then, for what is left, by position when count, order and shapes agree. What has no partner is
 kept, never dropped: it appears in the table as present on one side only.
@@ -8,8 +9,9 @@ kept, never dropped: it appears in the table as present on one side only.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +234,39 @@ def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> l
     if one_side and not notes:
         notes.append(f"{one_side} calls are on one side only (the same steps hold a different number of calls)")
     return notes
+
+
+REORDER_MAX_CALLS = 6  # calls of one submodel in one step, beyond which their order is trusted
+
+
+def pair_reordered_calls(calls: pd.DataFrame, agree: Callable[[int, int], bool]) -> tuple[pd.DataFrame, list[str]]:
+    """Re-pair a step's calls of one submodel where the target makes them in another order.
+
+    Calls pair by their index within the step; a port that encodes the negative prompt before
+    the prompt (diffusers encodes the prompt first) would then have both text encoder calls
+    fed the other's input. Where the pairs by index disagree on their inputs (``agree(ref_seq,
+    tgt_seq)``), and another order makes every pair agree, the calls are paired in that order
+    and a note says so. Anything short of that is left to the diagnosis."""
+    calls = calls.copy()
+    notes = []
+    both = calls.dropna(subset=["ref_seq", "tgt_seq"])
+    if "tgt_parts" in both:
+        both = both[both["tgt_parts"].isna()]
+    for (submodel, step), group in both.groupby(["submodel", "step"], sort=False):
+        if not 2 <= len(group) <= REORDER_MAX_CALLS:
+            continue
+        refs, tgts = [int(s) for s in group["ref_seq"]], [int(s) for s in group["tgt_seq"]]
+        if all(agree(r, t) for r, t in zip(refs, tgts)):
+            continue
+        fits = [[agree(r, t) for t in tgts] for r in refs]
+        order = next((p for p in itertools.permutations(range(len(tgts))) if all(fits[i][j] for i, j in enumerate(p))), None)
+        if order is None:
+            continue
+        calls.loc[group.index, "tgt_seq"] = [tgts[j] for j in order]
+        pairs = ", ".join(f"{int(c)} with {int(group['call'].iloc[j])}" for c, j in zip(group["call"], order) if c != group["call"].iloc[j])
+        notes.append(f"{submodel} step {step}: the target makes these calls in another order; paired by their inputs "
+                     f"(the reference's call {pairs} of the target's)")
+    return calls, notes
 
 
 def _steps(steps: list[int]) -> str:

@@ -78,6 +78,12 @@ def build_table(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def inputs_agree(ref: Dump, tgt: Dump, rc: Call, tc: Call, names: NameMap, limits: Thresholds) -> bool:
+    """Whether two calls were fed the same inputs, as the table would judge them."""
+    pairs = [p for p in match_tensors(rc, tc, names) if p.io == "inputs"]
+    return bool(pairs) and all(_row(ref, tgt, rc, tc, pair, limits)["status"] not in BAD for pair in pairs)
+
+
 def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: list[TensorPair], rows: list[dict], limits: Thresholds) -> None:
     """Say which position-matched tensors hold each other's values (``swapped_with``: the
     reference tensor the target's holds). Position matching trusts the order an engine

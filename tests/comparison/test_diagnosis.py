@@ -346,3 +346,25 @@ def test_a_bf16_computation_is_precision_loss_not_a_divergence(tmp_path):
     ratio = result.table.set_index("io")["floor_ratio"]
     assert ratio["inputs"] == pytest.approx(1.0)  # the input is only rounded to bf16
     assert ratio["outputs"] > 1.5  # computing in bf16 is worse than rounding alone, and still expected
+
+
+def _record_prompts(path, prompts):
+    with ak.Recorder(path) as rec:
+        encode = rec.watch(lambda input_ids: input_ids * 0.5, "text_encoder")
+        for ids in prompts:
+            encode(np.array(ids, np.int64))
+        ak.step()  # both calls belong to step 0
+
+
+def test_calls_of_a_step_made_in_another_order_are_paired_by_their_inputs(tmp_path):
+    prompt, negative = [[5, 6, 7]], [[1, 1, 1]]
+    _record_prompts(tmp_path / "ref.h5", [prompt, negative])
+    _record_prompts(tmp_path / "tgt.h5", [negative, prompt])  # the negative prompt encoded first
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.verdict == "aligned" and (result.table["status"] == "ok").all()
+    assert result.notes == ["text_encoder step 0: the target makes these calls in another order; paired by their inputs "
+                            "(the reference's call 0 with 1, 1 with 0 of the target's)"]
+    _record_prompts(tmp_path / "bug.h5", [negative, [[5, 6, 8]]])  # no order makes every pair agree: left by index
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "bug.h5")
+    assert result.verdict == "diverged" and not result.notes
+    assert (result.first_divergence.call, result.first_divergence.kind) == (0, "input mismatch")
