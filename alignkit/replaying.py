@@ -85,6 +85,8 @@ def replay(
             raise UsageError(f"{ref.path}: no calls of {submodel!r} to replay (submodels: {have})")
         runner = _make_runner(target, layers)
         writer = DumpWriter(out_path, {**run_metadata(f"replay of {submodel}"), "replay_of": str(ref.path)})
+        if ref.metadata.get("step_source", "none") != "none":  # the calls keep the reference's steps, which come from there
+            writer.set_attr("step_source", ref.metadata["step_source"])
         try:
             for call in calls:
                 feed, values, adapted = runner.feed(call)

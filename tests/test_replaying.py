@@ -88,6 +88,15 @@ def test_replay_into_a_bf16_module_casts_what_it_computes_with_but_not_the_times
     assert outputs["rel_l1"].max() < 0.1  # bf16 noise; a bf16 timestep (999 → 1000) gave 0.5
 
 
+def test_calls_of_one_step_replay_as_calls_of_that_step(demo_dumps, tmp_path):
+    from alignkit.demo.pipeline import tiny_pipeline
+
+    ref, _ = demo_dumps["none"]  # the prompt and the negative prompt: two text encoder calls at step 0
+    result = ak.replay(ref, submodel="text_encoder", target=tiny_pipeline().text_encoder, out=tmp_path / "replay.h5")
+    assert result.verdict == "aligned" and not result.notes
+    assert sorted(set(zip(result.table["step"], result.table["call"]))) == [(0, 0), (0, 1)]
+
+
 def test_replay_into_an_engine_fed_one_dict(tmp_path):
     model = Block().eval()
     ref = record_calls(tmp_path / "ref.h5", model)
