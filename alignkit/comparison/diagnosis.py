@@ -81,7 +81,7 @@ def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame) -> Divergence 
 
 
 def _evidence(row: pd.Series) -> dict[str, Any]:
-    keys = ["ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "ref_value", "tgt_value", "l1", "rel_l1", "max_abs", "cos", "cos_dist", "status"]
+    keys = ["ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "ref_value", "tgt_value", "l1", "rel_l1", "max_abs", "cos", "cos_dist", "floor_ratio", "status"]
     return {k: _plain(row.get(k)) for k in keys if k in row and not _missing(row.get(k))}
 
 
@@ -92,6 +92,9 @@ def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any]) -> str:
         message = f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"
     elif call["kind"] == INPUT_MISMATCH:
         message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the glue code that feeds {call['submodel']} differs"
+        if math.isfinite(ev.get("floor_ratio", math.inf)):
+            message += (f", or computes in {ev['tgt_dtype']} what the reference computes in {ev['ref_dtype']} and amplifies its rounding "
+                        "(as classifier-free guidance does, by about its guidance scale)")
     else:
         message = f"{where}: propagated — {_values_text(tensor, ev)}"
     if not _missing(row.get("swapped_with")):
@@ -118,6 +121,8 @@ def _metrics_text(ev: dict[str, Any]) -> str:
         parts.append(f"cos {ev['cos']:.9f}")
     if "max_abs" in ev:
         parts.append(f"max_abs {ev['max_abs']:.3g}")
+    if math.isfinite(ev.get("floor_ratio", math.inf)):
+        parts.append(f"{ev['floor_ratio']:.3g}× the noise floor of {ev['tgt_dtype']}")
     return ", ".join(parts)
 
 

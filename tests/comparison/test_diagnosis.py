@@ -368,3 +368,33 @@ def test_calls_of_a_step_made_in_another_order_are_paired_by_their_inputs(tmp_pa
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "bug.h5")
     assert result.verdict == "diverged" and not result.notes
     assert (result.first_divergence.call, result.first_divergence.kind) == (0, "input mismatch")
+
+
+def test_an_input_mismatch_in_a_lower_precision_says_how_far_past_its_noise_floor(tmp_path):
+    """Classifier-free guidance in bf16: each UNet half is within bf16's noise floor, and the
+    guided noise the scheduler gets is far past it, as the guidance scale amplifies rounding."""
+    rng = np.random.default_rng(0)
+    uncond, text = rng.standard_normal((2, 4096)).astype(np.float32)
+    text = uncond * (1 - 1 / 7.5) + 0.05 * text  # halves whose guided difference is small beside each
+    for path, dtype in ((tmp_path / "ref.h5", torch.float32), (tmp_path / "tgt.h5", torch.bfloat16)):
+        with ak.Recorder(path) as rec:
+            unet = rec.watch(lambda sample: torch.from_numpy(np.stack([uncond, text])).to(dtype), "unet")
+            step = rec.watch(lambda model_output: model_output, "scheduler")
+            u, t = unet(torch.zeros(2, dtype=dtype))
+            step(u + 7.5 * (t - u))
+            ak.step()
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    fd = result.first_divergence
+    assert (fd.submodel, fd.kind, fd.tensor) == ("scheduler", "input mismatch", "model_output")
+    assert fd.evidence["floor_ratio"] > 10
+    assert f"{fd.evidence['floor_ratio']:.3g}× the noise floor of bfloat16" in fd.message
+    assert "or computes in bfloat16 what the reference computes in float32 and amplifies its rounding" in fd.message
+    same_dtype = ak.compare(*_record_timestep_bug(tmp_path)).first_divergence
+    assert "noise floor" not in same_dtype.message and "amplifies" not in same_dtype.message
+
+
+def _record_timestep_bug(tmp_path):
+    for path, t in ((tmp_path / "a.h5", 999.5), (tmp_path / "b.h5", 999.0)):
+        with ak.Recorder(path) as rec:
+            rec.watch(lambda sample, timestep: sample, "unet")(np.ones(4, np.float32), np.float32(t))
+    return tmp_path / "a.h5", tmp_path / "b.h5"
