@@ -20,7 +20,7 @@ from typing import Any
 from alignkit.errors import UsageError
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.recorder import Recorder
-from alignkit.recording.targets import ObjectNames, is_torch_module_class, name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
+from alignkit.recording.targets import ORT_UNRECORDED, ObjectNames, is_torch_module_class, name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
 
 
 class AutoWatch:
@@ -102,9 +102,23 @@ class AutoWatch:
             bound = functools.partial(original, session)
             return Watch(recorder, name, ort_bind, ort_outputs_for(session)).call(bound, args, kwargs)
 
-        had_own = "run" in cls.__dict__
-        cls.run = run
-        self._patches.append(_Restore(lambda: setattr(cls, "run", original) if had_own else delattr(cls, "run")))
+        self._patches.append(_patch_method(cls, "run", run))
+        for method in ORT_UNRECORDED:
+            if callable(getattr(cls, method, None)):
+                self._patches.append(_patch_method(cls, method, self._counted(cls, method, names)))
+
+    def _counted(self, cls: type, method: str, names: ObjectNames) -> Callable[..., Any]:
+        """``cls.<method>``, counting the calls of sessions no pipeline watches (alignkit
+        cannot record them) so that the end of the recording says so."""
+        recorder, original = self.recorder, getattr(cls, method)
+
+        @functools.wraps(original)
+        def counted(session: Any, *args: Any, **kwargs: Any) -> Any:
+            if not recorder._is_watched(session):
+                recorder._not_recorded(names.get(session) or names.name_for(session, ort_session_name(session), recorder._unique), method)
+            return original(session, *args, **kwargs)
+
+        return counted
 
     # -- --hook and --step-on --------------------------------------------------------------
     def _patch_target(self, spec: str, *, record: bool, after: Callable[[], None] | None = None) -> None:
@@ -122,6 +136,13 @@ class AutoWatch:
             path = path_of(obj)
             name = self._instance_names.name_for(obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique)
         return name
+
+
+def _patch_method(cls: type, name: str, replacement: Callable[..., Any]) -> Hook:
+    """Set ``cls.<name>``; the hook returned puts back what was there."""
+    had_own, original = name in cls.__dict__, cls.__dict__.get(name)
+    setattr(cls, name, replacement)
+    return _Restore(lambda: setattr(cls, name, original) if had_own else delattr(cls, name))
 
 
 def resolve(spec: str) -> tuple[Any, str, bool]:

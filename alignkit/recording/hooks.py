@@ -106,6 +106,7 @@ class MethodHook(Hook):
         outputs: OutputNamer = default_outputs,
         after: Callable[[], None] | None = None,
         layers: Binder | None = None,
+        record: bool = True,
     ):
         self.name, self._obj, self._method = name, obj, method
         self._had_own = method in getattr(obj, "__dict__", {})
@@ -113,7 +114,7 @@ class MethodHook(Hook):
         self.removed = False
         original = getattr(obj, method)
 
-        watch = Watch(recorder, name, bind or signature_binder(original), outputs, after, layers)
+        watch = Watch(recorder, name, bind or signature_binder(original), outputs, after, layers, record)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if self.removed:

@@ -4,6 +4,7 @@ to the background writer."""
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import os
 import re
@@ -19,7 +20,7 @@ from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wra
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
 from alignkit.recording.targets import (
-    ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name, uncompiled,
+    ORT_UNRECORDED, ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name, uncompiled,
 )
 from alignkit.storage.writer import CallRecord, DumpWriter
 
@@ -69,6 +70,7 @@ class Recorder:
         self._step_source: str | None = None
         self._calls: collections.Counter = collections.Counter()
         self._ordinals: collections.Counter = collections.Counter()
+        self._unrecorded: collections.Counter = collections.Counter()  # (submodel, method) → calls that could not be recorded
         self._writer: DumpWriter | None = None
         self._written = 0
 
@@ -79,11 +81,11 @@ class Recorder:
         return self
 
     def stop(self) -> None:
-        """Remove every hook, then drain and close the dump (raises RecordingError on failure).
-        Filters that matched nothing are warned about: a typo would otherwise leave an empty dump."""
+        """Remove every hook, then drain and close the dump (raises RecordingError on failure),
+        with a warning for each thing the dump lacks that the user may expect."""
         self.remove_hooks()
         if self._writer is not None:
-            for message in self._unmatched_filters():
+            for message in self._stop_warnings():
                 warnings.warn(f"alignkit: {message}", RuntimeWarning, stacklevel=2)
         if self in _ACTIVE:
             _ACTIVE.remove(self)
@@ -106,7 +108,9 @@ class Recorder:
         except Exception as close_error:  # never mask the user's own exception
             warnings.warn(str(close_error), RuntimeWarning, stacklevel=2)
 
-    def _unmatched_filters(self) -> list[str]:
+    def _stop_warnings(self) -> list[str]:
+        """What the dump lacks that the user may expect: filters that matched nothing (a typo
+        would otherwise leave an empty dump), calls that ran where they cannot be recorded."""
         names = list(self._names)
         watched = ", ".join(names) or "none"
         out = []
@@ -115,6 +119,8 @@ class Recorder:
         out += [f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it" for layer in self._layers if layer not in self._names]
         out += [f"{name!r} could not be watched in place (its class is built in), and the recording wrapper that watch() returned "
                 "for it was never called: call that instead" for name in self._wrapped if not self._ordinals[name]]
+        out += [f"{name} ran {n} time{'s' if n != 1 else ''} through {method}, which alignkit does not record (only run): "
+                f"those calls are not in the dump" for (name, method), n in self._unrecorded.items()]
         if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
             out.append(f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded")
         return out
@@ -174,6 +180,10 @@ class Recorder:
             layers = self._onnx_layers(obj) if self._records_layers(submodel) else None
             hook = MethodHook(self, obj, "run", submodel, bind=ort_bind, outputs=ort_outputs_for(obj), layers=layers)
             self._add(obj, hook)
+            for method in ORT_UNRECORDED:
+                if callable(getattr(obj, method, None)):
+                    counted = functools.partial(self._not_recorded, submodel, method)
+                    self._add(obj, MethodHook(self, obj, method, submodel, after=counted, record=False), whole=False)
             return obj
         if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
             return wrap_function(self, obj, self._unique(name or obj.__name__))
@@ -248,6 +258,11 @@ class Recorder:
                 self._writer.set_attr("step_source", source)
             else:
                 self._writer.flush()
+
+    def _not_recorded(self, submodel: str, method: str) -> None:
+        """Count a call that ran through a way alignkit cannot record, to say so at the end."""
+        with self._lock:
+            self._unrecorded[(submodel, method)] += 1
 
     def _scheduler_step(self) -> None:
         self.step("scheduler")

@@ -84,3 +84,23 @@ def test_a_hand_written_loops_diffusers_scheduler_is_recorded_and_ends_each_step
         first = dump["scheduler", 0]
         assert list(first.inputs) == ["model_output", "timestep", "sample"]
         assert float(first.inputs["timestep"]) == float(scheduler.timesteps[0])
+
+
+def test_a_scripts_session_runs_through_an_io_binding_are_counted_and_said(tmp_path, tiny_onnx):
+    import onnxruntime as ort
+
+    originals = {m: vars(ort.InferenceSession).get(m) for m in ("run", "run_with_iobinding")}
+    with pytest.warns(RuntimeWarning, match=r"unet ran 3 times through run_with_iobinding, which alignkit does not record"):
+        with ak.Recorder(tmp_path / "x.h5") as rec:
+            auto = AutoWatch(rec)
+            auto.install()
+            try:
+                session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+                binding = session.io_binding()
+                binding.bind_cpu_input("x", np.ones((2, 4), np.float32))
+                binding.bind_output("y")
+                for _ in range(3):
+                    session.run_with_iobinding(binding)
+            finally:
+                auto.remove()
+    assert {m: vars(ort.InferenceSession).get(m) for m in originals} == originals
