@@ -14,6 +14,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ class AutoWatch:
         })
         self._hook_specs, self._step_specs = list(hooks), list(step_on)
         self._instance_names = ObjectNames()
+        self._running_pipelines = threading.local()  # depth: how many watched pipeline calls this thread is in
 
     def install(self) -> None:
         for spec in self._hook_specs:
@@ -57,27 +59,33 @@ class AutoWatch:
     # -- diffusers -------------------------------------------------------------------------
     def _patch_pipelines(self, module: Any) -> None:
         """Watch a pipeline when it is called."""
-        recorder = self.recorder
+        recorder, running = self.recorder, self._running_pipelines
 
         def around(original: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(original)
             def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
                 recorder.watch(pipe)
-                return original(pipe, *args, **kwargs)
+                running.depth = getattr(running, "depth", 0) + 1
+                try:
+                    return original(pipe, *args, **kwargs)
+                finally:
+                    running.depth -= 1
 
             return __call__
 
         self._patches.append(_wrap_subclasses(module.DiffusionPipeline, "__call__", around))
 
     def _patch_schedulers(self, module: Any) -> None:
-        """Watch a scheduler that a hand-written loop calls itself, on its first ``step``
-        (a pipeline's is watched with the pipeline): the loop gets its steps and the glue."""
-        recorder = self.recorder
+        """Watch a scheduler that a hand-written loop calls itself, on its first ``step``:
+        the loop gets its steps and the glue. A pipeline's own is watched with the pipeline;
+        any other that a pipeline steps inside its call (LTX-2's copy of its scheduler, for
+        the audio) is its business, and would count the steps twice."""
+        recorder, running = self.recorder, self._running_pipelines
 
         def around(original: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(original)
             def step(scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-                if not recorder._is_watched(scheduler):
+                if not getattr(running, "depth", 0) and not recorder._is_watched(scheduler):
                     recorder.watch(scheduler)
                     if recorder._is_watched(scheduler):
                         return scheduler.step(*args, **kwargs)  # through the hook just installed

@@ -13,6 +13,7 @@ All but the torch hooks record each call through a :class:`Watch`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import sys
@@ -121,8 +122,7 @@ class MethodHook(Hook):
                 return original(*args, **kwargs)
             return watch.call(original, args, kwargs)
 
-        self._wrapper = functools.update_wrapper(wrapper, original)
-        self._wrapper.__alignkit_hook__ = self  # type: ignore[attr-defined]
+        self._wrapper = _Shadow(self, obj, wrapper, original)
         object.__setattr__(obj, method, self._wrapper)
 
     def remove(self) -> None:
@@ -142,6 +142,31 @@ class MethodHook(Hook):
                 except AttributeError:
                     pass
         self._obj = None
+
+
+class _Shadow:
+    """The instance attribute that stands in for a watched method.
+
+    A deep copy of the object (``copy.deepcopy(self.scheduler)``: LTX-2's pipelines make
+    their audio scheduler so) copies its ``__dict__``, and with it whatever stands in there.
+    A plain function would go on running the original object's method, so that stepping the
+    copy stepped the original; this one gives the copy its own method back, unwatched."""
+
+    def __init__(self, hook: MethodHook, obj: Any, call: Callable[..., Any], method: Callable[..., Any]):
+        functools.update_wrapper(self, method)  # the method's name, doc and signature (this first: it copies the method's __dict__)
+        self.__alignkit_hook__, self._obj, self._call = hook, obj, call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        copied = memo.get(id(self._obj))
+        if copied is None:  # copied on its own, not as part of its object
+            return self
+        hook = self.__alignkit_hook__
+        if hook._had_own:  # what it stands over was the object's own: copy that
+            return copy.deepcopy(hook._own, memo)
+        return inspect.getattr_static(type(copied), hook._method).__get__(copied, type(copied))
 
 
 class CallHook(Hook):

@@ -104,3 +104,38 @@ def test_a_scripts_session_runs_through_an_io_binding_are_counted_and_said(tmp_p
             finally:
                 auto.remove()
     assert {m: vars(ort.InferenceSession).get(m) for m in originals} == originals
+
+
+def test_a_scheduler_a_pipeline_copies_and_steps_inside_its_call_is_its_own_business(tmp_path):
+    """LTX-2 steps a deep copy of its scheduler for the audio: not a second clock."""
+    import copy
+
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+    class AudioVideoPipeline(DiffusionPipeline):
+        def __init__(self, scheduler):
+            super().__init__()
+            self.register_modules(scheduler=scheduler)
+
+        def __call__(self, steps):
+            self.scheduler.set_timesteps(steps)
+            audio_scheduler = copy.deepcopy(self.scheduler)
+            video = audio = torch.ones(1, 4, 2, 2)
+            for t in self.scheduler.timesteps:
+                video = self.scheduler.step(video * 0.5, t, video).prev_sample
+                audio = audio_scheduler.step(audio * 0.25, t, audio).prev_sample
+            return video, audio
+
+    pipe = AudioVideoPipeline(EulerDiscreteScheduler())
+    unwatched = pipe(3)
+    with ak.Recorder(tmp_path / "av.h5") as rec:
+        auto = AutoWatch(rec)
+        auto.install()
+        try:
+            watched = pipe(3)
+        finally:
+            auto.remove()
+    for a, b in zip(watched, unwatched):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the audio scheduler stepped itself
+    with ak.open_dump(tmp_path / "av.h5") as dump:
+        assert dump.submodels == ["scheduler"] and dump.steps("scheduler") == [0, 1, 2]

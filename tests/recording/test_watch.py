@@ -357,3 +357,34 @@ def test_session_runs_that_cannot_be_recorded_are_counted_and_said(tmp_path, tin
     assert not any(m in vars(session) for m in ("run", "run_with_iobinding", "run_with_ort_values"))
     with ak.open_dump(tmp_path / "s.h5") as dump:
         assert len(dump) == 1  # the run call
+
+
+def test_a_deep_copy_of_a_watched_object_runs_its_own_methods_unwatched(tmp_path):
+    """LTX-2's pipelines make their audio scheduler as ``copy.deepcopy(self.scheduler)``: the
+    copy must step itself, not the scheduler it was copied from."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler
+
+    class Vae(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def decode(self, z):
+            return z * self.scale
+
+    scheduler, vae = EulerDiscreteScheduler(), Vae()
+    scheduler.set_timesteps(3)
+    x = torch.ones(1, 4, 2, 2)
+    with ak.Recorder(tmp_path / "c.h5") as rec:
+        rec.watch(scheduler)
+        rec.watch(vae, method="decode")
+        audio, vae_copy = copy.deepcopy(scheduler), copy.deepcopy(vae)
+        audio.step(x, audio.timesteps[0], x)
+        with torch.no_grad():
+            vae_copy.scale.fill_(3.0)
+            assert float(vae_copy.decode(x).mean()) == 3.0 and float(vae.decode(x).mean()) == 1.0
+    assert (audio.step_index, scheduler.step_index) == (1, None)  # the copy stepped, the original did not
+    with ak.open_dump(tmp_path / "c.h5") as dump:
+        assert list(dump.calls["submodel"]) == ["Vae.decode"]  # the original's call only
