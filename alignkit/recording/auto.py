@@ -1,7 +1,8 @@
 """Zero code change: record what an unmodified script calls (``alignkit record -- script.py``).
 
 Diffusers pipelines are watched when they are called, a diffusers scheduler that a hand-written
-loop calls itself on its first ``step``, and ONNX Runtime sessions on ``run``; each patch is
+loop calls itself on its first ``step``, and ONNX Runtime sessions on each run (``run``,
+``run_with_iobinding``, ``run_with_ort_values``); each patch is
 installed when the script imports its library (nothing is imported ahead of the script).
 ``--hook module:Qualified.name`` wraps any other engine, and ``--step-on module:qualname``
 makes a function or method the step boundary.
@@ -21,7 +22,8 @@ from typing import Any
 from alignkit.errors import UsageError
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.recorder import Recorder
-from alignkit.recording.targets import ORT_UNRECORDED, ObjectNames, is_torch_module_class, name_from_path, ort_bind, ort_outputs_for, ort_session_name, path_of
+from alignkit.recording.ort_runs import PREBOUND, RUN_METHODS, BindingMemory, session_runs
+from alignkit.recording.targets import ObjectNames, is_torch_module_class, name_from_path, ort_session_name, path_of
 
 
 class AutoWatch:
@@ -97,36 +99,27 @@ class AutoWatch:
 
     # -- onnxruntime -----------------------------------------------------------------------
     def _patch_onnxruntime(self, module: Any) -> None:
-        cls = module.InferenceSession
-        recorder = self.recorder
-        original = cls.run
-        names = ObjectNames()
+        """Record every session that no watched pipeline holds, each way it runs, under a name
+        from its model file."""
+        cls, recorder, names = module.InferenceSession, self.recorder, ObjectNames()
 
-        @functools.wraps(original)
-        def run(session: Any, *args: Any, **kwargs: Any) -> Any:
-            if recorder._is_watched(session):  # a watched pipeline's component: recorded under its name
-                return original(session, *args, **kwargs)
-            name = names.get(session) or names.name_for(session, ort_session_name(session), recorder._unique)
-            bound = functools.partial(original, session)
-            return Watch(recorder, name, ort_bind, ort_outputs_for(session)).call(bound, args, kwargs)
+        def recorded(method: str) -> Callable[..., Any]:
+            original = getattr(cls, method)
 
-        self._patches.append(_patch_method(cls, "run", run))
-        for method in ORT_UNRECORDED:
+            @functools.wraps(original)
+            def run(session: Any, *args: Any, **kwargs: Any) -> Any:
+                if recorder._is_watched(session):  # a watched pipeline's component: recorded under its name
+                    return original(session, *args, **kwargs)
+                name = names.get(session) or names.name_for(session, ort_session_name(session), recorder._unique)
+                bind, outputs = session_runs(session, functools.partial(recorder._not_recorded, name, PREBOUND))[method]
+                return Watch(recorder, name, bind, outputs).call(functools.partial(original, session), args, kwargs)
+
+            return run
+
+        for method in RUN_METHODS:
             if callable(getattr(cls, method, None)):
-                self._patches.append(_patch_method(cls, method, self._counted(cls, method, names)))
-
-    def _counted(self, cls: type, method: str, names: ObjectNames) -> Callable[..., Any]:
-        """``cls.<method>``, counting the calls of sessions no pipeline watches (alignkit
-        cannot record them) so that the end of the recording says so."""
-        recorder, original = self.recorder, getattr(cls, method)
-
-        @functools.wraps(original)
-        def counted(session: Any, *args: Any, **kwargs: Any) -> Any:
-            if not recorder._is_watched(session):
-                recorder._not_recorded(names.get(session) or names.name_for(session, ort_session_name(session), recorder._unique), method)
-            return original(session, *args, **kwargs)
-
-        return counted
+                self._patches.append(_patch_method(cls, method, recorded(method)))
+        self._patches.append(BindingMemory())
 
     # -- --hook and --step-on --------------------------------------------------------------
     def _patch_target(self, spec: str, *, record: bool, after: Callable[[], None] | None = None) -> None:

@@ -20,7 +20,7 @@ from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wra
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
 from alignkit.recording.targets import (
-    ORT_UNRECORDED, ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_outputs_for, ort_session_name, uncompiled,
+    ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_session_name, uncompiled,
 )
 from alignkit.storage.writer import CallRecord, DumpWriter
 
@@ -70,7 +70,7 @@ class Recorder:
         self._step_source: str | None = None
         self._calls: collections.Counter = collections.Counter()
         self._ordinals: collections.Counter = collections.Counter()
-        self._unrecorded: collections.Counter = collections.Counter()  # (submodel, method) → calls that could not be recorded
+        self._unrecorded: collections.Counter = collections.Counter()  # (submodel, how) → calls that could not be recorded whole
         self._writer: DumpWriter | None = None
         self._written = 0
 
@@ -119,8 +119,7 @@ class Recorder:
         out += [f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it" for layer in self._layers if layer not in self._names]
         out += [f"{name!r} could not be watched in place (its class is built in), and the recording wrapper that watch() returned "
                 "for it was never called: call that instead" for name in self._wrapped if not self._ordinals[name]]
-        out += [f"{name} ran {n} time{'s' if n != 1 else ''} through {method}, which alignkit does not record (only run): "
-                f"those calls are not in the dump" for (name, method), n in self._unrecorded.items()]
+        out += [f"{name} ran {n} time{'s' if n != 1 else ''} {how}" for (name, how), n in self._unrecorded.items()]
         if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
             out.append(f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded")
         return out
@@ -178,12 +177,7 @@ class Recorder:
         if is_ort_session(obj):
             submodel = self._unique(name or ort_session_name(obj))
             layers = self._onnx_layers(obj) if self._records_layers(submodel) else None
-            hook = MethodHook(self, obj, "run", submodel, bind=ort_bind, outputs=ort_outputs_for(obj), layers=layers)
-            self._add(obj, hook)
-            for method in ORT_UNRECORDED:
-                if callable(getattr(obj, method, None)):
-                    counted = functools.partial(self._not_recorded, submodel, method)
-                    self._add(obj, MethodHook(self, obj, method, submodel, after=counted, record=False), whole=False)
+            self._watch_session(obj, submodel, layers)
             return obj
         if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
             return wrap_function(self, obj, self._unique(name or obj.__name__))
@@ -216,6 +210,16 @@ class Recorder:
             raise UsageError("layer recording of an ONNX session needs a session created from a model file")
         exposed = expose(path, self._layer_filter, session.get_providers())
         return lambda args, kwargs: exposed.run(dict(ort_bind(args, kwargs)))[1]
+
+    def _watch_session(self, session: Any, submodel: str, layers: Callable[[tuple, dict], Named] | None) -> None:
+        """Every way the session runs, recorded as ``submodel`` (layers through ``run`` only)."""
+        from alignkit.recording.ort_runs import PREBOUND, BindingMemory, session_runs
+
+        prebound = functools.partial(self._not_recorded, submodel, PREBOUND)
+        for method, (bind, outputs) in session_runs(session, prebound).items():
+            hook = MethodHook(self, session, method, submodel, bind=bind, outputs=outputs, layers=layers if method == "run" else None)
+            self._add(session, hook, whole=method == "run")
+        self._add(None, BindingMemory())
 
     def _watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> str:
         """Watch ``obj.<method>``; returns the submodel it is recorded as."""
@@ -259,10 +263,11 @@ class Recorder:
             else:
                 self._writer.flush()
 
-    def _not_recorded(self, submodel: str, method: str) -> None:
-        """Count a call that ran through a way alignkit cannot record, to say so at the end."""
+    def _not_recorded(self, submodel: str, how: str) -> None:
+        """Count a call that could not be recorded whole, to say so at the end: ``how`` it ran,
+        and what is missing."""
         with self._lock:
-            self._unrecorded[(submodel, method)] += 1
+            self._unrecorded[(submodel, how)] += 1
 
     def _scheduler_step(self) -> None:
         self.step("scheduler")

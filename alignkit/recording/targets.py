@@ -64,11 +64,6 @@ def ort_session_name(session: Any) -> str:
     return name_from_path(path) if isinstance(path, str) and path else "onnx"
 
 
-ORT_UNRECORDED = ("run_with_iobinding", "run_with_ort_values")
-"""The ways to run a session other than ``run``: their inputs live in bindings and device
-values that alignkit does not read, so their calls are counted and said, not recorded."""
-
-
 def ort_bind(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
     """``run(output_names, input_feed, run_options)``: inputs are named by the feed."""
     feed = kwargs.get("input_feed", args[1] if len(args) > 1 else {})

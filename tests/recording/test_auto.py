@@ -86,24 +86,29 @@ def test_a_hand_written_loops_diffusers_scheduler_is_recorded_and_ends_each_step
         assert float(first.inputs["timestep"]) == float(scheduler.timesteps[0])
 
 
-def test_a_scripts_session_runs_through_an_io_binding_are_counted_and_said(tmp_path, tiny_onnx):
+def test_a_scripts_session_runs_through_an_io_binding_are_recorded(tmp_path, tiny_onnx):
     import onnxruntime as ort
 
-    originals = {m: vars(ort.InferenceSession).get(m) for m in ("run", "run_with_iobinding")}
-    with pytest.warns(RuntimeWarning, match=r"unet ran 3 times through run_with_iobinding, which alignkit does not record"):
-        with ak.Recorder(tmp_path / "x.h5") as rec:
-            auto = AutoWatch(rec)
-            auto.install()
-            try:
-                session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
-                binding = session.io_binding()
-                binding.bind_cpu_input("x", np.ones((2, 4), np.float32))
-                binding.bind_output("y")
-                for _ in range(3):
-                    session.run_with_iobinding(binding)
-            finally:
-                auto.remove()
+    originals = {m: vars(ort.InferenceSession).get(m) for m in ("run", "run_with_iobinding", "run_with_ort_values")}
+    binding_methods = dict(vars(ort.IOBinding))
+    with ak.Recorder(tmp_path / "x.h5") as rec:
+        auto = AutoWatch(rec)
+        auto.install()
+        try:
+            session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+            binding = session.io_binding()
+            binding.bind_output("y")
+            for step in range(3):
+                binding.bind_cpu_input("x", np.full((2, 4), step, np.float32))
+                session.run_with_iobinding(binding)
+        finally:
+            auto.remove()
     assert {m: vars(ort.InferenceSession).get(m) for m in originals} == originals
+    assert dict(vars(ort.IOBinding)) == binding_methods
+    with ak.open_dump(tmp_path / "x.h5") as dump:
+        assert dump.submodels == ["unet"] and dump.steps("unet") == [0, 1, 2]
+        assert [float(dump["unet", s].inputs["x"].mean()) for s in range(3)] == [0.0, 1.0, 2.0]
+        assert list(dump["unet", 2].outputs) == ["y"]
 
 
 def test_a_scheduler_a_pipeline_copies_and_steps_inside_its_call_is_its_own_business(tmp_path):

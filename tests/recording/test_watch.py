@@ -337,28 +337,6 @@ def test_a_diffusers_scheduler_is_watched_on_its_step_which_ends_each_step(tmp_p
         assert [int(dump["scheduler", s].inputs["timestep"]) for s in range(4)] == [int(t) for t in scheduler.timesteps]
 
 
-def test_session_runs_that_cannot_be_recorded_are_counted_and_said(tmp_path, tiny_onnx):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
-    x = np.ones((2, 4), np.float32)
-    with pytest.warns(RuntimeWarning) as caught:
-        with ak.record(tmp_path / "s.h5", session):
-            session.run(None, {"x": x})
-            binding = session.io_binding()
-            binding.bind_cpu_input("x", x)
-            binding.bind_output("y")
-            for _ in range(2):
-                session.run_with_iobinding(binding)
-            session.run_with_ort_values(["y"], {"x": ort.OrtValue.ortvalue_from_numpy(x)})
-    messages = [str(w.message) for w in caught]
-    assert "alignkit: unet ran 2 times through run_with_iobinding, which alignkit does not record (only run): those calls are not in the dump" in messages
-    assert "alignkit: unet ran 1 time through run_with_ort_values, which alignkit does not record (only run): those calls are not in the dump" in messages
-    assert not any(m in vars(session) for m in ("run", "run_with_iobinding", "run_with_ort_values"))
-    with ak.open_dump(tmp_path / "s.h5") as dump:
-        assert len(dump) == 1  # the run call
-
-
 def test_a_deep_copy_of_a_watched_object_runs_its_own_methods_unwatched(tmp_path):
     """LTX-2's pipelines make their audio scheduler as ``copy.deepcopy(self.scheduler)``: the
     copy must step itself, not the scheduler it was copied from."""
