@@ -202,7 +202,10 @@ class CallHook(Hook):
 
 
 class ModuleHook(Hook):
-    """Record a ``torch.nn.Module``'s calls with torch's forward pre/post hooks."""
+    """Record a ``torch.nn.Module``'s calls with torch's forward pre/post hooks.
+
+    A deep copy of the module copies its hooks too, which torch cannot remove from the copy:
+    there they do nothing (the copy is another model, not the watched one)."""
 
     def __init__(self, recorder: Recorder, module: Any, name: str):
         self.name = name
@@ -210,10 +213,14 @@ class ModuleHook(Hook):
         local = threading.local()
 
         def pre(mod: Any, args: tuple, kwargs: dict) -> None:
+            if mod is not module:
+                return
             stack = local.__dict__.setdefault("stack", [])
             stack.append(recorder._begin(name, lambda: bind(args, kwargs)))
 
         def post(mod: Any, args: tuple, kwargs: dict, result: Any) -> None:
+            if mod is not module:
+                return
             stack = local.__dict__.get("stack") or [None]
             raised = sys.exc_info()[1] if result is None else None  # always_call runs it on errors
             recorder._end(stack.pop(), lambda: name_outputs(result), error=raised)

@@ -31,7 +31,7 @@ class LayerHooks(Hook):
 
     def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None, capture: Capture = split):
         self.name = name
-        self._handles = [sub.register_forward_hook(_hook(path, sink, capture)) for path, sub in leaf_modules(module, pattern)]
+        self._handles = [sub.register_forward_hook(_hook(path, sub, sink, capture)) for path, sub in leaf_modules(module, pattern)]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -68,8 +68,10 @@ def leaf_modules(module: Any, pattern: re.Pattern | None = None) -> Iterator[tup
             yield path, sub
 
 
-def _hook(path: str, sink: Sink, capture: Capture):
+def _hook(path: str, layer: Any, sink: Sink, capture: Capture):
     def hook(module: Any, args: tuple, output: Any) -> None:
+        if module is not layer:  # a deep copy's layer, which torch gave the hook too
+            return
         layers = sink()
         if layers is None:
             return

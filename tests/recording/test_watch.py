@@ -366,3 +366,29 @@ def test_a_deep_copy_of_a_watched_object_runs_its_own_methods_unwatched(tmp_path
     assert (audio.step_index, scheduler.step_index) == (1, None)  # the copy stepped, the original did not
     with ak.open_dump(tmp_path / "c.h5") as dump:
         assert list(dump.calls["submodel"]) == ["Vae.decode"]  # the original's call only
+
+
+def test_a_deep_copy_of_a_watched_module_is_not_recorded_under_its_name(tmp_path):
+    import copy
+
+    unet = torch.nn.Linear(2, 2)
+    with ak.record(tmp_path / "m.h5", unet):
+        twin = copy.deepcopy(unet)  # torch copies the forward hooks along
+        with torch.no_grad():
+            twin(torch.ones(2)), unet(torch.ones(2)), twin(torch.ones(2))
+    with ak.open_dump(tmp_path / "m.h5") as dump:
+        assert len(dump) == 1
+
+
+def test_a_deep_copys_layers_do_not_join_the_watched_modules_call(tmp_path):
+    import copy
+
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with ak.record(tmp_path / "l.h5", layers=["Sequential"]) as rec:
+        rec.watch(seq)
+        twin = copy.deepcopy(seq)
+        seq.register_forward_pre_hook(lambda mod, args: twin(args[0]))  # the copy runs inside the watched call
+        with torch.no_grad():
+            seq(torch.ones(2))
+    with ak.open_dump(tmp_path / "l.h5") as dump:
+        assert list(dump["Sequential", 0].layers) == ["0", "1"]  # not "0#2", "1#2" from the copy
