@@ -9,7 +9,7 @@ from alignkit.comparison.result import Comparison
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls
-from alignkit.comparison.table import Thresholds, build_table, inputs_agree
+from alignkit.comparison.table import Thresholds, build_table, inputs_agree, one_side_notes
 from alignkit.errors import UsageError
 from alignkit.storage.reader import Dump, open_dump
 
@@ -66,7 +66,7 @@ def compare(
             calls=per_call,
             thresholds=limits,
             warnings=warnings_for(table, floor_factor),
-            notes=notes,
+            notes=notes + one_side_notes(table),
             growth=growth(per_call, first) if first is not None else {},
             tolerance=tolerance(table),
             ref_meta=dict(r.metadata),

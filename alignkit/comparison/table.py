@@ -78,6 +78,17 @@ def build_table(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def one_side_notes(table: pd.DataFrame) -> list[str]:
+    """Tensors of matched calls that only one run has, each said once: an output the export
+    left out (a text encoder's ``pooler_output``), an input the port does not feed."""
+    notes = []
+    one_side = table[table["status"].isin(["ref only", "tgt only"])]
+    for (submodel, io, tensor, status), group in one_side.groupby(["submodel", "io", "tensor", "status"], sort=False):
+        side, n = ("reference" if status == "ref only" else "target"), len(group)
+        notes.append(f"{submodel} {io[:-1]} `{tensor}`: only in the {side} ({n} call{'s' if n != 1 else ''}); not compared")
+    return notes
+
+
 def inputs_agree(ref: Dump, tgt: Dump, rc: Call, tc: Call, names: NameMap, limits: Thresholds) -> bool:
     """Whether two calls were fed the same inputs, as the table would judge them."""
     pairs = [p for p in match_tensors(rc, tc, names) if p.io == "inputs"]
