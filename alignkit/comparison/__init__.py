@@ -9,7 +9,7 @@ from alignkit.comparison.result import Comparison
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls
-from alignkit.comparison.table import Thresholds, build_table, inputs_agree, one_side_notes
+from alignkit.comparison.table import Thresholds, build_table, inputs_agree, one_side_notes, raised_calls
 from alignkit.errors import UsageError
 from alignkit.storage.reader import Dump, open_dump
 
@@ -55,7 +55,7 @@ def compare(
         unused = names.unused()
         if unused:
             raise UsageError(f"name map entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no submodel or tensor in {t.path}")
-        per_call = classify_calls(table, calls)
+        per_call = classify_calls(table, calls, raised_calls(r, t, calls))
         first = first_divergence(table, per_call)
         result = Comparison(
             reference=str(r.path),

@@ -4,6 +4,8 @@
   code between submodels feeds something different.
 - *local error*: the inputs match but the outputs differ — the port of that submodel.
 - *propagated*: the inputs differ because an earlier call's output already differed.
+- *raised*: the inputs match, and one run's call raised where the other's returned (an
+  engine that refuses a dtype or shape the reference takes).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pandas as pd
 
 from alignkit.comparison.table import BAD
 
-INPUT_MISMATCH, LOCAL_ERROR, PROPAGATED = "input mismatch", "local error", "propagated"
+INPUT_MISMATCH, LOCAL_ERROR, PROPAGATED, RAISED = "input mismatch", "local error", "propagated", "raised"
 
 
 @dataclass
@@ -40,8 +42,9 @@ class Divergence:
         return asdict(self)
 
 
-def classify_calls(table: pd.DataFrame, calls: pd.DataFrame) -> pd.DataFrame:
-    """One row per matched call with its kind ('' when it matches) and worst output error."""
+def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, str] | None = None) -> pd.DataFrame:
+    """One row per matched call with its kind ('' when it matches) and worst output error;
+    ``raised`` says which calls raised on one side only (by reference seq)."""
     bad = table["status"].isin(BAD)
     per_call = (
         table.assign(bad_in=bad & (table["io"] == "inputs"), bad_out=bad & (table["io"] == "outputs"))
@@ -54,15 +57,18 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame) -> pd.DataFrame:
     matched = calls.dropna(subset=["ref_seq", "tgt_seq"]).sort_values("ref_seq")
     frame = matched[["seq", "submodel", "step", "call"]].astype({"seq": "int64"}).set_index("seq")
     frame = frame.join(per_call).join(outs).fillna({"bad_in": False, "bad_out": False})
+    frame["raised"] = [(raised or {}).get(seq, "") for seq in frame.index]
     kinds, earlier = [], False
-    for bad_in, bad_out in zip(frame["bad_in"], frame["bad_out"]):
+    for bad_in, bad_out, raise_ in zip(frame["bad_in"], frame["bad_out"], frame["raised"]):
         if bad_in:
             kinds.append(PROPAGATED if earlier else INPUT_MISMATCH)
+        elif raise_:
+            kinds.append(RAISED)
         elif bad_out:
             kinds.append(LOCAL_ERROR)
         else:
             kinds.append("")
-        earlier = earlier or bool(bad_in) or bool(bad_out)
+        earlier = earlier or bool(bad_in) or bool(bad_out) or bool(raise_)
     frame["kind"] = kinds
     return frame.reset_index()
 
@@ -72,6 +78,10 @@ def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame) -> Divergence 
     if hits.empty:
         return None
     call = hits.iloc[0]
+    if call["kind"] == RAISED:
+        where = f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
+        message = f"{where}: raised — {call['raised']}, from matching inputs"
+        return Divergence(str(call["submodel"]), int(call["step"]), int(call["call"]), "outputs", "", RAISED, message, int(call["seq"]), {"raised": call["raised"]})
     io = "outputs" if call["kind"] == LOCAL_ERROR else "inputs"
     rows = table[(table["seq"] == call["seq"]) & (table["io"] == io) & table["status"].isin(BAD)]
     row = rows.iloc[0]

@@ -78,6 +78,24 @@ def build_table(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def raised_calls(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[int, str]:
+    """The matched calls where one run raised and the other returned, by reference seq: who
+    raised what, where the other returned. A call that raised has no outputs, so only such
+    calls are asked."""
+    ref_calls, tgt_calls = {c.seq: c for c in ref}, {c.seq: c for c in tgt}
+    out = {}
+    for rs, ts in calls.dropna(subset=["ref_seq", "tgt_seq"])[["ref_seq", "tgt_seq"]].itertuples(index=False):
+        rc, tc = ref_calls[int(rs)], tgt_calls[int(ts)]
+        returned = bool(rc.info("outputs")), bool(tc.info("outputs"))
+        if returned[0] == returned[1]:
+            continue
+        (who, call), other = (("the target", tc), "the reference") if returned[0] else (("the reference", rc), "the target")
+        error = call.error
+        if error is not None and not error.startswith("alignkit "):  # not alignkit's own trouble copying the outputs
+            out[rc.seq] = f"{who} raised {error}, where {other} returned"
+    return out
+
+
 def one_side_notes(table: pd.DataFrame) -> list[str]:
     """Tensors of matched calls that only one run has, each said once: an output the export
     left out (a text encoder's ``pooler_output``), an input the port does not feed."""

@@ -87,8 +87,11 @@ def _verdict(result: Comparison) -> str:
     out = [f"<div class='verdict {cls}' id='verdict'><b>{e(result.verdict.upper())}</b> — {e(_verdict_sentence(result))}</div>"]
     if fd is not None:
         ev = fd.evidence
-        lines = [f"where:    {fd.submodel}, step {fd.step}, call {fd.call}, {fd.io[:-1]} `{fd.tensor}`", f"kind:     {fd.kind}"]
-        if "ref_value" in ev:
+        place = f"{fd.io[:-1]} `{fd.tensor}`" if fd.tensor else "the call itself"
+        lines = [f"where:    {fd.submodel}, step {fd.step}, call {fd.call}, {place}", f"kind:     {fd.kind}"]
+        if "raised" in ev:
+            lines.append(f"raised:   {ev['raised']}")
+        elif "ref_value" in ev:
             lines.append(f"reference: {ev.get('ref_dtype')} {ev.get('ref_value')}")
             lines.append(f"target:    {ev.get('tgt_dtype')} {ev.get('tgt_value')}")
         else:
@@ -129,6 +132,8 @@ def _advice(kind: str) -> str:
         "input mismatch": "An input differs although every earlier call matched: look at the glue code that prepares this input (dtype casts, timestep handling, scaling, normalisation).",
         "local error": "The inputs match but the outputs differ: the port of this submodel itself is off. Replay it (alignkit replay) and drill down to its layers.",
         "propagated": "The inputs differ because an earlier output already differed: look at the earlier call.",
+        "raised": "One run's call raised where the other's returned, from matching inputs: the port refuses what the reference takes "
+                  "(an input's dtype or shape, a missing input); the inputs' dtypes are in the table and the warnings.",
     }.get(kind, "")
 
 

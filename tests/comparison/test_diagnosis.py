@@ -398,3 +398,31 @@ def _record_timestep_bug(tmp_path):
         with ak.Recorder(path) as rec:
             rec.watch(lambda sample, timestep: sample, "unet")(np.ones(4, np.float32), np.float32(t))
     return tmp_path / "a.h5", tmp_path / "b.h5"
+
+
+def _record_engine(path, raises):
+    def engine(input_ids):
+        if raises:
+            raise ValueError("Unexpected input data type. Actual: (tensor(int32)), expected: (tensor(int64))")
+        return input_ids * 2.0
+
+    with ak.Recorder(path) as rec:
+        watched = rec.watch(engine, "text_encoder")
+        try:
+            watched(np.arange(4, dtype=np.int64))
+        except ValueError:
+            pass
+
+
+def test_a_call_that_raises_on_one_side_only_is_the_divergence(tmp_path):
+    _record_engine(tmp_path / "ref.h5", raises=False)
+    _record_engine(tmp_path / "tgt.h5", raises=True)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    fd = result.first_divergence
+    assert result.verdict == "diverged" and (fd.submodel, fd.kind, fd.tensor) == ("text_encoder", "raised", "")
+    assert fd.message == ("text_encoder step 0: raised — the target raised ValueError: Unexpected input data type. Actual: (tensor(int32)), "
+                          "expected: (tensor(int64)), where the reference returned, from matching inputs")
+    report = result.to_html(tmp_path / "r.html").read_text()
+    assert "raised:   the target raised ValueError" in report and "output ``" not in report
+    both = ak.compare(tmp_path / "tgt.h5", tmp_path / "tgt.h5")  # raising alike is no divergence
+    assert both.verdict == "aligned"
