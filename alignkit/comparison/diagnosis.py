@@ -80,7 +80,9 @@ def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame) -> Divergence 
     call = hits.iloc[0]
     if call["kind"] == RAISED:
         where = f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
-        message = f"{where}: raised — {call['raised']}, from matching inputs"
+        inputs = table[(table["seq"] == call["seq"]) & (table["io"] == "inputs")].dropna(subset=["ref_dtype", "tgt_dtype"])
+        recast = [f"`{r.tensor}` is {r.tgt_dtype} in the target, {r.ref_dtype} in the reference" for r in inputs.itertuples() if r.ref_dtype != r.tgt_dtype]
+        message = f"{where}: raised — {call['raised']}, from matching inputs" + (f" (equal values, but {'; '.join(recast)})" if recast else "")
         return Divergence(str(call["submodel"]), int(call["step"]), int(call["call"]), "outputs", "", RAISED, message, int(call["seq"]), {"raised": call["raised"]})
     io = "outputs" if call["kind"] == LOCAL_ERROR else "inputs"
     rows = table[(table["seq"] == call["seq"]) & (table["io"] == io) & table["status"].isin(BAD)]
