@@ -25,7 +25,8 @@ from alignkit.errors import AlignkitError, ReplayError, UsageError, require
 from alignkit.recording.flatten import name_outputs, split
 from alignkit.recording.metadata import run_metadata
 from alignkit.recording.tensors import stands_in
-from alignkit.recording.targets import is_ort_session, is_torch_module, ort_outputs_for, uncompiled
+from alignkit.recording.ort_runs import ort_outputs_for
+from alignkit.recording.targets import is_ort_session, is_torch_module, uncompiled
 from alignkit.storage.reader import Call, open_dump
 from alignkit.storage.writer import CallRecord, DumpWriter
 

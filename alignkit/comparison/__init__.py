@@ -39,8 +39,7 @@ def compare(
     limits = Thresholds(cos_min, rel_l1_max, floor_factor)
     with _opened(ref) as r, _opened(tgt) as t:
         calls, notes = match_calls(r, t, names)
-        ref_calls, tgt_calls = {c.seq: c for c in r}, {c.seq: c for c in t}
-        calls, reordered = pair_reordered_calls(calls, lambda rs, ts: inputs_agree(r, t, ref_calls[rs], tgt_calls[ts], names, limits))
+        calls, reordered = pair_reordered_calls(calls, lambda rs, ts: inputs_agree(r, t, r.call_at(rs), t.call_at(ts), names, limits))
         notes += reordered
         if submodels is not None:
             keep = set(submodels)

@@ -79,7 +79,7 @@ def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame) -> Divergence 
         return None
     call = hits.iloc[0]
     if call["kind"] == RAISED:
-        where = f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
+        where = _where(call)
         inputs = table[(table["seq"] == call["seq"]) & (table["io"] == "inputs")].dropna(subset=["ref_dtype", "tgt_dtype"])
         recast = [f"`{r.tensor}` is {r.tgt_dtype} in the target, {r.ref_dtype} in the reference" for r in inputs.itertuples() if r.ref_dtype != r.tgt_dtype]
         message = f"{where}: raised — {call['raised']}, from matching inputs" + (f" (equal values, but {'; '.join(recast)})" if recast else "")
@@ -97,8 +97,12 @@ def _evidence(row: pd.Series) -> dict[str, Any]:
     return {k: _plain(row.get(k)) for k in keys if k in row and not _missing(row.get(k))}
 
 
+def _where(call: pd.Series) -> str:
+    return f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
+
+
 def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any]) -> str:
-    where = f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
+    where = _where(call)
     tensor = row["tensor"]
     if call["kind"] == LOCAL_ERROR:
         message = f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"

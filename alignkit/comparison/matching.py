@@ -1,10 +1,11 @@
 """Pair up the calls and tensors of two dumps.
 
 Calls pair by (submodel, step, call), or, where a target makes a step's calls of one submodel in
-another order (the negative prompt encoded first), by their inputs. Tensors pair by name, then through the name map, then
-where one name is the other's dotted tail (``added_cond_kwargs.text_embeds`` and ``text_embeds``),
-then, for what is left, by position when count, order and shapes agree. What has no partner is
-kept, never dropped: it appears in the table as present on one side only.
+another order (the negative prompt encoded first), by their inputs. Tensors pair by name, then
+through the name map, then where one name is the other's dotted tail
+(``added_cond_kwargs.text_embeds`` and ``text_embeds``), then, for what is left, by position
+when count, order and shapes agree. What has no partner is kept, never dropped: it appears in
+the table as present on one side only.
 """
 
 from __future__ import annotations

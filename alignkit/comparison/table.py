@@ -62,13 +62,11 @@ def build_table(
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     rows: list[dict] = []
-    ref_calls = {c.seq: c for c in ref}
-    tgt_calls = {c.seq: c for c in tgt}
     parts = calls["tgt_parts"] if "tgt_parts" in calls else pd.Series([None] * len(calls))
     for i, (row, split) in enumerate(zip(calls.itertuples(index=False), parts)):
         if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
-            rc = ref_calls[int(row.ref_seq)]
-            tc = MergedCall([tgt_calls[int(s)] for s in split]) if isinstance(split, tuple) else tgt_calls[int(row.tgt_seq)]
+            rc = ref.call_at(int(row.ref_seq))
+            tc = MergedCall([tgt.call_at(int(s)) for s in split]) if isinstance(split, tuple) else tgt.call_at(int(row.tgt_seq))
             pairs = match_tensors(rc, tc, names)
             call_rows = [_row(ref, tgt, rc, tc, pair, limits) for pair in pairs]
             _mark_swaps(ref, tgt, rc, tc, pairs, call_rows, limits)
@@ -82,10 +80,9 @@ def raised_calls(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[int, str]:
     """The matched calls where one run raised and the other returned, by reference seq: who
     raised what, where the other returned. A call that raised has no outputs, so only such
     calls are asked."""
-    ref_calls, tgt_calls = {c.seq: c for c in ref}, {c.seq: c for c in tgt}
     out = {}
     for rs, ts in calls.dropna(subset=["ref_seq", "tgt_seq"])[["ref_seq", "tgt_seq"]].itertuples(index=False):
-        rc, tc = ref_calls[int(rs)], tgt_calls[int(ts)]
+        rc, tc = ref.call_at(int(rs)), tgt.call_at(int(ts))
         returned = bool(rc.info("outputs")), bool(tc.info("outputs"))
         if returned[0] == returned[1]:
             continue

@@ -102,6 +102,15 @@ class AutoWatch:
         """Record every session that no watched pipeline holds, each way it runs, under a name
         from its model file."""
         cls, recorder, names = module.InferenceSession, self.recorder, ObjectNames()
+        watches: dict[str, dict[str, Watch]] = {}  # each session's name: how each way it runs is recorded
+
+        def watches_of(session: Any) -> dict[str, Watch]:
+            name = names.get(session)
+            if name is None:  # first sight (its name may be a freed session's: the watches are made anew)
+                name = names.name_for(session, ort_session_name(session), recorder._unique)
+                prebound = functools.partial(recorder._not_recorded, name, PREBOUND)
+                watches[name] = {method: Watch(recorder, name, bind, outputs) for method, (bind, outputs) in session_runs(session, prebound).items()}
+            return watches[name]
 
         def recorded(method: str) -> Callable[..., Any]:
             original = getattr(cls, method)
@@ -110,9 +119,7 @@ class AutoWatch:
             def run(session: Any, *args: Any, **kwargs: Any) -> Any:
                 if recorder._is_watched(session):  # a watched pipeline's component: recorded under its name
                     return original(session, *args, **kwargs)
-                name = names.get(session) or names.name_for(session, ort_session_name(session), recorder._unique)
-                bind, outputs = session_runs(session, functools.partial(recorder._not_recorded, name, PREBOUND))[method]
-                return Watch(recorder, name, bind, outputs).call(functools.partial(original, session), args, kwargs)
+                return watches_of(session)[method].call(functools.partial(original, session), args, kwargs)
 
             return run
 

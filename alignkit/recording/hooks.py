@@ -116,13 +116,7 @@ class MethodHook(Hook):
         original = getattr(obj, method)
 
         watch = Watch(recorder, name, bind or signature_binder(original), outputs, after, layers, record)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if self.removed:
-                return original(*args, **kwargs)
-            return watch.call(original, args, kwargs)
-
-        self._wrapper = _Shadow(self, obj, wrapper, original)
+        self._wrapper = _Shadow(self, obj, watch, original)
         object.__setattr__(obj, method, self._wrapper)
 
     def remove(self) -> None:
@@ -152,12 +146,14 @@ class _Shadow:
     A plain function would go on running the original object's method, so that stepping the
     copy stepped the original; this one gives the copy its own method back, unwatched."""
 
-    def __init__(self, hook: MethodHook, obj: Any, call: Callable[..., Any], method: Callable[..., Any]):
+    def __init__(self, hook: MethodHook, obj: Any, watch: Watch, method: Callable[..., Any]):
         functools.update_wrapper(self, method)  # the method's name, doc and signature (this first: it copies the method's __dict__)
-        self.__alignkit_hook__, self._obj, self._call = hook, obj, call
+        self.__alignkit_hook__, self._obj, self._watch, self._original = hook, obj, watch, method
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(*args, **kwargs)
+        if self.__alignkit_hook__.removed:  # another hook over this one is still installed: pass calls on
+            return self._original(*args, **kwargs)
+        return self._watch.call(self._original, args, kwargs)
 
     def __deepcopy__(self, memo: dict) -> Any:
         copied = memo.get(id(self._obj))

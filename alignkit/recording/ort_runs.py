@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from alignkit.recording.hooks import Binder, Hook, OutputNamer
-from alignkit.recording.targets import ort_bind, ort_outputs_for
+from alignkit.recording.targets import reference
 
 _STATE = "_alignkit_bound"  # on an IOBinding: what it was given, {"inputs": {name: source}, "outputs": [name]}
 _ONNX_TYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
@@ -42,10 +42,11 @@ def session_runs(session: Any, prebound: Callable[[], None]) -> dict[str, tuple[
             prebound()
         return binding_inputs(args, kwargs)
 
+    outputs = ort_outputs_for(session)
     runs = {
-        "run": (ort_bind, ort_outputs_for(session)),
+        "run": (ort_bind, outputs),
         "run_with_iobinding": (binding_feed, binding_outputs),
-        "run_with_ort_values": (ort_values_inputs, ort_values_outputs_for(session)),
+        "run_with_ort_values": (_feed("input_dict_ort_values"), outputs),
     }
     return {method: runs[method] for method in RUN_METHODS if callable(getattr(session, method, None))}
 
@@ -99,15 +100,27 @@ def bound_before(args: tuple, kwargs: dict) -> bool:
     return _bound(kwargs.get("iobinding", args[0] if args else None)) is None
 
 
-def ort_values_inputs(args: tuple, kwargs: dict) -> Named:
-    """``run_with_ort_values(output_names, input_dict_ort_values, run_options)``."""
-    feed = kwargs.get("input_dict_ort_values", args[1] if len(args) > 1 else {})
-    return [(name, _read(value)) for name, value in feed.items()]
+def _feed(keyword: str) -> Binder:
+    """Inputs named by the feed dict, the second argument (``run``'s ``input_feed``,
+    ``run_with_ort_values``' ``input_dict_ort_values``)."""
+
+    def bind(args: tuple, kwargs: dict) -> Named:
+        feed = kwargs.get(keyword, args[1] if len(args) > 1 else {})
+        return [(name, _read(value)) for name, value in feed.items()]
+
+    return bind
 
 
-def ort_values_outputs_for(session: Any):
+ort_bind = _feed("input_feed")
+
+
+def ort_outputs_for(session: Any) -> OutputNamer:
+    """Outputs named as asked for (``output_names``, the first argument), else as the session
+    names them. The session is held weakly: a recording keeps no session alive."""
+    session_ref = reference(session)
+
     def outputs(result: Any, args: tuple, kwargs: dict) -> Named:
-        names = kwargs.get("output_names", args[0] if args else None) or [o.name for o in session.get_outputs()]
+        names = kwargs.get("output_names", args[0] if args else None) or [o.name for o in session_ref().get_outputs()]
         return [(name, _read(value)) for name, value in zip(names, result)]
 
     return outputs

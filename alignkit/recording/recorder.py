@@ -20,7 +20,7 @@ from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wra
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
 from alignkit.recording.targets import (
-    ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_bind, ort_session_name, uncompiled,
+    ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_session_name, uncompiled,
 )
 from alignkit.storage.writer import CallRecord, DumpWriter
 
@@ -208,6 +208,8 @@ class Recorder:
         path = getattr(session, "_model_path", None)
         if not isinstance(path, str) or not path:
             raise UsageError("layer recording of an ONNX session needs a session created from a model file")
+        from alignkit.recording.ort_runs import ort_bind
+
         exposed = expose(path, self._layer_filter, session.get_providers())
         return lambda args, kwargs: exposed.run(dict(ort_bind(args, kwargs)))[1]
 

@@ -64,22 +64,6 @@ def ort_session_name(session: Any) -> str:
     return name_from_path(path) if isinstance(path, str) and path else "onnx"
 
 
-def ort_bind(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
-    """``run(output_names, input_feed, run_options)``: inputs are named by the feed."""
-    feed = kwargs.get("input_feed", args[1] if len(args) > 1 else {})
-    return list(feed.items())
-
-
-def ort_outputs_for(session: Any):
-    def outputs(result: Any, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
-        names = kwargs.get("output_names", args[0] if args else None)
-        if not names:
-            names = [o.name for o in session.get_outputs()]
-        return list(zip(names, result))
-
-    return outputs
-
-
 class ObjectNames:
     """Submodel names by object identity, for objects still alive.
 
@@ -99,7 +83,7 @@ class ObjectNames:
     def add(self, obj: Any, name: str, part: str = "", base: str = "") -> None:
         """Name ``obj`` unless it has a name already."""
         if self.get(obj, part) is None:
-            self._entries[(id(obj), part)] = (_reference(obj), name, base)
+            self._entries[(id(obj), part)] = (reference(obj), name, base)
 
     def name_for(self, obj: Any, base: str, unique: Callable[[str], str]) -> str:
         """``obj``'s name, given on first sight: the name of a freed object of the same ``base``
@@ -115,7 +99,8 @@ class ObjectNames:
         self._entries.clear()
 
 
-def _reference(obj: Any) -> Callable[[], Any]:
+def reference(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj``, or a strong one where it takes no weak reference."""
     try:
         return weakref.ref(obj)
     except TypeError:

@@ -200,6 +200,14 @@ class Dump:
     def steps(self, submodel: str) -> list[int]:
         return sorted(set(self.calls.loc[self.calls["submodel"] == submodel, "step"]))
 
+    def call_at(self, seq: int) -> Call:
+        """The call with sequence number ``seq`` (a row of :attr:`calls`)."""
+        return self._by_seq[seq]
+
+    @cached_property
+    def _by_seq(self) -> dict[int, Call]:
+        return {call.seq: call for call in self}
+
     def __iter__(self) -> Iterator[Call]:
         for row in self.calls.itertuples(index=False):
             yield Call(self, row)
