@@ -18,6 +18,8 @@ import pandas as pd
 
 from alignkit.comparison.table import BAD
 
+WHOLESALE_DTYPE_CHANGE = 4  # tensors changing dtype alike, with values that differ, said in one line
+
 INPUT_MISMATCH, LOCAL_ERROR, PROPAGATED, RAISED = "input mismatch", "local error", "propagated", "raised"
 
 
@@ -194,14 +196,7 @@ def tolerance(table: pd.DataFrame) -> dict[str, float]:
 
 def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     """Dtype differences (even with equal values), precision-floor rows, one-sided NaN/Inf."""
-    out = []
-    both = table.dropna(subset=["ref_dtype", "tgt_dtype"])
-    diff = both[both["ref_dtype"] != both["tgt_dtype"]]
-    for (sub, io, tensor, rd, td), group in diff.groupby(["submodel", "io", "tensor", "ref_dtype", "tgt_dtype"], sort=False):
-        equal = bool((group["max_abs"] == 0).all())
-        steps = sorted(set(group["step"]))
-        note = "values equal" if equal else "values differ"
-        out.append(f"{sub} {io[:-1]} `{tensor}`: reference {rd}, target {td} ({note}) at {len(steps)} step{'s' if len(steps) != 1 else ''}")
+    out = _dtype_warnings(table)
     out.extend(_swap_warnings(table))
     out.extend(_broadcast_warnings(table))
     precision = table[table["status"] == "precision"]
@@ -214,6 +209,27 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
         if len(nf):
             row = nf.iloc[0]
             out.append(f"NaN/Inf first appear in the {who} only at {row['submodel']} step {row['step']} {row['io'][:-1]} `{row['tensor']}` ({int(row[f'nan_{side}'])} NaN, {int(row[f'inf_{side}'])} Inf)")
+    return out
+
+
+def _dtype_warnings(table: pd.DataFrame) -> list[str]:
+    """One line per tensor whose dtype differs between the runs, except where a run computes
+    in another precision throughout (float32 → float16 on every activation): those tensors,
+    whose values differ, are said in one line, so that the few that stand out (a timestep of
+    another dtype, values equal in spite of the dtype) are not lost among them."""
+    both = table.dropna(subset=["ref_dtype", "tgt_dtype"])
+    diff = both[both["ref_dtype"] != both["tgt_dtype"]].assign(equal=lambda d: d["max_abs"] == 0)
+    tensors = diff.groupby(["submodel", "io", "tensor", "ref_dtype", "tgt_dtype"], sort=False)["equal"].all().reset_index()
+    out = []
+    for (rd, td), group in tensors[~tensors["equal"]].groupby(["ref_dtype", "tgt_dtype"], sort=False):
+        if len(group) >= WHOLESALE_DTYPE_CHANGE:
+            subs = ", ".join(dict.fromkeys(group["submodel"]))
+            out.append(f"{len(group)} tensors are {rd} in the reference and {td} in the target, with values that differ ({subs}): the target computes in {td}")
+            tensors = tensors.drop(group.index)
+    for row in tensors.itertuples(index=False):
+        steps = diff[(diff["submodel"] == row.submodel) & (diff["io"] == row.io) & (diff["tensor"] == row.tensor)]["step"].nunique()
+        note = "values equal" if row.equal else "values differ"
+        out.append(f"{row.submodel} {row.io[:-1]} `{row.tensor}`: reference {row.ref_dtype}, target {row.tgt_dtype} ({note}) at {steps} step{'s' if steps != 1 else ''}")
     return out
 
 

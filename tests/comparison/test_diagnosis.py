@@ -427,3 +427,48 @@ def test_a_call_that_raises_on_one_side_only_is_the_divergence(tmp_path):
     assert "raised:   the target raised ValueError" in report and "output ``" not in report
     both = ak.compare(tmp_path / "tgt.h5", tmp_path / "tgt.h5")  # raising alike is no divergence
     assert both.verdict == "aligned"
+
+
+def _record_sdxl_unet(path, text_embeds, time_ids, timestep):
+    def unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        return sample * 2
+
+    rng = np.random.default_rng(0)
+    sample, hidden = rng.standard_normal((2, 4, 8, 8), dtype=np.float32), rng.standard_normal((2, 7, 32), dtype=np.float32)
+    dtype = text_embeds.dtype
+    with ak.Recorder(path) as rec:
+        rec.watch(unet, "unet")(sample.astype(dtype), timestep, hidden.astype(dtype), added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+
+
+def test_small_inputs_are_controls_when_scalars_vectors_or_whole_numbers_not_fractions(tmp_path):
+    """A tiny model's pooled text embedding (2×32) is a signal, compared with tolerances as a
+    real model's (2×1280) is; SDXL's time_ids (2×6 whole numbers) and the timestep stay exact."""
+    text_embeds = np.random.default_rng(1).standard_normal((2, 32), dtype=np.float32)
+    time_ids = np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (2, 1))
+    _record_sdxl_unet(tmp_path / "ref.h5", text_embeds, time_ids, np.float32(999.5))
+    _record_sdxl_unet(tmp_path / "fp16.h5", text_embeds.astype(np.float16), time_ids.astype(np.float16), np.float32(999.5))
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "fp16.h5")
+    rows = result.table[result.table["io"] == "inputs"].set_index("tensor")
+    assert result.verdict == "aligned", result.summary()
+    assert rows.loc["added_cond_kwargs.text_embeds", ["exact", "status"]].tolist() == [False, "ok"]
+    assert rows.loc["added_cond_kwargs.time_ids", ["exact", "status"]].tolist() == [True, "ok"]
+    assert rows.loc["timestep", "exact"]
+
+    crop = time_ids.copy()
+    crop[:, 2] = 1  # a crop offset of 1 pixel: far inside any tolerance, and another conditioning
+    _record_sdxl_unet(tmp_path / "crop.h5", text_embeds, crop, np.float32(999.0))
+    rows = ak.compare(tmp_path / "ref.h5", tmp_path / "crop.h5").table.set_index("tensor")
+    assert rows.loc["added_cond_kwargs.time_ids", "rel_l1"] < 1e-3
+    assert rows.loc["added_cond_kwargs.time_ids", "status"] == rows.loc["timestep", "status"] == "mismatch"
+
+
+def test_a_target_computing_in_another_precision_throughout_is_one_warning(tmp_path):
+    text_embeds = np.random.default_rng(1).standard_normal((2, 32), dtype=np.float32)
+    time_ids = np.tile(np.float32([64, 64, 0, 0, 64, 64]), (2, 1))
+    _record_sdxl_unet(tmp_path / "ref.h5", text_embeds, time_ids, np.float32(999))
+    _record_sdxl_unet(tmp_path / "tgt.h5", text_embeds.astype(np.float16), time_ids.astype(np.float16), np.int64(999))
+    warnings = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").warnings
+    assert "4 tensors are float32 in the reference and float16 in the target, with values that differ (unet): the target computes in float16" in warnings
+    assert "unet input `added_cond_kwargs.time_ids`: reference float32, target float16 (values equal) at 1 step" in warnings
+    assert "unet input `timestep`: reference float32, target int64 (values equal) at 1 step" in warnings
+    assert not any("`sample`" in w for w in warnings)
