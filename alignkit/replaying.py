@@ -139,12 +139,7 @@ class _OrtRunner(_Runner):
             recorded = {**recorded, **empty}
             adapted.append("replay fed an empty KV cache (no positions) where the reference recorded none: the prefill")
         names = [i.name for i in self.inputs]
-        if set(names) <= set(recorded):
-            chosen = {n: recorded[n] for n in names}
-        elif len(recorded) == len(names):
-            chosen = dict(zip(names, recorded.values()))
-        else:
-            raise UsageError(f"the ONNX model takes {names}, the recorded call has {list(recorded)}")
+        chosen = _feed_by_name(names, recorded)
         for meta in self.inputs:
             want = _ORT_TYPES.get(meta.type)
             value = np.asarray(chosen[meta.name])
@@ -159,6 +154,23 @@ class _OrtRunner(_Runner):
             return (*self.exposed.run(feed), [])
         result = self.session.run(None, feed)
         return ort_outputs_for(self.session)(result, (None,), {}), [], []
+
+
+def _feed_by_name(names: list[str], recorded: dict[str, Any]) -> dict[str, Any]:
+    """The recorded input for each of the model's inputs: by name; else by dotted tail, where
+    one recorded name alone ends in it (diffusers' ``added_cond_kwargs.time_ids`` is an SDXL
+    export's ``time_ids``); what is left, by position when as many are left on each side."""
+    source = {n: n for n in names if n in recorded}
+    for n in names:
+        tails = [r for r in recorded if r.endswith("." + n)]
+        if n not in source and len(tails) == 1 and tails[0] not in source.values():
+            source[n] = tails[0]
+    left = [n for n in names if n not in source]
+    unused = [r for r in recorded if r not in source.values()]
+    if left and len(left) != len(unused):
+        raise UsageError(f"the ONNX model takes {names}, the recorded call has {list(recorded)}")
+    source.update(zip(left, unused))
+    return {n: recorded[source[n]] for n in names}
 
 
 def _empty_cache(meta: Any, recorded: dict[str, np.ndarray]) -> np.ndarray | None:

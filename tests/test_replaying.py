@@ -150,6 +150,40 @@ def test_replay_reports_dtype_adaptation(tmp_path):
     assert any("cast input `timestep` from int64" in w for w in result.warnings)
 
 
+def test_an_sdxl_exports_flat_inputs_are_fed_from_diffusers_nested_ones_in_any_order(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def value(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    graph = helper.make_graph(  # sample + text_embeds + time_ids * timestep, its inputs in the export's own order
+        [helper.make_node("Add", ["sample", "text_embeds"], ["a"]), helper.make_node("Mul", ["time_ids", "timestep"], ["b"]), helper.make_node("Add", ["a", "b"], ["output"])],
+        "g",
+        [value("sample", [2, 6]), value("time_ids", [2, 6]), value("text_embeds", [2, 6]), value("timestep", [])],
+        [value("output", [2, 6])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "unet.onnx")
+
+    def unet(sample, timestep, added_cond_kwargs):
+        return sample + added_cond_kwargs["text_embeds"] + added_cond_kwargs["time_ids"] * timestep
+
+    rng = np.random.default_rng(0)
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        watched = rec.watch(unet, "unet")
+        for step, t in enumerate((999.0, 800.5)):
+            conditioning = {"text_embeds": rng.standard_normal((2, 6), dtype=np.float32), "time_ids": np.float32([[64, 64, 0, 0, 64, 64]] * 2)}
+            watched(rng.standard_normal((2, 6), dtype=np.float32), np.float32(t), added_cond_kwargs=conditioning)
+            ak.step()
+    result = ak.replay(tmp_path / "ref.h5", submodel="unet", target=tmp_path / "unet.onnx")
+    assert result.verdict == "aligned", result.summary()
+    inputs = result.table[(result.table["io"] == "inputs") & (result.table["step"] == 1)].set_index("tensor")
+    assert inputs.loc["added_cond_kwargs.time_ids", ["tgt_tensor", "status"]].tolist() == ["time_ids", "ok"]
+    assert len(result.table[result.table["io"] == "outputs"]) == 2
+
+
 def test_an_onnx_decoder_gets_an_empty_cache_at_the_prefill(tmp_path):
     import onnx
     from onnx import TensorProto, helper
