@@ -9,7 +9,8 @@ engine's feed, ``{"input.1": ...}``) is named by the dict's keys. Outputs: a bar
 A transformers KV cache (``DynamicCache``, ``StaticCache``…) gives its tensors per layer under
 the names ONNX exports of decoders give them: ``past_key_values.0.key``,
 ``past_key_values.0.value``, and for an ``EncoderDecoderCache`` ``past_key_values.0.decoder.key``
-(self-attention) and ``past_key_values.0.encoder.key`` (cross-attention).
+(self-attention) and ``past_key_values.0.encoder.key`` (cross-attention). A VAE's latent
+distribution gives its parameters: ``latent_dist.parameters``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def flatten(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     elif parts := kv_cache_tensors(value):
         for name, tensor in parts:
             yield _join(prefix, name), tensor
+    elif (parameters := distribution_parameters(value)) is not None:
+        yield _join(prefix, "parameters"), parameters
     else:
         yield prefix, value  # an empty cache stays a value ("<DynamicCache>")
 
@@ -84,6 +87,16 @@ def _cache_layers(cache: Any) -> list[dict[str, Any]]:
     return []
 
 
+def distribution_parameters(value: Any) -> Any:
+    """The tensor behind a diffusers latent distribution (``vae.encode(x).latent_dist``, a
+    ``DiagonalGaussianDistribution``): the encoder's output itself, mean and log-variance
+    along the channels, as an export's ``latent_parameters`` is. None for anything else."""
+    if not type(value).__module__.startswith("diffusers") or not type(value).__name__.endswith("Distribution"):
+        return None
+    parameters = getattr(value, "parameters", None)
+    return parameters if is_tensor(parameters) else None
+
+
 def _holds_tensor(value: Any) -> bool:
     if is_tensor(value):
         return True
@@ -91,7 +104,7 @@ def _holds_tensor(value: Any) -> bool:
         return any(_holds_tensor(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return any(_holds_tensor(v) for v in value)
-    return (dataclasses.is_dataclass(value) and not isinstance(value, type)) or bool(kv_cache_tensors(value))
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)) or bool(kv_cache_tensors(value)) or distribution_parameters(value) is not None
 
 
 def _join(prefix: str, key: str) -> str:

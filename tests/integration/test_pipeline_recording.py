@@ -149,3 +149,30 @@ def test_a_controlnet_pipeline_records_the_residuals_that_reach_the_unet(tmp_pat
             for i, name in enumerate(residuals):  # the glue between the two submodels, exactly
                 np.testing.assert_array_equal(unet.inputs[name], control.outputs[f"output.0.{i}"])
             np.testing.assert_array_equal(unet.inputs["mid_block_additional_residual"], control.outputs["output.1"])
+
+
+def test_an_img2img_pipeline_records_what_the_vae_encoder_returns(tmp_path):
+    """``vae.encode`` returns a latent distribution, not a tensor: its parameters (the
+    encoder's output, mean and log-variance) are recorded, where before the call had none."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_pipeline().components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        with torch.no_grad():
+            return pipe("a fox", image=image, strength=0.75, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    unwatched = run()
+    with ak.record(tmp_path / "i2i.h5", pipe):
+        watched = run()
+    np.testing.assert_array_equal(watched, unwatched)
+    with ak.open_dump(tmp_path / "i2i.h5") as d:
+        assert d.submodels == ["text_encoder", "vae.encode", "unet", "scheduler", "vae.decode"]
+        encoded = d["vae.encode", 0]
+        with torch.no_grad():
+            expected = pipe.vae.encode(torch.from_numpy(encoded.inputs["x"])).latent_dist.parameters.numpy()
+        assert list(encoded.outputs) == ["latent_dist.parameters"]
+        np.testing.assert_array_equal(encoded.outputs["latent_dist.parameters"], expected)
