@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from alignkit.comparison.table import BAD
+from alignkit.phrasing import count
 
 WHOLESALE_DTYPE_CHANGE = 4  # tensors changing dtype alike, with values that differ, said in one line
 
@@ -229,7 +230,7 @@ def _dtype_warnings(table: pd.DataFrame) -> list[str]:
     for row in tensors.itertuples(index=False):
         steps = diff[(diff["submodel"] == row.submodel) & (diff["io"] == row.io) & (diff["tensor"] == row.tensor)]["step"].nunique()
         note = "values equal" if row.equal else "values differ"
-        out.append(f"{row.submodel} {row.io[:-1]} `{row.tensor}`: reference {row.ref_dtype}, target {row.tgt_dtype} ({note}) at {steps} step{'s' if steps != 1 else ''}")
+        out.append(f"{row.submodel} {row.io[:-1]} `{row.tensor}`: reference {row.ref_dtype}, target {row.tgt_dtype} ({note}) at {count(steps, 'step')}")
     return out
 
 
@@ -247,7 +248,7 @@ def _swap_warnings(table: pd.DataFrame) -> list[str]:
         steps = len(set(group["step"]))
         out.append(
             f"{sub} {io}: target `{a}` and `{b}`, matched by position to `{tensor}` and `{other}`, hold each other's values "
-            f"at {steps} step{'s' if steps != 1 else ''}: if the engine takes them in this order, map the names "
+            f"at {count(steps, 'step')}: if the engine takes them in this order, map the names "
             f"(--map {a}={other} --map {b}={tensor}); if not, they are fed to it swapped"
         )
     return out
@@ -260,7 +261,7 @@ def _broadcast_warnings(table: pd.DataFrame) -> list[str]:
     for (sub, tensor, rs, ts), group in spread.groupby(["submodel", "tensor", "ref_shape", "tgt_shape"], sort=False):
         steps = len(set(group["step"]))
         agree = "the values agree" if (group["status"] == "ok").all() else "the values differ"
-        out.append(f"{sub} input `{tensor}`: reference shape {rs}, target {ts}: one value compared with each of the other's at {steps} step{'s' if steps != 1 else ''} ({agree})")
+        out.append(f"{sub} input `{tensor}`: reference shape {rs}, target {ts}: one value compared with each of the other's at {count(steps, 'step')} ({agree})")
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from alignkit.errors import UsageError
+from alignkit.phrasing import count
 from alignkit.storage.reader import Call, Dump, TensorInfo
 
 
@@ -271,7 +272,7 @@ def pair_reordered_calls(calls: pd.DataFrame, agree: Callable[[int, int], bool])
 
 
 def _steps(steps: list[int]) -> str:
-    return f"{len(steps)} step{'s' if len(steps) != 1 else ''}"
+    return count(len(steps), 'step')
 
 
 def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
@@ -282,7 +283,7 @@ def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str
         return []
     if per_r.nunique() == 1 and per_t.nunique() == 1:
         nr, nt = int(per_r.iloc[0]), int(per_t.iloc[0])
-        return [f"{sub}: the reference calls it {nr} time{'s' if nr != 1 else ''} a step, the target {nt}; calls are paired by their "
+        return [f"{sub}: the reference calls it {count(nr, 'time')} a step, the target {nt}; calls are paired by their "
                 f"index within the step (the target's do not split one batch between them)"]
     return [f"{sub}: the two runs call it a different number of times in some steps; calls are paired by their index within the step"]
 

@@ -25,6 +25,7 @@ import pandas as pd
 from alignkit.comparison.matching import MergedCall, MergedTensor, NameMap, TensorPair, match_tensors
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics, floor_dtype_for
 from alignkit.errors import DumpCorruptError, UsageError
+from alignkit.phrasing import count
 from alignkit.storage.reader import Call, Dump, TensorInfo
 
 EXACT_NUMEL = 64
@@ -102,7 +103,7 @@ def one_side_notes(table: pd.DataFrame) -> list[str]:
     one_side = table[table["status"].isin(["ref only", "tgt only"])]
     for (submodel, io, tensor, status), group in one_side.groupby(["submodel", "io", "tensor", "status"], sort=False):
         side, n = ("reference" if status == "ref only" else "target"), len(group)
-        notes.append(f"{submodel} {io[:-1]} `{tensor}`: only in the {side} ({n} call{'s' if n != 1 else ''}); not compared")
+        notes.append(f"{submodel} {io[:-1]} `{tensor}`: only in the {side} ({count(n, 'call')}); not compared")
     return notes
 
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from alignkit.errors import UsageError
+from alignkit.phrasing import count
 from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
@@ -119,7 +120,7 @@ class Recorder:
         out += [f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it" for layer in self._layers if layer not in self._names]
         out += [f"{name!r} could not be watched in place (its class is built in), and the recording wrapper that watch() returned "
                 "for it was never called: call that instead" for name in self._wrapped if not self._ordinals[name]]
-        out += [f"{name} ran {n} time{'s' if n != 1 else ''} {how}" for (name, how), n in self._unrecorded.items()]
+        out += [f"{name} ran {count(n, 'time')} {how}" for (name, how), n in self._unrecorded.items()]
         if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
             out.append(f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded")
         return out

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
+from alignkit.phrasing import count
 from alignkit.storage.schema import (
     CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
 )
@@ -224,15 +225,15 @@ class Dump:
         if by_ordinal:
             hit = rows[rows["ordinal"] == step]
             if hit.empty:
-                raise CallNotFoundError(f"{submodel} has {_count(len(rows), 'call')}: 0–{len(rows) - 1}")
+                raise CallNotFoundError(f"{submodel} has {count(len(rows), 'call')}: 0–{len(rows) - 1}")
         else:
             hit = rows[(rows["step"] == step) & (rows["call"] == call)]
             if hit.empty:
                 steps = self.steps(submodel)
                 if step not in steps:
-                    raise CallNotFoundError(f"{submodel} has {_count(len(steps), 'step')}: {_ranges(steps)}")
+                    raise CallNotFoundError(f"{submodel} has {count(len(steps), 'step')}: {_ranges(steps)}")
                 n = int((rows["step"] == step).sum())
-                raise CallNotFoundError(f"{submodel} has {_count(n, 'call')} at step {step}: 0–{n - 1}")
+                raise CallNotFoundError(f"{submodel} has {count(n, 'call')} at step {step}: 0–{n - 1}")
         return Call(self, next(hit.itertuples(index=False)))
 
 
@@ -347,10 +348,6 @@ def _parse_key(key: Any) -> tuple[str, int, int, bool]:
         if m and m.group("ord") is not None:
             return m.group("sub"), int(m.group("ord")), 0, True
     raise CallNotFoundError(f"cannot read {key!r} as a call: use (submodel, step[, call]), 'unet@step3' or 'unet:12'")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _ranges(values: list[int]) -> str:
