@@ -15,6 +15,7 @@ import ctypes
 import functools
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,6 @@ import numpy as np
 from alignkit.recording.hooks import Binder, Hook, OutputNamer
 from alignkit.recording.targets import reference
 
-_STATE = "_alignkit_bound"  # on an IOBinding: what it was given, {"inputs": {name: source}, "outputs": [name]}
 _ONNX_TYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
                10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}  # TensorProto's element types numpy holds
 
@@ -134,12 +134,20 @@ def _read(source: Any) -> Any:
     return source
 
 
+# what each IOBinding was given, {"inputs": {name: source}, "outputs": [name]}, kept beside it
+# (not on it: a binding leaves a recording as it came in)
+_given: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _state(binding: Any) -> dict[str, Any]:
-    return binding.__dict__.setdefault(_STATE, {"inputs": {}, "outputs": []})
+    return _given.setdefault(binding, {"inputs": {}, "outputs": []})
 
 
 def _bound(binding: Any) -> dict[str, Any] | None:
-    return getattr(binding, "__dict__", {}).get(_STATE)
+    try:
+        return _given.get(binding)
+    except TypeError:  # not weakly referable: no IOBinding of ours
+        return None
 
 
 # -- remembering what bindings are given ------------------------------------------------------
@@ -210,3 +218,5 @@ class BindingMemory(Hook):
                 for method, original in _originals.items():
                     setattr(cls, method, original)
                 _originals.clear()
+            if _holders == 0:
+                _given.clear()  # what is bound from now on goes unseen: no later recording may trust it

@@ -61,3 +61,26 @@ def test_an_input_bound_by_host_pointer_is_read(tmp_path, tiny_onnx):
 def test_device_memory_behind_a_bare_pointer_is_named_not_read():
     assert _Pointer("cuda", np.float32, (2, 4), 1234).read() == "<cuda pointer>"  # never dereferenced
     assert _Pointer("cpu", 16, (2, 4), 1234).read() == "<cpu pointer to element type 16>"  # bfloat16: no numpy type
+
+
+def test_a_binding_leaves_a_recording_as_it_came_and_is_not_trusted_by_the_next(tmp_path, tiny_onnx):
+    """What a binding was given is kept beside it, not on it, and only while recording: one
+    rebound between two recordings would otherwise be recorded with its old input."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    first, second = np.zeros((2, 4), np.float32), np.ones((2, 4), np.float32)
+    with ak.record(tmp_path / "one.h5", session):
+        binding = session.io_binding()
+        before = dict(vars(binding))
+        binding.bind_cpu_input("x", first)
+        binding.bind_output("y")
+        session.run_with_iobinding(binding)
+    assert vars(binding) == before
+    binding.bind_cpu_input("x", second)  # unseen: no recording is on
+    with pytest.warns(RuntimeWarning, match="inputs bound before the recording began"):
+        with ak.record(tmp_path / "two.h5", session):
+            session.run_with_iobinding(binding)
+    with ak.open_dump(tmp_path / "two.h5") as dump:
+        assert list(dump["unet", 0].inputs) == []
+        np.testing.assert_array_equal(dump["unet", 0].outputs["output.0"], session.run(None, {"x": second})[0])
