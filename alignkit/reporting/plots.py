@@ -100,17 +100,25 @@ def heatmap(result: Comparison) -> str | None:
 
 
 def image_panels(result: Comparison, ref_dump, tgt_dump, limit: int = 3) -> list[tuple[str, str]]:
-    """(title, data URI) for image-like tensors: reference | target | |difference|."""
+    """(title, data URI) for image-like tensors: reference | target | |difference|; of a
+    video, the frame that differs most."""
     panels = []
     for row in _image_rows(result.table)[:limit]:
-        r = ref_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tensor)
-        t = tgt_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tgt_tensor)
-        panels.append((f"{row.submodel} step {int(row.step)} {row.io[:-1]} {row.tensor}", _triptych(r, t)))
+        r = np.asarray(ref_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tensor), dtype=np.float64)[0]
+        t = np.asarray(tgt_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tgt_tensor), dtype=np.float64)[0]
+        title = f"{row.submodel} step {int(row.step)} {row.io[:-1]} {row.tensor}"
+        if r.ndim == 4:  # channels, frames, height, width
+            frames = r.shape[1]
+            frame = int(np.argmax(np.nan_to_num(np.abs(t - r), nan=np.inf).mean(axis=(0, 2, 3))))
+            r, t = r[:, frame], t[:, frame]
+            title += f", frame {frame} of {frames}"
+        panels.append((title, _triptych(r, t)))
     return panels
 
 
 def _image_rows(table: pd.DataFrame) -> list:
-    """The final output of the run and the last latents: 4-d, 1–4 channels, at least 8×8;
+    """The final output of the run and the last latents: images (batch, channels, height,
+    width) or videos (batch, channels, frames, height, width) of 1–4 channels, at least 8×8;
     not a KV cache (batch, heads, positions, head size), which can take that shape."""
     cands = table[(table["io"] == "outputs") & table["ref_shape"].notna() & (table["ref_shape"] == table["tgt_shape"])]
     cands = cands.assign(_order=range(len(cands))).sort_values(["seq", "_order"], ascending=[False, True])
@@ -118,14 +126,14 @@ def _image_rows(table: pd.DataFrame) -> list:
     for row in cands.itertuples(index=False):
         dims = [int(x) for x in row.ref_shape.strip("[]").split(",") if x]
         kv_cache = row.tensor.startswith(("past_key_values.", "present."))
-        if len(dims) == 4 and dims[1] in (1, 3, 4) and min(dims[2:]) >= 8 and row.submodel not in seen and not kv_cache:
+        if len(dims) in (4, 5) and dims[1] in (1, 3, 4) and min(dims[-2:]) >= 8 and row.submodel not in seen and not kv_cache:
             picked.append(row)
             seen.add(row.submodel)
     return picked
 
 
 def _triptych(r: np.ndarray, t: np.ndarray) -> str:
-    r, t = np.asarray(r, dtype=np.float64)[0], np.asarray(t, dtype=np.float64)[0]
+    """Reference, target and their largest difference over the channels, from (C, H, W)."""
     diff = np.abs(t - r)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))

@@ -136,3 +136,19 @@ def test_steps_are_whole_numbers_on_the_error_curves(tmp_path, monkeypatch):
 def test_many_steps_are_labelled_sparsely_on_the_heatmap(tmp_path, monkeypatch):
     _, grid = _drawn(tmp_path, monkeypatch, steps=90)
     assert [t.get_text() for t in grid.axes[0].get_xticklabels()] == [str(s) for s in range(0, 90, 3)]
+
+
+def test_a_decoded_video_is_shown_at_the_frame_that_differs_most(tmp_path):
+    from alignkit.reporting import plots
+
+    video = np.random.default_rng(0).uniform(-1, 1, (1, 3, 5, 16, 16)).astype(np.float32)  # batch, channels, frames, h, w
+    port = video.copy()
+    port[:, :, 3] += 0.5  # one frame off
+    for path, value in ((tmp_path / "ref.h5", video), (tmp_path / "tgt.h5", port)):
+        with ak.Recorder(path) as rec:
+            rec.watch(lambda z: value, "vae.decode")(np.zeros((1, 16, 2, 4, 4), np.float32))
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    with ak.open_dump(result.reference) as r, ak.open_dump(result.target) as t:
+        panels = plots.image_panels(result, r, t)
+    assert [title for title, _ in panels] == ["vae.decode step 0 output output, frame 3 of 5"]
+    assert panels[0][1].startswith("data:image/png;base64,")
