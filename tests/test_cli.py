@@ -315,3 +315,13 @@ def test_shapes_that_vary_give_dynamic_axes(capsys, tmp_path):
     assert code == 0
     assert '--inputShape="sample:1,4,8,8;ids:1,77"' in out
     assert 'dynamic_axes={"sample": {"0": "sample_dim0"}}' in out
+
+
+def test_a_script_that_calls_nothing_watched_is_told_how_to_hook_its_engine(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain.py").write_text("print('done')\n")
+    code, _, err = run_cli(capsys, "record", "-o", tmp_path / "n.h5", "--", "plain.py")
+    assert code == 0
+    assert "recorded 0 calls to" in err and "name its engine with --hook module:Class.method" in err
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "n.h5")
+    assert code == 0 and "holds no calls" in out

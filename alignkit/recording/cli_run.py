@@ -10,9 +10,15 @@ from typing import Any
 from rich.console import Console
 
 from alignkit.errors import RecordingError
+from alignkit.phrasing import count
 from alignkit.recording import script
 from alignkit.recording.auto import AutoWatch
 from alignkit.recording.recorder import Recorder
+
+NOTHING_WATCHED = (
+    "the script called nothing that alignkit watches by itself (a diffusers pipeline, a diffusers scheduler's step, "
+    "an ONNX Runtime session): name its engine with --hook module:Class.method"
+)
 
 
 def record_command(
@@ -49,10 +55,12 @@ def record_command(
             try:
                 recorder.stop()
             except RecordingError as exc:
-                console.print(f"alignkit: error: {exc}", markup=False, highlight=False)
+                console.print(f"alignkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
                 code = code or 2
         for w in caught:
-            console.print(f"alignkit: warning: {str(w.message).removeprefix('alignkit: ')}", markup=False, highlight=False)
+            console.print(f"alignkit: warning: {str(w.message).removeprefix('alignkit: ')}", markup=False, highlight=False, soft_wrap=True)
     n = recorder.calls_recorded
-    console.print(f"alignkit: recorded {n} calls to {output}", markup=False, highlight=False)
+    console.print(f"alignkit: recorded {count(n, 'call')} to {output}", markup=False, highlight=False, soft_wrap=True)
+    if n == 0 and code == 0:
+        console.print(f"alignkit: warning: {NOTHING_WATCHED}", markup=False, highlight=False, soft_wrap=True)
     return code

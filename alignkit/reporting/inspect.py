@@ -65,6 +65,9 @@ def print_inspection(dump: Dump, console: Console) -> None:
     meta = dump.metadata
     console.print(f"[bold]{dump.path}[/] label={meta.get('label')!r} created={meta.get('created')} complete={meta.get('complete')}", highlight=False)
     calls = dump.calls
+    if calls.empty:
+        console.print(_nothing_recorded(dump), highlight=False)
+        return
     overview = Table("submodel", "calls", "steps", "calls/step", box=None, header_style="bold")
     for sub in dump.submodels:
         rows = calls[calls["submodel"] == sub]
@@ -123,5 +126,11 @@ def shape_lines(dump: Dump) -> list[str]:
 
 
 def print_shapes(dump: Dump, console: Console) -> None:
+    if dump.calls.empty:
+        console.print(_nothing_recorded(dump), highlight=False)
     for line in shape_lines(dump):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _nothing_recorded(dump: Dump) -> str:
+    return f"{dump.path} holds no calls: nothing watched was called while it was recorded"
