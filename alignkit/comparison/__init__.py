@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 
+import pandas as pd
+
 from alignkit.comparison.result import Comparison
-from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.comparison import glue
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls
 from alignkit.comparison.table import Thresholds, build_table, inputs_agree, one_side_notes, raised_calls
@@ -54,8 +58,13 @@ def compare(
         unused = names.unused()
         if unused:
             raise UsageError(f"name map entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no submodel or tensor in {t.path}")
-        per_call = classify_calls(table, calls, raised_calls(r, t, calls))
-        first = first_divergence(table, per_call)
+        explainer = glue.Explainer(r, t, calls, table)
+        raised = raised_calls(r, t, calls)
+        per_call = classify_calls(table, calls, raised)
+        first = first_divergence(table, per_call, explainer.text)
+        while first is not None and _amplified_precision(table, first, explainer, limits.floor_factor):
+            per_call = classify_calls(table, calls, raised)
+            first = first_divergence(table, per_call, explainer.text)
         result = Comparison(
             reference=str(r.path),
             target=str(t.path),
@@ -75,6 +84,33 @@ def compare(
     if replay is not None:
         result.replay = replay if isinstance(replay, Comparison) else compare(ref, replay, name_map=name_map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor)
     return result
+
+
+def _amplified_precision(table: pd.DataFrame, first: Divergence, explainer: glue.Explainer, floor_factor: float) -> bool:
+    """Mark the first divergence as precision loss, where it is one, and say whether it did.
+
+    Past the noise floor of a lower-precision target, an input made by the same glue in both
+    runs of outputs within theirs is their loss amplified (classifier-free guidance multiplies
+    the UNet's rounding by about its scale); an output of a call fed such an input, whose
+    relative error is within that input's plus the call's own ``floor_factor`` times its
+    floor, is the same loss carried on (it cannot be told apart from what it was fed)."""
+    if first.kind not in (INPUT_MISMATCH, LOCAL_ERROR):
+        return False
+    index = table.index[(table["seq"] == first.seq) & (table["io"] == first.io) & (table["tensor"] == first.tensor)][0]
+    row = table.loc[index]
+    if not math.isfinite(row.get("floor_ratio", math.nan)):
+        return False
+    if first.kind == LOCAL_ERROR:
+        carriers = table[(table["seq"] == first.seq) & (table["io"] == "inputs") & table["glue"].notna()]
+        if carriers.empty or row["rel_l1"] > carriers["rel_l1"].max() + floor_factor * row["floor_rel_l1"]:
+            return False
+        table.loc[index, ["status", "glue"]] = ["precision", f"carried on from input `{carriers['tensor'].iloc[0]}`"]
+        return True
+    found = explainer(row)
+    if found is None or not found.same or not found.inputs_within:
+        return False
+    table.loc[index, ["status", "glue"]] = ["precision", found.formula]
+    return True
 
 
 class _opened:

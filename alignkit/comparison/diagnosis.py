@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 
-from alignkit.comparison.table import BAD
+from alignkit.comparison.table import BAD, WHOLESALE_DTYPE_CHANGE
 from alignkit.phrasing import count
-
-WHOLESALE_DTYPE_CHANGE = 4  # tensors changing dtype alike, with values that differ, said in one line
 
 INPUT_MISMATCH, LOCAL_ERROR, PROPAGATED, RAISED = "input mismatch", "local error", "propagated", "raised"
 
@@ -76,7 +75,9 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, s
     return frame.reset_index()
 
 
-def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame) -> Divergence | None:
+def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame, explain: Callable[[pd.Series], str | None] | None = None) -> Divergence | None:
+    """The earliest divergent call, with its evidence; ``explain`` may say why an input
+    mismatch's input differs (the glue that made it), given its table row."""
     hits = per_call[per_call["kind"] != ""]
     if hits.empty:
         return None
@@ -91,12 +92,13 @@ def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame) -> Divergence 
     rows = table[(table["seq"] == call["seq"]) & (table["io"] == io) & table["status"].isin(BAD)]
     row = rows.iloc[0]
     evidence = _evidence(row)
-    message = _message(call, row, evidence)
+    cause = explain(row) if explain is not None and call["kind"] == INPUT_MISMATCH else None
+    message = _message(call, row, evidence, cause)
     return Divergence(str(call["submodel"]), int(call["step"]), int(call["call"]), io, str(row["tensor"]), str(call["kind"]), message, int(call["seq"]), evidence)
 
 
 def _evidence(row: pd.Series) -> dict[str, Any]:
-    keys = ["ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "ref_value", "tgt_value", "l1", "rel_l1", "max_abs", "cos", "cos_dist", "floor_ratio", "status"]
+    keys = ["ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "ref_value", "tgt_value", "l1", "rel_l1", "max_abs", "cos", "cos_dist", "floor_ratio", "floor_dtype", "status"]
     return {k: _plain(row.get(k)) for k in keys if k in row and not _missing(row.get(k))}
 
 
@@ -104,11 +106,13 @@ def _where(call: pd.Series) -> str:
     return f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
 
 
-def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any]) -> str:
+def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any], cause: str | None = None) -> str:
     where = _where(call)
     tensor = row["tensor"]
     if call["kind"] == LOCAL_ERROR:
         message = f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"
+    elif call["kind"] == INPUT_MISMATCH and cause:
+        message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; {cause}"
     elif call["kind"] == INPUT_MISMATCH:
         message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the glue code that feeds {call['submodel']} differs"
         if math.isfinite(ev.get("floor_ratio", math.inf)):
@@ -141,7 +145,7 @@ def _metrics_text(ev: dict[str, Any]) -> str:
     if "max_abs" in ev:
         parts.append(f"max_abs {ev['max_abs']:.3g}")
     if math.isfinite(ev.get("floor_ratio", math.inf)):
-        parts.append(f"{ev['floor_ratio']:.3g}× the noise floor of {ev['tgt_dtype']}")
+        parts.append(f"{ev['floor_ratio']:.3g}× the noise floor of {ev.get('floor_dtype', ev['tgt_dtype'])}")
     return ", ".join(parts)
 
 
@@ -200,13 +204,20 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     out = _dtype_warnings(table)
     out.extend(_swap_warnings(table))
     out.extend(_broadcast_warnings(table))
-    precision = table[table["status"] == "precision"]
+    amplified = table["glue"].notna() if "glue" in table else pd.Series(False, index=table.index)
+    precision = table[(table["status"] == "precision") & ~amplified]
     if len(precision):
         out.append(f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
+    for (sub, io, tensor, glue), group in table[amplified].groupby(["submodel", "io", "tensor", "glue"], sort=False):
+        past = f"{sub} {io[:-1]} `{tensor}` is past {floor_factor:g}× its noise floor at {count(group['step'].nunique(), 'step')} (up to {group['floor_ratio'].max():.3g}×)"
+        if io == "inputs":
+            out.append(f"{past}, but is {glue} in both runs, of outputs within theirs: their precision loss, amplified by the glue, not a divergence")
+        else:
+            out.append(f"{past}, but is {glue}, which the glue took past its own: its relative error is no more than that input's plus {floor_factor:g}× its floor, precision loss carried on, not a divergence")
     mismatched = table[table["nonfinite_mismatch"].fillna(0) > 0]
-    count = {side: mismatched[f"nan_{side}"] + mismatched[f"inf_{side}"] for side in ("ref", "tgt")}
+    nonfinite = {side: mismatched[f"nan_{side}"] + mismatched[f"inf_{side}"] for side in ("ref", "tgt")}
     for side, other, who in (("tgt", "ref", "target"), ("ref", "tgt", "reference")):
-        nf = mismatched[count[side] > count[other]]
+        nf = mismatched[nonfinite[side] > nonfinite[other]]
         if len(nf):
             row = nf.iloc[0]
             out.append(f"NaN/Inf first appear in the {who} only at {row['submodel']} step {row['step']} {row['io'][:-1]} `{row['tensor']}` ({int(row[f'nan_{side}'])} NaN, {int(row[f'inf_{side}'])} Inf)")

@@ -187,11 +187,25 @@ def as_reals(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).view(x.real.dtype)
 
 
-def floor_dtype_for(ref_dtype: str, tgt_dtype: str) -> str | None:
-    """The target dtype when it is a lower-precision float than the reference, else None."""
+def floor_dtype_for(ref_dtype: str, tgt_dtype: str, carried: str | None = None) -> str | None:
+    """The dtype whose rounding is the noise floor of a tensor pair: the target's, when it is
+    a lower-precision float than the reference's; else ``carried``, the lower precision the
+    target run has already computed in, for float tensors more precise than it (a VAE
+    upcast to float32 decodes latents that carry float16's rounding). None when neither."""
     if tgt_dtype in _LOW_PRECISION and _FLOAT_BITS.get(ref_dtype, 0) > _LOW_PRECISION[tgt_dtype]:
         return tgt_dtype
+    if carried is not None and min(_FLOAT_BITS.get(ref_dtype, 0), _FLOAT_BITS.get(tgt_dtype, 0)) > _LOW_PRECISION[carried]:
+        return carried
     return None
+
+
+def lower_precision(dtypes: Iterable[str]) -> set[str]:
+    """The lower-precision float dtypes among ``dtypes``."""
+    return {d for d in dtypes if d in _LOW_PRECISION}
+
+
+def least_precise(dtypes: Iterable[str]) -> str:
+    return min(dtypes, key=_FLOAT_BITS.__getitem__)
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:

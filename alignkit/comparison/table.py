@@ -1,7 +1,8 @@
 """Build the tidy table: one row per compared tensor pair, with metrics and a status.
 
 Statuses: ``ok``; ``precision`` (over the thresholds, but within ``floor_factor`` times the
-noise floor of the target's lower-precision dtype: expected loss, not a divergence);
+noise floor of the target's lower-precision dtype: expected loss, not a divergence; or past it,
+where the ``glue`` column says how the input is made alike in both runs of outputs within it);
 ``mismatch``; ``nonfinite`` (NaN/Inf where the other side has none); ``shape``; and
 ``ref only`` / ``tgt only`` for tensors on one side.
 
@@ -23,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from alignkit.comparison.matching import MergedCall, MergedTensor, NameMap, TensorPair, match_tensors
-from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics, floor_dtype_for
+from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics, floor_dtype_for, least_precise, lower_precision
 from alignkit.errors import DumpCorruptError, UsageError
 from alignkit.phrasing import count
 from alignkit.storage.reader import Call, Dump, TensorInfo
 
 EXACT_NUMEL = 64
+WHOLESALE_DTYPE_CHANGE = 4  # tensors in a lower precision that make a run one computing in it
 SWAP_CHECK_MAX = 8  # position-matched mismatches per call and side tried pairwise for a swap
 BAD = ("mismatch", "nonfinite", "shape")
 
@@ -37,7 +39,7 @@ COLUMNS = [
     "ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "numel", "exact",
     "l1", "rel_l1", "max_abs", "cos", "cos_dist", "rmse", "sqnr_db",
     "nan_ref", "nan_tgt", "inf_ref", "inf_tgt", "nonfinite_mismatch",
-    "floor_rel_l1", "floor_cos_dist", "floor_ratio", "status", "ref_value", "tgt_value",
+    "floor_rel_l1", "floor_cos_dist", "floor_ratio", "floor_dtype", "status", "ref_value", "tgt_value", "glue",
 ]
 
 
@@ -65,18 +67,35 @@ def build_table(
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     rows: list[dict] = []
+    carried = carried_precision(ref, tgt)
     parts = calls["tgt_parts"] if "tgt_parts" in calls else pd.Series([None] * len(calls))
     for i, (row, split) in enumerate(zip(calls.itertuples(index=False), parts)):
         if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
             rc = ref.call_at(int(row.ref_seq))
             tc = MergedCall([tgt.call_at(int(s)) for s in split]) if isinstance(split, tuple) else tgt.call_at(int(row.tgt_seq))
             pairs = match_tensors(rc, tc, names)
-            call_rows = [_row(ref, tgt, rc, tc, pair, limits) for pair in pairs]
+            since = carried[0] if carried is not None and tc.seq >= carried[1] else None
+            call_rows = [_row(ref, tgt, rc, tc, pair, limits, since) for pair in pairs]
             _mark_swaps(ref, tgt, rc, tc, pairs, call_rows, limits)
             rows.extend(call_rows)
         if progress is not None:
             progress(i)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"glue": object})
+
+
+def carried_precision(ref: Dump, tgt: Dump) -> tuple[str, int] | None:
+    """The lower-precision float the target run computes in where the reference never does
+    (float16 for a pipeline cast with ``.to(torch.float16)``), and the seq of the target's
+    first call that holds it: from there on every float tensor carries its rounding, even one
+    kept in float32, and is measured against its noise floor."""
+    tensors = tgt.tensors
+    new = lower_precision(tensors["dtype"]) - lower_precision(ref.tensors["dtype"])
+    counts = tensors[tensors["dtype"].isin(new)]["dtype"].value_counts()
+    wholesale = [str(d) for d, n in counts.items() if n >= WHOLESALE_DTYPE_CHANGE]
+    if not wholesale:
+        return None
+    dtype = least_precise(wholesale)
+    return dtype, int(tensors[tensors["dtype"] == dtype]["seq"].min())
 
 
 def raised_calls(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[int, str]:
@@ -130,7 +149,7 @@ def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: li
                 rows[i]["swapped_with"], rows[j]["swapped_with"] = b.ref.name, a.ref.name
 
 
-def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair, limits: Thresholds) -> dict:
+def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair, limits: Thresholds, carried: str | None = None) -> dict:
     r, t = pair.ref, pair.tgt
     base = {
         "seq": rc.seq, "submodel": rc.submodel, "step": rc.step, "call": rc.call, "io": pair.io,
@@ -145,7 +164,7 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair
     broadcast = _one_value_for_many(pair.io, numel_r, numel_t)
     if numel_r != numel_t and not broadcast:
         return {**base, "status": "shape"}
-    floor = floor_dtype_for(r.dtype, t.dtype)
+    floor = floor_dtype_for(r.dtype, t.dtype, carried)
     values = None
     try:
         if numel <= BLOCK_ELEMENTS or isinstance(t, MergedTensor):  # read whole: most tensors of a dump are small
@@ -156,7 +175,7 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair
     except (OSError, KeyError, ValueError) as exc:
         raise DumpCorruptError(f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` ({exc})") from exc
     if floor:
-        m["floor_ratio"] = _floor_ratio(m)
+        m["floor_ratio"], m["floor_dtype"] = _floor_ratio(m), floor
     exact = pair.io == "inputs" and (_discrete(r.dtype) or _discrete(t.dtype) or (numel <= EXACT_NUMEL and _controls(r.shape, values[0])))
     status = _status(m, exact, limits)
     out = {**base, **m, "exact": exact, "broadcast": broadcast, "status": status}

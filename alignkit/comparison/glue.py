@@ -1,0 +1,247 @@
+"""Explain an input mismatch by the glue that made it.
+
+Between submodel calls, pipeline code combines outputs into the next call's inputs:
+classifier-free guidance turns the UNet's two batch halves into the scheduler's
+``model_output``, ``u + s·(c − u)``. When the mismatched input is, in the reference, an exact
+linear combination of outputs of the same step, its weights are that glue. The target's own
+outputs, combined with the same weights, then tell whether its glue is the same (and the
+difference is that of the outputs it combines, amplified) or another one (the weights it uses:
+another guidance scale, the halves swapped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from alignkit.storage.reader import Dump
+
+MAX_PARTS = 4  # outputs (or batch slices of one) that a combination is sought among
+REFERENCE_EXACT = 1e-4  # relative residual below which a float32 reference's fit is its glue
+TARGET_EXACT = 1e-2  # the same for a target, whose glue may compute in float16
+SAME_WEIGHTS = 1e-2  # relative distance below which two fits are the same weights
+
+
+@dataclass
+class _Part:
+    label: str
+    ref: np.ndarray
+    tgt: np.ndarray
+    within: bool  # the output compared as ok or within its noise floor
+
+
+@dataclass
+class Glue:
+    """How a mismatched input is made of earlier outputs of its step, in each run."""
+
+    tensor: str
+    submodel: str
+    formula: str  # the reference's combination
+    target_formula: str | None  # the target's, where its weights are others
+    swapped: bool  # the target's weights are the reference's in the other order
+    inputs_rel_l1: float  # the largest difference among the outputs combined
+    amplified: float  # the input's difference over theirs
+    inputs_within: bool  # every output combined is ok or within its noise floor
+
+    @property
+    def same(self) -> bool:
+        return self.target_formula is None
+
+    def text(self) -> str:
+        if not self.same:
+            how = "in the other order (the batch halves are swapped)" if self.swapped else "with other weights"
+            return (f"`{self.tensor}` is {self.formula} in the reference but {self.target_formula} in the target: "
+                    f"the glue code that feeds {self.submodel} combines the same outputs {how}")
+        return (f"`{self.tensor}` is {self.formula} in both runs: the glue is the same, and the difference is that of "
+                f"the outputs it combines (rel_l1 up to {self.inputs_rel_l1:.3g}), amplified ×{self.amplified:.3g} by the combination")
+
+
+class Explainer:
+    """Explains table rows of mismatched inputs by their glue, each row worked out once."""
+
+    def __init__(self, ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame):
+        self._args = ref, tgt, calls, table
+        self._seen: dict[object, Glue | None] = {}
+
+    def __call__(self, row: pd.Series) -> Glue | None:
+        if row.name not in self._seen:
+            self._seen[row.name] = explain(*self._args, row)
+        return self._seen[row.name]
+
+    def text(self, row: pd.Series) -> str | None:
+        glue = self(row)
+        return glue.text() if glue is not None else None
+
+
+def explain(ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame, row: pd.Series) -> Glue | None:
+    """How the input ``row`` (a table row) is made, when it is a fixed combination of earlier
+    outputs of its step in the reference; None when it is not one."""
+    parts = _parts(ref, tgt, calls, table, row)
+    tgt_seq = _tgt_seqs(calls).get(int(row["seq"]))
+    if not parts or tgt_seq is None:
+        return None
+    y_ref, y_tgt = _input(ref, int(row["seq"]), str(row["tensor"])), _input(tgt, tgt_seq, str(row["tgt_tensor"]))
+    if y_ref is None or y_tgt is None or y_tgt.shape != y_ref.shape:
+        return None
+    w_ref = _fit([p.ref for p in parts], y_ref, REFERENCE_EXACT)
+    if w_ref is None:
+        return _explain_by_channels(row, parts, y_ref, y_tgt)
+    labels = [p.label for p in parts]
+    used = [p for p, wi in zip(parts, w_ref) if _weighs(wi, w_ref)]
+    glue = _glue(row, _formula(labels, w_ref), used, y_ref, y_tgt)
+    w_tgt = _fit([p.tgt for p in parts], y_tgt, TARGET_EXACT)
+    if w_tgt is not None and not _same(w_tgt, w_ref):
+        glue.target_formula, glue.swapped = _formula(labels, w_tgt), len(w_ref) == 2 and _same(w_tgt[::-1], w_ref)
+        return glue
+    expected = sum(w * p.tgt.astype(np.float64) for w, p in zip(w_ref, parts))
+    return glue if _made_alike(y_tgt, expected, y_ref) else None
+
+
+def _explain_by_channels(row: pd.Series, parts: list[_Part], y_ref: np.ndarray, y_tgt: np.ndarray) -> Glue | None:
+    """The input as one output scaled and shifted per channel: a VAE's latents normalised
+    with its per-channel mean and deviation (Wan, LTX), or with one scale and shift (Flux)."""
+    for part in parts:
+        if part.ref.ndim < 2 or part.ref.shape != y_ref.shape:
+            continue
+        ref_fit = _fit_channels(part.ref, y_ref, REFERENCE_EXACT)
+        if ref_fit is None:
+            continue
+        glue = _glue(row, _channels_formula(part.label, ref_fit), [part], y_ref, y_tgt)
+        tgt_fit = _fit_channels(part.tgt, y_tgt, TARGET_EXACT)
+        if tgt_fit is not None and not _same(tgt_fit.ravel(), ref_fit.ravel()):
+            glue.target_formula = _channels_formula(part.label, tgt_fit)
+            return glue
+        return glue if _made_alike(y_tgt, _apply_channels(ref_fit, part.tgt), y_ref) else None
+    return None
+
+
+def _glue(row: pd.Series, formula: str, used: list[_Part], y_ref: np.ndarray, y_tgt: np.ndarray) -> Glue:
+    inputs = max(_rel_l1(p.tgt, p.ref) for p in used)
+    difference = _rel_l1(y_tgt, y_ref)
+    return Glue(str(row["tensor"]), str(row["submodel"]), formula, None, False, inputs,
+                difference / inputs if inputs > 0 else float("inf"), all(p.within for p in used))
+
+
+def _made_alike(y_tgt: np.ndarray, expected: np.ndarray, y_ref: np.ndarray) -> bool:
+    """Whether the reference's glue, applied to the target's outputs, makes the target's input
+    (closer to it than the reference's input is: the rest is the target's own rounding)."""
+    return _rel_l1(y_tgt, expected) <= max(0.5 * _rel_l1(y_tgt, y_ref), REFERENCE_EXACT)
+
+
+def _parts(ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame, row: pd.Series) -> list[_Part]:
+    """The outputs of earlier calls of the input's step and the step before that have the
+    input's shape, whole or as equal slices along the batch (a UNet run on the guidance
+    batch), nearest calls first."""
+    shape = _dims(row["ref_shape"])
+    if not shape:
+        return []
+    tgt_seqs = _tgt_seqs(calls)
+    earlier = table[
+        (table["io"] == "outputs") & table["step"].isin([row["step"], row["step"] - 1]) & (table["seq"] < row["seq"])
+        & (table["ref_shape"] == table["tgt_shape"]) & table["status"].isin(["ok", "precision", "mismatch"])
+    ].sort_values("seq", ascending=False, kind="stable")
+    parts: list[_Part] = []
+    for out in earlier.itertuples(index=False):
+        dims = _dims(out.ref_shape)
+        if dims[1:] != shape[1:] or dims[0] % shape[0] or dims[0] // shape[0] > MAX_PARTS:
+            continue
+        k = dims[0] // shape[0]
+        if len(parts) + k > MAX_PARTS or int(out.seq) not in tgt_seqs:
+            break
+        r = ref.call_at(int(out.seq)).tensor("outputs", out.tensor)
+        t = tgt.call_at(tgt_seqs[int(out.seq)]).tensor("outputs", out.tgt_tensor)
+        step = f" step {out.step}" if out.step != row["step"] else ""
+        name = f"{out.submodel}{f' call {out.call}' if out.call else ''}{step} `{out.tensor}`"
+        for i in range(k):
+            cut = slice(i * shape[0], (i + 1) * shape[0])
+            parts.append(_Part(f"{name}[{i}]" if k > 1 else name, r[cut], t[cut], out.status in ("ok", "precision")))
+    return parts
+
+
+def _fit(parts: list[np.ndarray], y: np.ndarray, exact: float) -> np.ndarray | None:
+    """The weights that make ``y`` of ``parts``, where some do to within ``exact``."""
+    x = np.stack([p.astype(np.float64).ravel() for p in parts], axis=1)
+    target = y.astype(np.float64).ravel()
+    if not (np.isfinite(x).all() and np.isfinite(target).all()) or np.linalg.matrix_rank(x) < x.shape[1]:
+        return None
+    w, *_ = np.linalg.lstsq(x, target, rcond=None)
+    scale = np.linalg.norm(target)
+    return w if scale > 0 and np.linalg.norm(target - x @ w) <= exact * scale else None
+
+
+def _fit_channels(x: np.ndarray, y: np.ndarray, exact: float) -> np.ndarray | None:
+    """Each channel's (scale, shift), axis 1, that make ``y`` of ``x``, where they do to
+    within ``exact``."""
+    xs = np.moveaxis(x.astype(np.float64), 1, 0).reshape(x.shape[1], -1)
+    ys = np.moveaxis(y.astype(np.float64), 1, 0).reshape(y.shape[1], -1)
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        return None
+    fits, residual = [], 0.0
+    for xc, yc in zip(xs, ys):
+        a = np.stack([xc, np.ones_like(xc)], axis=1)
+        if np.linalg.matrix_rank(a) < 2:
+            return None
+        c, *_ = np.linalg.lstsq(a, yc, rcond=None)
+        residual += float(np.sum((yc - a @ c) ** 2))
+        fits.append(c)
+    scale = np.linalg.norm(ys)
+    return np.array(fits) if scale > 0 and np.sqrt(residual) <= exact * scale else None
+
+
+def _apply_channels(fits: np.ndarray, x: np.ndarray) -> np.ndarray:
+    shape = [1] * x.ndim
+    shape[1] = -1
+    return x.astype(np.float64) * fits[:, 0].reshape(shape) + fits[:, 1].reshape(shape)
+
+
+def _channels_formula(label: str, fits: np.ndarray) -> str:
+    scales, shifts = fits[:, 0], fits[:, 1]
+    if np.ptp(scales) <= 1e-4 * np.abs(scales).max() and np.ptp(shifts) <= 1e-4 * max(np.abs(shifts).max(), 1e-12):
+        return f"{scales[0]:.3g}·{label} + {shifts[0]:.3g}".replace("+ -", "- ")
+    return (f"{label} scaled and shifted per channel (scales {scales.min():.3g} to {scales.max():.3g}, "
+            f"shifts {shifts.min():.3g} to {shifts.max():.3g})")
+
+
+def _formula(labels: list[str], w: np.ndarray) -> str:
+    """``-4·a + 5·b``, and what it is where it is classifier-free guidance (two weights
+    summing to 1: ``a + s·(b − a)``) or a value passed on unchanged; weights of nothing left out."""
+    terms = [(wi, label) for wi, label in zip(w, labels) if _weighs(wi, w)]
+    if len(terms) == 1 and abs(terms[0][0] - 1) < 1e-3:
+        return f"{terms[0][1]} passed on unchanged"
+    text = " + ".join(f"{wi:.3g}·{label}" for wi, label in terms).replace("+ -", "- ")
+    weights = np.array([wi for wi, _ in terms])
+    if len(terms) == 2 and abs(weights.sum() - 1) < 1e-3 and abs(weights[1] - 1) > 1e-3:
+        text += f" (classifier-free guidance at scale {weights[1]:.3g})"
+    return text
+
+
+def _weighs(wi: float, w: np.ndarray) -> bool:
+    return abs(wi) > 1e-4 * np.abs(w).max()
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.linalg.norm(a - b) <= SAME_WEIGHTS * max(np.linalg.norm(a), 1.0))
+
+
+def _input(dump: Dump, seq: int, name: str) -> np.ndarray | None:
+    try:
+        return dump.call_at(seq).tensor("inputs", name)
+    except (KeyError, LookupError):
+        return None
+
+
+def _tgt_seqs(calls: pd.DataFrame) -> dict[int, int]:
+    matched = calls.dropna(subset=["ref_seq", "tgt_seq"])
+    return dict(zip(matched["ref_seq"].astype(int), matched["tgt_seq"].astype(int)))
+
+
+def _dims(shape: object) -> list[int]:
+    return [int(x) for x in str(shape).strip("[]").split(",") if x] if isinstance(shape, str) else []
+
+
+def _rel_l1(t: np.ndarray, r: np.ndarray) -> float:
+    r64 = np.asarray(r, dtype=np.float64)
+    denom = np.abs(r64).sum()
+    return float(np.abs(np.asarray(t, dtype=np.float64) - r64).sum() / denom) if denom > 0 else float("inf")

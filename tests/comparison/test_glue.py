@@ -1,0 +1,89 @@
+"""The glue between submodels: an input made of earlier outputs is explained by how."""
+
+import numpy as np
+
+import alignkit as ak
+
+MEAN = np.array([0.3, -0.2, 0.1, 0.5], np.float32).reshape(1, 4, 1, 1)
+STD = np.array([1.5, 0.8, 2.0, 1.1], np.float32).reshape(1, 4, 1, 1)
+
+
+def _record(path, *, dtype=np.float32, scale=5.0, swap=False, steps=3):
+    """A guided denoising loop: a UNet on the guidance batch, the scheduler fed
+    ``u + scale·(c − u)``, a VAE fed the latents normalised per channel. ``dtype`` is what
+    the UNet and the scheduler compute in; the VAE stays in float32, as diffusers keeps it."""
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((4, 4)).astype(np.float32) * 0.5
+
+    def unet(sample):
+        out = np.tanh(np.einsum("oc,bchw->bohw", weights.astype(dtype), sample.astype(dtype)))
+        return out.astype(dtype)
+
+    def scheduler(model_output, sample):
+        return (sample - np.asarray(0.1, dtype) * model_output).astype(dtype)
+
+    def vae(z):
+        return np.tanh(z.astype(np.float32)) * 2
+
+    latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with ak.Recorder(path) as rec:
+        unet, scheduler, vae = rec.watch(unet, "unet"), rec.watch(scheduler, "scheduler"), rec.watch(vae, "vae.decode")
+        x = latents.astype(dtype)
+        for _ in range(steps):
+            both = unet(np.concatenate([x, x * np.asarray(1.01, dtype)]))
+            u, c = (both[1], both[0]) if swap else (both[0], both[1])
+            x = scheduler((u + np.asarray(scale, dtype) * (c - u))[None].astype(dtype), x)
+            ak.step()
+        vae(x.astype(np.float32) / STD + MEAN)
+    return path
+
+
+def test_another_guidance_scale_is_named_with_both_scales(tmp_path):
+    result = ak.compare(_record(tmp_path / "ref.h5"), _record(tmp_path / "tgt.h5", scale=7.5))
+    first = result.first_divergence
+    assert (first.submodel, first.step, first.tensor, first.kind) == ("scheduler", 0, "model_output", "input mismatch")
+    assert "-4·unet `output`[0] + 5·unet `output`[1] (classifier-free guidance at scale 5) in the reference" in first.message
+    assert "(classifier-free guidance at scale 7.5) in the target" in first.message
+    assert "with other weights" in first.message
+
+
+def test_swapped_guidance_halves_are_named(tmp_path):
+    result = ak.compare(_record(tmp_path / "ref.h5"), _record(tmp_path / "tgt.h5", swap=True))
+    assert "the batch halves are swapped" in result.first_divergence.message
+
+
+def test_a_lower_precision_run_amplified_by_the_glue_is_precision_loss_not_a_divergence(tmp_path):
+    """A float16 UNet within its noise floor, times a guidance scale of 5 in float16, is past
+    the scheduler input's floor: the same glue in both runs, so expected loss, and said so;
+    the float32 VAE fed latents that carry it is measured against float16's floor."""
+    ref, tgt = _record(tmp_path / "ref.h5"), _record(tmp_path / "tgt.h5", dtype=np.float16)
+    result = ak.compare(ref, tgt)
+    assert result.verdict == "aligned", result.summary()
+    table = result.table
+    guided = table[(table["submodel"] == "scheduler") & (table["tensor"] == "model_output")]
+    assert (guided["floor_ratio"] > 10).any()  # past the floor, and still not a divergence
+    assert set(guided.loc[guided["floor_ratio"] > 10, "glue"]) == {"-4·unet `output`[0] + 5·unet `output`[1] (classifier-free guidance at scale 5)"}
+    assert any("scheduler input `model_output` is past 10× its noise floor" in w and "amplified by the glue" in w for w in result.warnings)
+    z = table[(table["submodel"] == "vae.decode") & (table["io"] == "inputs")].iloc[0]
+    assert (z["ref_dtype"], z["tgt_dtype"], z["floor_dtype"]) == ("float32", "float32", "float16")  # carried from the float16 run
+    assert z["status"] in ("ok", "precision")
+
+
+def test_a_glue_that_differs_in_a_lower_precision_run_is_still_a_divergence(tmp_path):
+    result = ak.compare(_record(tmp_path / "ref.h5"), _record(tmp_path / "tgt.h5", dtype=np.float16, scale=7.5))
+    assert result.verdict == "diverged"
+    assert "(classifier-free guidance at scale 7.5) in the target" in result.first_divergence.message
+
+
+def test_a_per_channel_normalisation_is_recognised_and_checked(tmp_path):
+    from alignkit.comparison import glue
+    from alignkit.comparison.matching import NameMap, match_calls
+
+    ref, tgt = _record(tmp_path / "ref.h5"), _record(tmp_path / "tgt.h5", dtype=np.float16)
+    table = ak.compare(ref, tgt).table
+    with ak.open_dump(ref) as r, ak.open_dump(tgt) as t:
+        calls, _ = match_calls(r, t, NameMap.build())
+        z = table[(table["submodel"] == "vae.decode") & (table["io"] == "inputs")].iloc[0]
+        found = glue.explain(r, t, calls, table, z)
+    assert found is not None and found.same
+    assert found.formula == "scheduler step 2 `output` scaled and shifted per channel (scales 0.5 to 1.25, shifts -0.2 to 0.5)"
