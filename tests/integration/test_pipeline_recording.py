@@ -130,14 +130,7 @@ def test_a_controlnet_pipeline_records_the_residuals_that_reach_the_unet(tmp_pat
     pipe.set_progress_bar_config(disable=True)
     hint = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
-    def run():
-        with torch.no_grad():
-            return pipe("a fox", image=hint, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np", height=32, width=32).images
-
-    unwatched = run()
-    with ak.record(tmp_path / "cn.h5", pipe):
-        watched = run()
-    np.testing.assert_array_equal(watched, unwatched)
+    _record_unchanged(pipe, tmp_path / "cn.h5", image=hint, num_inference_steps=3, height=32, width=32)
     with ak.open_dump(tmp_path / "cn.h5") as d:
         assert d.submodels == ["text_encoder", "controlnet", "unet", "scheduler", "vae.decode"]
         assert d.steps("controlnet") == d.steps("unet") == [0, 1, 2]
@@ -161,14 +154,7 @@ def test_an_img2img_pipeline_records_what_the_vae_encoder_returns(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
-    def run():
-        with torch.no_grad():
-            return pipe("a fox", image=image, strength=0.75, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
-
-    unwatched = run()
-    with ak.record(tmp_path / "i2i.h5", pipe):
-        watched = run()
-    np.testing.assert_array_equal(watched, unwatched)
+    _record_unchanged(pipe, tmp_path / "i2i.h5", image=image, strength=0.75, num_inference_steps=4)
     with ak.open_dump(tmp_path / "i2i.h5") as d:
         assert d.submodels == ["text_encoder", "vae.encode", "unet", "scheduler", "vae.decode"]
         encoded = d["vae.encode", 0]
@@ -176,3 +162,18 @@ def test_an_img2img_pipeline_records_what_the_vae_encoder_returns(tmp_path):
             expected = pipe.vae.encode(torch.from_numpy(encoded.inputs["x"])).latent_dist.parameters.numpy()
         assert list(encoded.outputs) == ["latent_dist.parameters"]
         np.testing.assert_array_equal(encoded.outputs["latent_dist.parameters"], expected)
+
+
+def _record_unchanged(pipe, path, **call):
+    """Record one call of ``pipe`` ("a fox", seeded) into ``path``; its images are those of
+    an unwatched call, bit for bit."""
+    import torch
+
+    def run():
+        with torch.no_grad():
+            return pipe("a fox", generator=torch.Generator().manual_seed(0), output_type="np", **call).images
+
+    unwatched = run()
+    with ak.record(path, pipe):
+        watched = run()
+    np.testing.assert_array_equal(watched, unwatched)
