@@ -2,11 +2,13 @@
 
 Between submodel calls, pipeline code combines outputs into the next call's inputs:
 classifier-free guidance turns the UNet's two batch halves into the scheduler's
-``model_output``, ``u + s·(c − u)``. When the mismatched input is, in the reference, an exact
-linear combination of outputs of the same step, its weights are that glue. The target's own
-outputs, combined with the same weights, then tell whether its glue is the same (and the
-difference is that of the outputs it combines, amplified) or another one (the weights it uses:
-another guidance scale, the halves swapped).
+``model_output``, ``u + s·(c − u)``; the scheduler's latents go on to the next step unchanged;
+a VAE's latents are normalised per channel. When the mismatched input is, in the reference, an
+exact linear combination of outputs of its step and the step before (or one of them scaled and
+shifted per channel), that is its glue. The target's own outputs, put through the same glue,
+then tell whether the target's glue is the same (and the difference is that of the outputs it
+combines, amplified) or another one (the weights it uses: another guidance scale, the halves
+swapped).
 """
 
 from __future__ import annotations
@@ -91,12 +93,13 @@ def explain(ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame, row:
     labels = [p.label for p in parts]
     used = [p for p, wi in zip(parts, w_ref) if _weighs(wi, w_ref)]
     glue = _glue(row, _formula(labels, w_ref), used, y_ref, y_tgt)
-    w_tgt = _fit([p.tgt for p in parts], y_tgt, TARGET_EXACT)
-    if w_tgt is not None and not _same(w_tgt, w_ref):
-        glue.target_formula, glue.swapped = _formula(labels, w_tgt), len(w_ref) == 2 and _same(w_tgt[::-1], w_ref)
+    if _made_alike(y_tgt, sum(w * p.tgt.astype(np.float64) for w, p in zip(w_ref, parts)), y_ref):
         return glue
-    expected = sum(w * p.tgt.astype(np.float64) for w, p in zip(w_ref, parts))
-    return glue if _made_alike(y_tgt, expected, y_ref) else None
+    w_tgt = _fit([p.tgt for p in parts], y_tgt, TARGET_EXACT)
+    if w_tgt is None or _same(w_tgt, w_ref):
+        return None  # neither the reference's weights nor others make the target's input: nothing to say
+    glue.target_formula, glue.swapped = _formula(labels, w_tgt), len(w_ref) == 2 and _same(w_tgt[::-1], w_ref)
+    return glue
 
 
 def _explain_by_channels(row: pd.Series, parts: list[_Part], y_ref: np.ndarray, y_tgt: np.ndarray) -> Glue | None:
@@ -109,11 +112,13 @@ def _explain_by_channels(row: pd.Series, parts: list[_Part], y_ref: np.ndarray, 
         if ref_fit is None:
             continue
         glue = _glue(row, _channels_formula(part.label, ref_fit), [part], y_ref, y_tgt)
-        tgt_fit = _fit_channels(part.tgt, y_tgt, TARGET_EXACT)
-        if tgt_fit is not None and not _same(tgt_fit.ravel(), ref_fit.ravel()):
-            glue.target_formula = _channels_formula(part.label, tgt_fit)
+        if _made_alike(y_tgt, _apply_channels(ref_fit, part.tgt), y_ref):
             return glue
-        return glue if _made_alike(y_tgt, _apply_channels(ref_fit, part.tgt), y_ref) else None
+        tgt_fit = _fit_channels(part.tgt, y_tgt, TARGET_EXACT)
+        if tgt_fit is None or _same(tgt_fit.ravel(), ref_fit.ravel()):
+            return None
+        glue.target_formula = _channels_formula(part.label, tgt_fit)
+        return glue
     return None
 
 
