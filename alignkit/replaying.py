@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from alignkit.comparison import Comparison, compare
+from alignkit.comparison.matching import nests
 from alignkit.errors import AlignkitError, ReplayError, UsageError, require
 from alignkit.recording.flatten import name_outputs, split
 from alignkit.recording.metadata import run_metadata
@@ -162,7 +163,7 @@ def _feed_by_name(names: list[str], recorded: dict[str, Any]) -> dict[str, Any]:
     export's ``time_ids``); what is left, by position when as many are left on each side."""
     source = {n: n for n in names if n in recorded}
     for n in names:
-        tails = [r for r in recorded if r.endswith("." + n)]
+        tails = [r for r in recorded if nests(r, n)]
         if n not in source and len(tails) == 1 and tails[0] not in source.values():
             source[n] = tails[0]
     left = [n for n in names if n not in source]

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 
-import pandas as pd
-
 from alignkit.comparison.result import Comparison
-from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison import glue
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls
-from alignkit.comparison.table import Thresholds, build_table, inputs_agree, one_side_notes, raised_calls
+from alignkit.comparison.table import Thresholds, build_table, carried_precision, inputs_agree, one_side_notes, raised_calls
 from alignkit.errors import UsageError
 from alignkit.storage.reader import Dump, open_dump
 
 __all__ = ["Comparison", "Divergence", "Thresholds", "compare"]
 
-MAX_GLUE_EXPLAINED = 1000  # inputs and outputs found to be precision loss amplified by the glue, at most
+MAX_GLUE_EXPLAINED = 1000  # tensors settled as precision loss the glue amplified, at most
 
 
 def compare(
@@ -45,7 +42,8 @@ def compare(
     limits = Thresholds(cos_min, rel_l1_max, floor_factor)
     with _opened(ref) as r, _opened(tgt) as t:
         calls, notes = match_calls(r, t, names)
-        calls, reordered = pair_reordered_calls(calls, lambda rs, ts: inputs_agree(r, t, r.call_at(rs), t.call_at(ts), names, limits))
+        carried = carried_precision(r, t)
+        calls, reordered = pair_reordered_calls(calls, lambda rs, ts: inputs_agree(r, t, r.call_at(rs), t.call_at(ts), names, limits, carried))
         notes += reordered
         if submodels is not None:
             keep = set(submodels)
@@ -56,7 +54,7 @@ def compare(
             calls = calls[calls["submodel"].isin(keep)].reset_index(drop=True)
             notes = [n for n in notes if n.split(":", 1)[0] in keep]
         total = len(calls)
-        table = build_table(r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None)
+        table = build_table(r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None, carried)
         unused = names.unused()
         if unused:
             raise UsageError(f"name map entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no submodel or tensor in {t.path}")
@@ -65,7 +63,7 @@ def compare(
         per_call = classify_calls(table, calls, raised)
         first = first_divergence(table, per_call, explainer.text)
         for _ in range(MAX_GLUE_EXPLAINED):  # each pass walks the table again: bounded for dumps of 100k calls
-            if first is None or not _amplified_precision(table, first, explainer, limits.floor_factor):
+            if first is None or not explainer.settle(first, limits.floor_factor):
                 break
             per_call = classify_calls(table, calls, raised)
             first = first_divergence(table, per_call, explainer.text)
@@ -88,33 +86,6 @@ def compare(
     if replay is not None:
         result.replay = replay if isinstance(replay, Comparison) else compare(ref, replay, name_map=name_map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor)
     return result
-
-
-def _amplified_precision(table: pd.DataFrame, first: Divergence, explainer: glue.Explainer, floor_factor: float) -> bool:
-    """Mark the first divergence as precision loss, where it is one, and say whether it did.
-
-    Past the noise floor of a lower-precision target, an input made by the same glue in both
-    runs of outputs within theirs is their loss amplified (classifier-free guidance multiplies
-    the UNet's rounding by about its scale); an output of a call fed such an input, whose
-    relative error is within that input's plus the call's own ``floor_factor`` times its
-    floor, is the same loss carried on (it cannot be told apart from what it was fed)."""
-    if first.kind not in (INPUT_MISMATCH, LOCAL_ERROR):
-        return False
-    index = table.index[(table["seq"] == first.seq) & (table["io"] == first.io) & (table["tensor"] == first.tensor)][0]
-    row = table.loc[index]
-    if not math.isfinite(row.get("floor_ratio", math.nan)):
-        return False
-    if first.kind == LOCAL_ERROR:
-        carriers = table[(table["seq"] == first.seq) & (table["io"] == "inputs") & table["glue"].notna()]
-        if carriers.empty or row["rel_l1"] > carriers["rel_l1"].max() + floor_factor * row["floor_rel_l1"]:
-            return False
-        table.loc[index, ["status", "glue"]] = ["precision", f"carried on from input `{carriers['tensor'].iloc[0]}`"]
-        return True
-    found = explainer(row)
-    if found is None or not found.same or not found.inputs_within:
-        return False
-    table.loc[index, ["status", "glue"]] = ["precision", found.formula]
-    return True
 
 
 class _opened:

@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -204,7 +204,7 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     out = _dtype_warnings(table)
     out.extend(_swap_warnings(table))
     out.extend(_broadcast_warnings(table))
-    amplified = table["glue"].notna() if "glue" in table else pd.Series(False, index=table.index)
+    amplified = table["glue"].notna()
     precision = table[(table["status"] == "precision") & ~amplified]
     if len(precision):
         out.append(f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
@@ -231,7 +231,7 @@ def _dtype_warnings(table: pd.DataFrame) -> list[str]:
     another dtype, values equal in spite of the dtype) are not lost among them."""
     both = table.dropna(subset=["ref_dtype", "tgt_dtype"])
     diff = both[both["ref_dtype"] != both["tgt_dtype"]].assign(equal=lambda d: d["max_abs"] == 0)
-    tensors = diff.groupby(["submodel", "io", "tensor", "ref_dtype", "tgt_dtype"], sort=False)["equal"].all().reset_index()
+    tensors = diff.groupby(["submodel", "io", "tensor", "ref_dtype", "tgt_dtype"], sort=False).agg(equal=("equal", "all"), steps=("step", "nunique")).reset_index()
     out = []
     for (rd, td), group in tensors[~tensors["equal"]].groupby(["ref_dtype", "tgt_dtype"], sort=False):
         if len(group) >= WHOLESALE_DTYPE_CHANGE:
@@ -239,9 +239,8 @@ def _dtype_warnings(table: pd.DataFrame) -> list[str]:
             out.append(f"{len(group)} tensors are {rd} in the reference and {td} in the target, with values that differ ({subs}): the target computes in {td}")
             tensors = tensors.drop(group.index)
     for row in tensors.itertuples(index=False):
-        steps = diff[(diff["submodel"] == row.submodel) & (diff["io"] == row.io) & (diff["tensor"] == row.tensor)]["step"].nunique()
         note = "values equal" if row.equal else "values differ"
-        out.append(f"{row.submodel} {row.io[:-1]} `{row.tensor}`: reference {row.ref_dtype}, target {row.tgt_dtype} ({note}) at {count(steps, 'step')}")
+        out.append(f"{row.submodel} {row.io[:-1]} `{row.tensor}`: reference {row.ref_dtype}, target {row.tgt_dtype} ({note}) at {count(row.steps, 'step')}")
     return out
 
 

@@ -13,11 +13,15 @@ swapped).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergence
+from alignkit.comparison.metrics import array_metrics
+from alignkit.comparison.table import parse_shape
 from alignkit.storage.reader import Dump
 
 MAX_PARTS = 4  # outputs (or batch slices of one) that a combination is sought among
@@ -61,27 +65,59 @@ class Glue:
 
 
 class Explainer:
-    """Explains table rows of mismatched inputs by their glue, each row worked out once."""
+    """Explains table rows of mismatched inputs by their glue, each row worked out once, and
+    settles the first divergence where the glue shows it to be precision loss."""
 
     def __init__(self, ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame):
-        self._args = ref, tgt, calls, table
+        self._ref, self._tgt, self._table = ref, tgt, table
+        matched = calls.dropna(subset=["ref_seq", "tgt_seq"])
+        self._tgt_seqs = dict(zip(matched["ref_seq"].astype(int), matched["tgt_seq"].astype(int)))
         self._seen: dict[object, Glue | None] = {}
 
     def __call__(self, row: pd.Series) -> Glue | None:
         if row.name not in self._seen:
-            self._seen[row.name] = explain(*self._args, row)
+            self._seen[row.name] = explain(self._ref, self._tgt, self._tgt_seqs, self._table, row)
         return self._seen[row.name]
 
     def text(self, row: pd.Series) -> str | None:
         glue = self(row)
         return glue.text() if glue is not None else None
 
+    def settle(self, first: Divergence, floor_factor: float) -> bool:
+        """Mark the first divergence as precision loss, where it is one; whether it did.
 
-def explain(ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame, row: pd.Series) -> Glue | None:
+        Past the noise floor of a lower-precision target, an input made by the same glue in
+        both runs of outputs within theirs is their loss amplified (classifier-free guidance
+        multiplies the UNet's rounding by about its scale). An output of a call fed such an
+        input, whose relative error is within that input's plus ``floor_factor`` times its own
+        floor, is the same loss carried on: it cannot be told apart from what it was fed."""
+        table = self._table
+        if first.kind not in (INPUT_MISMATCH, LOCAL_ERROR):
+            return False
+        index = table.index[(table["seq"] == first.seq) & (table["io"] == first.io) & (table["tensor"] == first.tensor)][0]
+        row = table.loc[index]
+        if not math.isfinite(row["floor_ratio"]):
+            return False
+        if first.kind == LOCAL_ERROR:
+            carriers = table[(table["seq"] == first.seq) & (table["io"] == "inputs") & table["glue"].notna()]
+            if carriers.empty or row["rel_l1"] > carriers["rel_l1"].max() + floor_factor * row["floor_rel_l1"]:
+                return False
+            carrier = carriers.loc[carriers["rel_l1"].idxmax(), "tensor"]
+            table.loc[index, ["status", "glue"]] = ["precision", f"carried on from input `{carrier}`"]
+            return True
+        found = self(row)
+        if found is None or not found.same or not found.inputs_within:
+            return False
+        table.loc[index, ["status", "glue"]] = ["precision", found.formula]
+        return True
+
+
+def explain(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame, row: pd.Series) -> Glue | None:
     """How the input ``row`` (a table row) is made, when it is a fixed combination of earlier
-    outputs of its step in the reference; None when it is not one."""
-    parts = _parts(ref, tgt, calls, table, row)
-    tgt_seq = _tgt_seqs(calls).get(int(row["seq"]))
+    outputs of its step in the reference; None when it is not one. ``tgt_seqs`` maps each
+    matched reference call to its target call."""
+    parts = _parts(ref, tgt, tgt_seqs, table, row)
+    tgt_seq = tgt_seqs.get(int(row["seq"]))
     if not parts or tgt_seq is None:
         return None
     y_ref, y_tgt = _input(ref, int(row["seq"]), str(row["tensor"])), _input(tgt, tgt_seq, str(row["tgt_tensor"]))
@@ -135,21 +171,20 @@ def _made_alike(y_tgt: np.ndarray, expected: np.ndarray, y_ref: np.ndarray) -> b
     return _rel_l1(y_tgt, expected) <= max(0.5 * _rel_l1(y_tgt, y_ref), REFERENCE_EXACT)
 
 
-def _parts(ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame, row: pd.Series) -> list[_Part]:
+def _parts(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame, row: pd.Series) -> list[_Part]:
     """The outputs of earlier calls of the input's step and the step before that have the
     input's shape, whole or as equal slices along the batch (a UNet run on the guidance
     batch), nearest calls first."""
-    shape = _dims(row["ref_shape"])
+    shape = parse_shape(row["ref_shape"])
     if not shape:
         return []
-    tgt_seqs = _tgt_seqs(calls)
     earlier = table[
         (table["io"] == "outputs") & table["step"].isin([row["step"], row["step"] - 1]) & (table["seq"] < row["seq"])
         & (table["ref_shape"] == table["tgt_shape"]) & table["status"].isin(["ok", "precision", "mismatch"])
     ].sort_values("seq", ascending=False, kind="stable")
     parts: list[_Part] = []
     for out in earlier.itertuples(index=False):
-        dims = _dims(out.ref_shape)
+        dims = parse_shape(out.ref_shape)
         if dims[1:] != shape[1:] or dims[0] % shape[0] or dims[0] // shape[0] > MAX_PARTS:
             continue
         k = dims[0] // shape[0]
@@ -157,6 +192,8 @@ def _parts(ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame, row: 
             break
         r = ref.call_at(int(out.seq)).tensor("outputs", out.tensor)
         t = tgt.call_at(tgt_seqs[int(out.seq)]).tensor("outputs", out.tgt_tensor)
+        if t.shape != r.shape:  # a batch the target split into calls: only the reference's is whole
+            continue
         step = f" step {out.step}" if out.step != row["step"] else ""
         name = f"{out.submodel}{f' call {out.call}' if out.call else ''}{step} `{out.tensor}`"
         for i in range(k):
@@ -237,16 +274,5 @@ def _input(dump: Dump, seq: int, name: str) -> np.ndarray | None:
         return None
 
 
-def _tgt_seqs(calls: pd.DataFrame) -> dict[int, int]:
-    matched = calls.dropna(subset=["ref_seq", "tgt_seq"])
-    return dict(zip(matched["ref_seq"].astype(int), matched["tgt_seq"].astype(int)))
-
-
-def _dims(shape: object) -> list[int]:
-    return [int(x) for x in str(shape).strip("[]").split(",") if x] if isinstance(shape, str) else []
-
-
 def _rel_l1(t: np.ndarray, r: np.ndarray) -> float:
-    r64 = np.asarray(r, dtype=np.float64)
-    denom = np.abs(r64).sum()
-    return float(np.abs(np.asarray(t, dtype=np.float64) - r64).sum() / denom) if denom > 0 else float("inf")
+    return array_metrics(r, t, None)["rel_l1"]

@@ -300,14 +300,15 @@ def match_tensors(ref_call: Call, tgt_call: Call | MergedCall, names: NameMap) -
     return pairs
 
 
+def nests(a: str, b: str) -> bool:
+    """Whether one name is the other's dotted tail: diffusers' ``added_cond_kwargs.text_embeds``
+    and an export's ``text_embeds``."""
+    return a.endswith("." + b) or b.endswith("." + a)
+
+
 def _match_nested(io: str, refs: list[TensorInfo], tgts: list[TensorInfo]) -> tuple[list[TensorPair], list[TensorInfo], list[TensorInfo]]:
-    """Pair names where one is the other's dotted tail, each the only candidate of the other:
-    diffusers' ``added_cond_kwargs.text_embeds`` is an export's ``text_embeds``. Returns the
-    pairs and what is left on each side."""
-
-    def nests(a: str, b: str) -> bool:
-        return a.endswith("." + b) or b.endswith("." + a)
-
+    """Pair names where one is the other's dotted tail (:func:`nests`), each the only candidate
+    of the other. Returns the pairs and what is left on each side."""
     pairs = []
     for t in tgts:
         candidates = [r for r in refs if nests(r.name, t.name)]

@@ -65,17 +65,18 @@ def build_table(
     names: NameMap,
     limits: Thresholds,
     progress: Callable[[int], None] | None = None,
+    carried: tuple[str, int] | None = None,
 ) -> pd.DataFrame:
+    """One row per tensor pair of the matched ``calls``; ``carried`` is the target run's
+    :func:`carried_precision`."""
     rows: list[dict] = []
-    carried = carried_precision(ref, tgt)
     parts = calls["tgt_parts"] if "tgt_parts" in calls else pd.Series([None] * len(calls))
     for i, (row, split) in enumerate(zip(calls.itertuples(index=False), parts)):
         if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
             rc = ref.call_at(int(row.ref_seq))
             tc = MergedCall([tgt.call_at(int(s)) for s in split]) if isinstance(split, tuple) else tgt.call_at(int(row.tgt_seq))
             pairs = match_tensors(rc, tc, names)
-            since = carried[0] if carried is not None and tc.seq >= carried[1] else None
-            call_rows = [_row(ref, tgt, rc, tc, pair, limits, since) for pair in pairs]
+            call_rows = [_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc)) for pair in pairs]
             _mark_swaps(ref, tgt, rc, tc, pairs, call_rows, limits)
             rows.extend(call_rows)
         if progress is not None:
@@ -126,10 +127,15 @@ def one_side_notes(table: pd.DataFrame) -> list[str]:
     return notes
 
 
-def inputs_agree(ref: Dump, tgt: Dump, rc: Call, tc: Call, names: NameMap, limits: Thresholds) -> bool:
+def inputs_agree(ref: Dump, tgt: Dump, rc: Call, tc: Call, names: NameMap, limits: Thresholds, carried: tuple[str, int] | None = None) -> bool:
     """Whether two calls were fed the same inputs, as the table would judge them."""
     pairs = [p for p in match_tensors(rc, tc, names) if p.io == "inputs"]
-    return bool(pairs) and all(_row(ref, tgt, rc, tc, pair, limits)["status"] not in BAD for pair in pairs)
+    return bool(pairs) and all(_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc))["status"] not in BAD for pair in pairs)
+
+
+def _since(carried: tuple[str, int] | None, tc: Call | MergedCall) -> str | None:
+    """The lower precision a target call's tensors carry: from the run's first call in it on."""
+    return carried[0] if carried is not None and tc.seq >= carried[1] else None
 
 
 def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: list[TensorPair], rows: list[dict], limits: Thresholds) -> None:
@@ -155,7 +161,7 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair
         "seq": rc.seq, "submodel": rc.submodel, "step": rc.step, "call": rc.call, "io": pair.io,
         "tensor": r.name if r else t.name, "tgt_tensor": t.name if t else None, "matched_by": pair.how, "swapped_with": None,
         "ref_dtype": r.dtype if r else None, "tgt_dtype": t.dtype if t else None,
-        "ref_shape": _shape(r.shape) if r else None, "tgt_shape": _shape(t.shape) if t else None,
+        "ref_shape": shape_text(r.shape) if r else None, "tgt_shape": shape_text(t.shape) if t else None,
     }
     if r is None or t is None:
         return {**base, "status": "tgt only" if r is None else "ref only"}
@@ -234,8 +240,14 @@ def _discrete(dtype: str) -> bool:
     return dtype.startswith(("int", "uint", "bool"))
 
 
-def _shape(shape: tuple) -> str:
+def shape_text(shape: tuple) -> str:
+    """A shape as the table writes it: ``[2,4,64,64]``, ``[]`` for a scalar."""
     return "[" + ",".join(map(str, shape)) + "]"
+
+
+def parse_shape(text: object) -> tuple[int, ...] | None:
+    """The shape a table cell holds (:func:`shape_text`); None for an empty cell."""
+    return tuple(int(x) for x in text.strip("[]").split(",") if x) if isinstance(text, str) else None
 
 
 def _value(value: np.ndarray) -> str:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, as_reals, iter_blocks
+from alignkit.comparison.table import shape_text
 from alignkit.storage.reader import Dump
 from alignkit.storage.schema import IO_GROUPS
 
@@ -36,7 +37,7 @@ def tensor_summary(dump: Dump) -> pd.DataFrame:
 
 
 def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
-    texts = ["[" + ",".join(map(str, s)) + "]" for s in shapes]
+    texts = [shape_text(s) for s in shapes]
     if len(texts) > SHAPES_SHOWN:
         return f"{texts[0]} … {texts[-1]} ({len(texts)} shapes)"
     return ",".join(texts)

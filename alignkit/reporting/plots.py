@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from alignkit.comparison.table import parse_shape
+
 if TYPE_CHECKING:
     from alignkit.comparison.result import Comparison
 
@@ -124,7 +126,7 @@ def _image_rows(table: pd.DataFrame) -> list:
     cands = cands.assign(_order=range(len(cands))).sort_values(["seq", "_order"], ascending=[False, True])
     picked, seen = [], set()
     for row in cands.itertuples(index=False):
-        dims = [int(x) for x in row.ref_shape.strip("[]").split(",") if x]
+        dims = parse_shape(row.ref_shape)
         kv_cache = row.tensor.startswith(("past_key_values.", "present."))
         if len(dims) in (4, 5) and dims[1] in (1, 3, 4) and min(dims[-2:]) >= 8 and row.submodel not in seen and not kv_cache:
             picked.append(row)

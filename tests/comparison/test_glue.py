@@ -84,6 +84,6 @@ def test_a_per_channel_normalisation_is_recognised_and_checked(tmp_path):
     with ak.open_dump(ref) as r, ak.open_dump(tgt) as t:
         calls, _ = match_calls(r, t, NameMap.build())
         z = table[(table["submodel"] == "vae.decode") & (table["io"] == "inputs")].iloc[0]
-        found = glue.explain(r, t, calls, table, z)
+        found = glue.Explainer(r, t, calls, table)(z)
     assert found is not None and found.same
     assert found.formula == "scheduler step 2 `output` scaled and shifted per channel (scales 0.5 to 1.25, shifts -0.2 to 0.5)"
