@@ -1,6 +1,7 @@
 """The CLI: exit codes like diff, and one-line errors with no traceback for bad input."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def test_compare_writes_the_default_report_path(capsys, demo_dumps, tmp_path, mo
 def test_inspect_and_shapes(capsys, demo_dumps):
     code, out, _ = run_cli(capsys, "inspect", demo_dumps["none"][0])
     assert code == 0 and "unet" in out and "encoder_hidden_states" in out
+    assert re.search(r"scheduler +6 +0–5 +1 +EulerDiscreteScheduler", out)  # each submodel's class
     code, out, _ = run_cli(capsys, "inspect", "--shapes", demo_dumps["none"][0])
     assert code == 0
     assert '--inputShape="sample:2,4,16,16;timestep:;encoder_hidden_states:2,77,16"' in out

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from alignkit.comparison.result import Comparison
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
-from alignkit.comparison import glue
+from alignkit.comparison import configs, glue
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls
 from alignkit.comparison.table import Thresholds, build_table, carried_precision, inputs_agree, one_side_notes, raised_calls
@@ -67,6 +67,9 @@ def compare(
                 break
             per_call = classify_calls(table, calls, raised)
             first = first_divergence(table, per_call, explainer.text)
+        settings = configs.differences(r, t)
+        if first is not None:
+            configs.explain(first, settings, r)
         result = Comparison(
             reference=str(r.path),
             target=str(t.path),
@@ -75,7 +78,7 @@ def compare(
             table=table,
             calls=per_call,
             thresholds=limits,
-            warnings=warnings_for(table, floor_factor),
+            warnings=configs.warnings(settings) + warnings_for(table, floor_factor),
             notes=notes + one_side_notes(table),
             growth=growth(per_call, first) if first is not None else {},
             tolerance=tolerance(table),

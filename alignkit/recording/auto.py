@@ -108,6 +108,7 @@ class AutoWatch:
             name = names.get(session)
             if name is None:  # first sight (its name may be a freed session's: the watches are made anew)
                 name = names.name_for(session, ort_session_name(session), recorder._unique)
+                recorder._describe(name, session)
                 prebound = functools.partial(recorder._not_recorded, name, PREBOUND)
                 watches[name] = {method: Watch(recorder, name, bind, outputs) for method, (bind, outputs) in session_runs(session, prebound).items()}
             return watches[name]
@@ -134,6 +135,8 @@ class AutoWatch:
         if is_class:
             self._patches.append(ClassHook(self.recorder, owner, attr, self._instance_name, after=after, record=record))
         else:
+            if record:
+                self.recorder._describe(attr, getattr(owner, attr))
             self._patches.append(FunctionHook(self.recorder, owner, attr, attr, after=after, record=record))
 
     def _instance_name(self, obj: Any) -> str:
@@ -143,6 +146,7 @@ class AutoWatch:
         if name is None:
             path = path_of(obj)
             name = self._instance_names.name_for(obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique)
+            self.recorder._describe(name, obj)
         return name
 
 

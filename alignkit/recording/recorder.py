@@ -21,7 +21,7 @@ from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wra
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
 from alignkit.recording.targets import (
-    ObjectNames, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_session_name, uncompiled,
+    ObjectNames, description, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_session_name, uncompiled,
 )
 from alignkit.storage.writer import CallRecord, DumpWriter
 
@@ -65,6 +65,7 @@ class Recorder:
         self._methods = ObjectNames()  # each watched method of an object: its submodel
         self._names: dict[str, None] = {}  # every submodel name given out, in order
         self._wrapped: list[str] = []  # submodels recorded only through the wrapper watch() returned
+        self._described: set[str] = set()  # submodels whose class and config are in the dump
         self._lock = threading.Lock()
         self._seq = 0
         self._step = 0
@@ -181,13 +182,16 @@ class Recorder:
             self._watch_session(obj, submodel, layers)
             return obj
         if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
-            return wrap_function(self, obj, self._unique(name or obj.__name__))
+            submodel = self._unique(name or obj.__name__)
+            self._describe(submodel, obj)
+            return wrap_function(self, obj, submodel)
         if callable(obj):
             submodel = self._unique(name or type(obj).__name__)
             try:
                 self._add(obj, CallHook(self, obj, submodel))
             except TypeError:  # a built-in class (a C-extension engine, functools.partial): wrap it
                 self._wrapped.append(submodel)
+                self._describe(submodel, obj)
                 return wrap_function(self, obj, submodel)
             return obj
         raise UsageError(f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record")
@@ -236,8 +240,22 @@ class Recorder:
     def _add(self, obj: Any, hook: Hook, *, whole: bool = True) -> None:
         """Keep ``hook``; ``whole``: it records calls of ``obj`` itself, not of one of its methods."""
         self._hooks.append(hook)
+        if obj is not None:
+            self._describe(hook.name, obj)
         if obj is not None and whole:
             self._mark_watched(obj, hook.name)
+
+    def _describe(self, submodel: str, obj: Any) -> None:
+        """Store what ``submodel`` is (its class, its config) once, so a comparison can say
+        that a scheduler differs, not only that its numbers do."""
+        if self._writer is None or submodel in self._described:
+            return
+        self._described.add(submodel)
+        try:
+            attrs = description(obj)
+        except Exception:  # a config that cannot be read is no reason to stop the run
+            return
+        self._writer.describe(submodel, attrs)
 
     def _mark_watched(self, obj: Any, submodel: str) -> None:
         self._watched.add(obj, submodel)

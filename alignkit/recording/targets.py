@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -40,6 +42,34 @@ def is_pipeline(obj: Any) -> bool:
 def is_diffusers_scheduler(obj: Any) -> bool:
     """A diffusers scheduler (``SchedulerMixin``): its ``step`` is the step boundary."""
     return any(c.__name__ == "SchedulerMixin" for c in type(obj).__mro__) and callable(getattr(obj, "step", None))
+
+
+def description(obj: Any) -> dict[str, str]:
+    """What a submodel is, for ``/submodels`` (docs/format.md): its class (a plain function's
+    own qualified name) and, for a diffusers or transformers object, its config as JSON text,
+    so that a scheduler of another class or with another ``timestep_spacing`` can be named."""
+    obj = uncompiled(obj)
+    named = obj if _is_function(obj) else type(obj)
+    out = {"class": f"{getattr(named, '__module__', None) or 'builtins'}.{named.__qualname__}"}
+    config = _config(obj)
+    if config is not None:
+        out["config"] = json.dumps(config, sort_keys=True, default=str)
+    return out
+
+
+def _is_function(obj: Any) -> bool:
+    return inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj)
+
+
+def _config(obj: Any) -> dict[str, Any] | None:
+    """A diffusers object's config (a mapping) or a transformers model's (``to_dict``)."""
+    if not any(c.__module__.split(".")[0] in ("diffusers", "transformers") for c in type(obj).__mro__):
+        return None
+    config = getattr(obj, "config", None)
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)
+    return to_dict() if callable(to_dict) else None
 
 
 def name_from_path(path: str) -> str:

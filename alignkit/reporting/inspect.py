@@ -69,11 +69,13 @@ def print_inspection(dump: Dump, console: Console) -> None:
     if calls.empty:
         console.print(_nothing_recorded(dump), highlight=False)
         return
-    overview = Table("submodel", "calls", "steps", "calls/step", box=None, header_style="bold")
+    overview = Table("submodel", "calls", "steps", "calls/step", "class", box=None, header_style="bold")
+    described = dump.descriptions
     for sub in dump.submodels:
         rows = calls[calls["submodel"] == sub]
         steps = sorted(set(rows["step"]))
-        overview.add_row(sub, str(len(rows)), f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0]), str(int(rows.groupby("step").size().max())))
+        overview.add_row(sub, str(len(rows)), f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0]), str(int(rows.groupby("step").size().max())),
+                         described.get(sub, {}).get("class", "").rsplit(".", 1)[-1])
     console.print(overview)
     table = Table(box=None, header_style="bold")
     frame = tensor_summary(dump)

@@ -26,7 +26,7 @@ import pandas as pd
 from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
 from alignkit.phrasing import count
 from alignkit.storage.schema import (
-    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
+    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, SUBMODELS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
 )
 
 
@@ -197,6 +197,26 @@ class Dump:
     def submodels(self) -> list[str]:
         """Submodel names in order of first call."""
         return list(dict.fromkeys(self.calls["submodel"]))
+
+    @cached_property
+    def descriptions(self) -> dict[str, dict[str, Any]]:
+        """What each watched submodel is: ``{"class": "diffusers...EulerDiscreteScheduler",
+        "config": {...}}`` (a config only for diffusers and transformers objects); empty for
+        dumps written before this was recorded."""
+        group = self._file.get(SUBMODELS)
+        if not isinstance(group, h5py.Group):
+            return {}
+        out = {}
+        for link, sub in group.items():
+            attrs = {key: value.decode() if isinstance(value, bytes) else value for key, value in sub.attrs.items()}
+            entry: dict[str, Any] = {"class": str(attrs.get("class", ""))}
+            if "config" in attrs:
+                try:
+                    entry["config"] = json.loads(attrs["config"])
+                except ValueError:
+                    pass
+            out[str(attrs.get("name", unescape_name(link)))] = entry
+        return out
 
     def steps(self, submodel: str) -> list[int]:
         return sorted(set(self.calls.loc[self.calls["submodel"] == submodel, "step"]))

@@ -10,6 +10,7 @@
         outputs/<name>     (same)
         layers/<name>      leaf-layer outputs, when layer recording is on
         inputs.attrs       non-tensor arguments, JSON-encoded
+    /submodels/<name>      attrs: class, and config (JSON) for diffusers and transformers objects
     /staging/<n>           a large tensor written at call time, until its call is written; gone once recording ends
 
 Tensor names are stored percent-encoded where HDF5 cannot hold them (``/``, ``%``, ``.``
@@ -25,6 +26,7 @@ import numpy as np
 FORMAT_NAME = "alignkit-dump"
 FORMAT_VERSION = 1
 CALLS = "calls"
+SUBMODELS = "submodels"  # what each submodel is: its class, and its config where it has one
 STAGING = "staging"  # large tensors written at call time, before their call is; empty in a finished dump
 INDEX = "index"
 TENSORS = "tensors"

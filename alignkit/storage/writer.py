@@ -39,7 +39,8 @@ from alignkit.errors import RecordingError, UsageError, os_reason
 from alignkit.recording.tensors import Tensor
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
 from alignkit.storage.schema import (
-    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, STAGING, TENSORS, TENSORS_DTYPE, call_group_name, escape_name,
+    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, STAGING, SUBMODELS, TENSORS, TENSORS_DTYPE, call_group_name,
+    escape_name,
 )
 
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
@@ -179,6 +180,10 @@ class DumpWriter:
                 if item is _FLUSH:
                     self._step_ended()
                     continue
+                if isinstance(item, _Description):
+                    if self._file is not None:
+                        _write_description(self._file, item.submodel, item.attrs)
+                    continue
                 if isinstance(item, _SetAttr):
                     if self._file is not None:
                         self._file.attrs[item.key] = item.value
@@ -267,11 +272,21 @@ class DumpWriter:
         """Set a root attribute, in order with the queued calls (e.g. the step source)."""
         self._queue.put(_SetAttr(key, value))
 
+    def describe(self, submodel: str, attrs: dict[str, str]) -> None:
+        """Say what a submodel is (its class, its config) under ``/submodels``."""
+        self._queue.put(_Description(submodel, attrs))
+
 
 @dataclass
 class _SetAttr:
     key: str
     value: Any
+
+
+@dataclass
+class _Description:
+    submodel: str
+    attrs: dict[str, str]
 
 
 def _lower_priority() -> None:
@@ -336,6 +351,15 @@ def _write_call(f: h5py.File, record: CallRecord) -> None:
                 dataset = create_dataset(sub, link, tensor.data)
             set_attrs(dataset, _dataset_attrs(tensor, link))
         set_attrs(sub, values)
+
+
+def _write_description(f: h5py.File, submodel: str, attrs: dict[str, str]) -> None:
+    parent = f[SUBMODELS].id if SUBMODELS in f else create_group(f.id, SUBMODELS)
+    link = escape_name(submodel)
+    if parent.links.exists(link.encode("utf-8")):
+        return
+    group = create_group(parent, link)
+    set_attrs(group, attrs if link == submodel else {**attrs, "name": submodel})
 
 
 def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:

@@ -49,6 +49,7 @@ def test_a_class_named_alone_records_its_instances_calls_not_its_constructor(tmp
     assert (Engine.__dict__["__call__"], Net.__dict__["forward"]) == originals  # and no trace is left
     with ak.open_dump(tmp_path / "x.h5") as dump:
         assert dump.submodels == ["Engine", "Net"]
+        assert {name: d["class"] for name, d in dump.descriptions.items()} == {"Engine": f"{__name__}.Engine", "Net": f"{__name__}.Net"}
         assert list(dump["Net", 0].inputs) == ["sample", "timestep"]  # bound to forward's parameters
         np.testing.assert_array_equal(dump["Engine", 0].outputs["out"], np.full(3, 2, np.float32))
 
@@ -107,6 +108,7 @@ def test_a_scripts_session_runs_through_an_io_binding_are_recorded(tmp_path, tin
     assert dict(vars(ort.IOBinding)) == binding_methods
     with ak.open_dump(tmp_path / "x.h5") as dump:
         assert dump.submodels == ["unet"] and dump.steps("unet") == [0, 1, 2]
+        assert dump.descriptions == {"unet": {"class": "onnxruntime.capi.onnxruntime_inference_collection.InferenceSession"}}
         assert [float(dump["unet", s].inputs["x"].mean()) for s in range(3)] == [0.0, 1.0, 2.0]
         assert list(dump["unet", 2].outputs) == ["y"]
 

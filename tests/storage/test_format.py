@@ -53,6 +53,29 @@ def test_plain_h5py_reads_the_documented_layout(dump_path):
         assert [list(s) for s in tensors["shape"][:3]] == [[2, 2], [], [2, 2]]
 
 
+def test_each_submodel_is_described_by_its_class_and_its_diffusers_config(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    def negate(x):
+        return -x
+
+    scheduler = EulerDiscreteScheduler(timestep_spacing="trailing")
+    with ak.Recorder(tmp_path / "run.h5") as rec:
+        rec.watch(scheduler)
+        rec.watch(torch.nn.Linear(2, 2), "proj")
+        rec.watch(negate)(np.ones(2))
+    with h5py.File(tmp_path / "run.h5", "r") as f:  # plain h5py, as docs/format.md says
+        described = f["submodels"]
+        assert list(described) == ["scheduler", "proj", "negate"]
+        assert described["scheduler"].attrs["class"] == "diffusers.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler"
+        assert json.loads(described["scheduler"].attrs["config"])["timestep_spacing"] == "trailing"
+        assert described["proj"].attrs["class"] == "torch.nn.modules.linear.Linear" and "config" not in described["proj"].attrs
+        assert described["negate"].attrs["class"].endswith("test_format.test_each_submodel_is_described_by_its_class_and_its_diffusers_config.<locals>.negate")
+    with ak.open_dump(tmp_path / "run.h5") as d:
+        assert d.descriptions["scheduler"]["config"]["timestep_spacing"] == "trailing"
+        assert d.descriptions["proj"] == {"class": "torch.nn.modules.linear.Linear"}
+
+
 def test_reader_index_and_keyed_access(dump_path):
     with ak.open_dump(dump_path) as d:
         assert list(d.calls.columns[:4]) == ["seq", "submodel", "step", "call"]

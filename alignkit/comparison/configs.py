@@ -1,0 +1,82 @@
+"""How the two runs' submodels differ in what they are, not in what they compute: a scheduler of
+another class, or one whose config says otherwise (``timestep_spacing``, ``steps_offset``,
+``prediction_type``). Numbers show where the runs part ways; this says why, when the cause is a
+setting.
+
+Dumps hold each watched submodel's class and, for diffusers and transformers objects, its
+config (docs/format.md, ``/submodels``). Classes are compared only where both runs have a
+config (an ONNX session standing in for a torch UNet is the port, not news), and configs only
+where the classes are the same. Keys that say nothing about the computation are left out:
+private ones (``_name_or_path``), the library version, and the dtype, which the dtype warnings
+already give.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergence
+from alignkit.storage.reader import Dump
+
+IGNORED_KEYS = frozenset({"torch_dtype", "dtype", "transformers_version"})
+SHOWN_KEYS = 4  # config keys named in one difference; the rest are counted
+
+
+def differences(ref: Dump, tgt: Dump) -> dict[str, str]:
+    """For each submodel described in both dumps that differs, what differs, as a phrase that
+    follows its name ("is EulerDiscreteScheduler in the reference, …")."""
+    ref_info, tgt_info = ref.descriptions, tgt.descriptions
+    out = {}
+    for submodel, r in ref_info.items():
+        t = tgt_info.get(submodel)
+        if t is None or "config" not in r or "config" not in t:
+            continue
+        if r["class"] != t["class"]:
+            out[submodel] = f"is {_short(r['class'])} in the reference, {_short(t['class'])} in the target"
+        elif text := _config_text(r["config"], t["config"]):
+            out[submodel] = f"is configured otherwise: {text}"
+    return out
+
+
+def warnings(diffs: dict[str, str]) -> list[str]:
+    return [f"{submodel} {text}" for submodel, text in diffs.items()]
+
+
+def explain(first: Divergence, diffs: dict[str, str], ref: Dump) -> None:
+    """Add to the first divergence the setting that likely explains it: for a local error, its
+    own submodel's; for an input mismatch, a scheduler's (in a diffusers pipeline the scheduler
+    computes much of the glue: the initial noise's scale, ``scale_model_input``, the timesteps)."""
+    if first.kind == LOCAL_ERROR:
+        named = [first.submodel] if first.submodel in diffs else []
+    elif first.kind == INPUT_MISMATCH:
+        named = [s for s in diffs if is_scheduler(ref.descriptions[s]["class"])]
+    else:
+        named = []
+    if named:
+        text = "; ".join(f"{s} {diffs[s]}" for s in named)
+        first.message += f"; {text}"
+        first.evidence["config"] = text
+
+
+def is_scheduler(class_name: str) -> bool:
+    return class_name.startswith("diffusers.schedulers.")
+
+
+def _short(class_name: str) -> str:
+    return class_name.rsplit(".", 1)[-1]
+
+
+def _config_text(ref: dict[str, Any], tgt: dict[str, Any]) -> str:
+    keys = [k for k in dict.fromkeys([*ref, *tgt]) if not k.startswith("_") and k not in IGNORED_KEYS and ref.get(k, _ABSENT) != tgt.get(k, _ABSENT)]
+    parts = [f"{k} {_value(ref.get(k, _ABSENT))} → {_value(tgt.get(k, _ABSENT))}" for k in keys[:SHOWN_KEYS]]
+    if len(keys) > SHOWN_KEYS:
+        parts.append(f"and {len(keys) - SHOWN_KEYS} more")
+    return ", ".join(parts)
+
+
+_ABSENT = object()
+
+
+def _value(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
