@@ -1,7 +1,7 @@
 """How the two runs' submodels differ in what they are, not in what they compute: a scheduler of
-another class, or one whose config says otherwise (``timestep_spacing``, ``steps_offset``,
-``prediction_type``). Numbers show where the runs part ways; this says why, when the cause is a
-setting.
+another class, one whose config says otherwise (``timestep_spacing``, ``steps_offset``,
+``prediction_type``), or one set to another number of steps. Numbers show where the runs part
+ways; this says why, when the cause is a setting.
 
 Dumps hold each watched submodel's class and, for diffusers and transformers objects, its
 config (docs/format.md, ``/submodels``). Classes are compared only where both runs have a
@@ -32,11 +32,23 @@ def differences(ref: Dump, tgt: Dump) -> dict[str, str]:
         t = tgt_info.get(submodel)
         if t is None or "config" not in r or "config" not in t:
             continue
+        phrases = []
         if r["class"] != t["class"]:
-            out[submodel] = f"is {_short(r['class'])} in the reference, {_short(t['class'])} in the target"
+            phrases.append(f"is {_short(r['class'])} in the reference, {_short(t['class'])} in the target")
         elif text := _config_text(r["config"], t["config"]):
-            out[submodel] = f"is configured otherwise: {text}"
+            phrases.append(f"is configured otherwise: {text}")
+        if is_scheduler(r["class"]) and (steps := _steps(ref, submodel)) != (tgt_steps := _steps(tgt, submodel)):
+            phrases.append(f"takes {steps} steps in the reference and {tgt_steps} in the target, so its timesteps and sigmas differ")
+        if phrases:
+            out[submodel] = "; ".join(phrases)
     return out
+
+
+def _steps(dump: Dump, submodel: str) -> int:
+    """How many steps a scheduler took: one past the step of its last call (a run recorded
+    with a steps filter still counts the steps it left out)."""
+    steps = dump.calls.loc[dump.calls["submodel"] == submodel, "step"]
+    return int(steps.max()) + 1 if len(steps) else 0
 
 
 def warnings(diffs: dict[str, str]) -> list[str]:

@@ -21,6 +21,7 @@ from alignkit.comparison.table import BAD, WHOLESALE_DTYPE_CHANGE
 from alignkit.phrasing import count
 
 INPUT_MISMATCH, LOCAL_ERROR, PROPAGATED, RAISED = "input mismatch", "local error", "propagated", "raised"
+NOISE_MIN_ELEMENTS, NOISE_MAX_COS, NOISE_REL_L1 = 256, 0.1, (1.2, 1.7)  # what two independent draws of noise look like
 
 
 @dataclass
@@ -113,6 +114,10 @@ def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any], cause: str | N
         message = f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"
     elif call["kind"] == INPUT_MISMATCH and cause:
         message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; {cause}"
+    elif call["kind"] == INPUT_MISMATCH and _independent_draws(row, ev):
+        message = (f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the two are uncorrelated but alike "
+                   "in size, as two draws of random noise are: the runs start from different noise (another seed or generator, or noise drawn "
+                   "on another device or in another dtype)")
     elif call["kind"] == INPUT_MISMATCH:
         message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the glue code that feeds {call['submodel']} differs"
         if math.isfinite(ev.get("floor_ratio", math.inf)):
@@ -123,6 +128,14 @@ def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any], cause: str | N
     if not _missing(row.get("swapped_with")):
         message += f" (target `{row['tgt_tensor']}`, matched to it by position, holds the reference's `{row['swapped_with']}`: see the warning on swapped tensors)"
     return message
+
+
+def _independent_draws(row: pd.Series, ev: dict[str, Any]) -> bool:
+    """Whether two tensors look like independent draws of one distribution: no correlation,
+    and a relative L1 near that of two such draws (√2 for Gaussian noise, 4/3 for uniform,
+    3/2 for Laplace). Judged only on tensors large enough for the figures to settle."""
+    return (ev.get("status") == "mismatch" and int(row.get("numel") or 0) >= NOISE_MIN_ELEMENTS
+            and abs(ev.get("cos", 1.0)) <= NOISE_MAX_COS and NOISE_REL_L1[0] <= ev.get("rel_l1", 0.0) <= NOISE_REL_L1[1])
 
 
 def _values_text(tensor: str, ev: dict[str, Any]) -> str:

@@ -28,6 +28,9 @@ MAX_PARTS = 4  # outputs (or batch slices of one) that a combination is sought a
 REFERENCE_EXACT = 1e-4  # relative residual below which a float32 reference's fit is its glue
 TARGET_EXACT = 1e-2  # the same for a target, whose glue may compute in float16
 SAME_WEIGHTS = 1e-2  # relative distance below which two fits are the same weights
+MAX_REORDERED_ELEMENTS = 1 << 24  # inputs read whole and sorted to tell a reordering
+REORDERED_AGREE = 1e-3  # relative L1 of the sorted values below which they are the same values
+REORDERED_APART = 10.0  # ...while in place they differ by this many times more
 
 
 @dataclass
@@ -81,7 +84,9 @@ class Explainer:
 
     def text(self, row: pd.Series) -> str | None:
         glue = self(row)
-        return glue.text() if glue is not None else None
+        if glue is not None:
+            return glue.text()
+        return reordered(self._ref, self._tgt, self._tgt_seqs.get(int(row["seq"])), row)
 
     def settle(self, first: Divergence, floor_factor: float) -> bool:
         """Mark the first divergence as precision loss, where it is one; whether it did.
@@ -136,6 +141,22 @@ def explain(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame,
         return None  # neither the reference's weights nor others make the target's input: nothing to say
     glue.target_formula, glue.swapped = _formula(labels, w_tgt), len(w_ref) == 2 and _same(w_tgt[::-1], w_ref)
     return glue
+
+
+def reordered(ref: Dump, tgt: Dump, tgt_seq: int | None, row: pd.Series) -> str | None:
+    """What to say of an input that holds the reference's values in another order (sorted,
+    the two agree; as laid out, they do not): glue that lays the tensor out otherwise, with a
+    reshape or view where a transpose was meant. None for any other input."""
+    if tgt_seq is None or row["status"] != "mismatch" or not 2 <= int(row["numel"]) <= MAX_REORDERED_ELEMENTS:
+        return None
+    y_ref, y_tgt = _input(ref, int(row["seq"]), str(row["tensor"])), _input(tgt, tgt_seq, str(row["tgt_tensor"]))
+    if y_ref is None or y_tgt is None or y_ref.size != y_tgt.size or not np.issubdtype(y_ref.dtype, np.number):
+        return None
+    in_order = _rel_l1(np.sort(y_tgt.astype(np.float64), axis=None), np.sort(y_ref.astype(np.float64), axis=None))
+    if not in_order <= REORDERED_AGREE or row["rel_l1"] <= REORDERED_APART * in_order:
+        return None
+    return (f"`{row['tensor']}` holds the reference's values in another order (sorted, they agree to rel_l1 {in_order:.2g}): the glue "
+            f"code that feeds {row['submodel']} lays it out otherwise (a reshape or view where a transpose was meant, NHWC for NCHW)")
 
 
 def _explain_by_channels(row: pd.Series, parts: list[_Part], y_ref: np.ndarray, y_tgt: np.ndarray) -> Glue | None:

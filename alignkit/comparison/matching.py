@@ -226,7 +226,8 @@ def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> l
             notes.append(f"{sub}: only in the target ({_steps(ts)}); not compared")
         elif rs != ts:
             both = sorted(set(rs) & set(ts))
-            notes.append(f"{sub}: the reference has steps {_span(rs)}, the target {_span(ts)}; compared the {len(both)} shared steps")
+            shared = f"compared the {count(len(both), 'shared step')}" if both else "no step is in both; not compared"
+            notes.append(f"{sub}: the reference has {_step_span(rs)}, the target {_step_span(ts)}; {shared}")
         else:
             notes.extend(_calls_per_step_note(sub, r[r["submodel"] == sub], t[t["submodel"] == sub]))
     if len(only_ref) == 1 and len(only_tgt) == 1 and only_ref[0][1] == only_tgt[0][1]:  # one submodel under two names
@@ -290,6 +291,10 @@ def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str
 
 def _span(steps: list[int]) -> str:
     return f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0])
+
+
+def _step_span(steps: list[int]) -> str:
+    return f"steps {_span(steps)}" if len(steps) > 1 else f"step {steps[0]}"
 
 
 def match_tensors(ref_call: Call, tgt_call: Call | MergedCall, names: NameMap) -> list[TensorPair]:

@@ -14,19 +14,20 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The demo pipeline recorded with its own scheduler, with ``timestep_spacing`` changed,
-    and with another scheduler class."""
+    with another scheduler class, and with one step fewer."""
     folder = tmp_path_factory.mktemp("schedulers")
     pipe = tiny_pipeline()
     own = pipe.scheduler
     paths = {}
-    for name, scheduler in (
-        ("ref", own),
-        ("trailing", EulerDiscreteScheduler.from_config(own.config, timestep_spacing="trailing")),
-        ("dpm", DPMSolverMultistepScheduler.from_config(own.config)),
+    for name, scheduler, steps in (
+        ("ref", own, STEPS),
+        ("trailing", EulerDiscreteScheduler.from_config(own.config, timestep_spacing="trailing"), STEPS),
+        ("dpm", DPMSolverMultistepScheduler.from_config(own.config), STEPS),
+        ("fewer", own, STEPS - 1),
     ):
         pipe.scheduler = scheduler
         with ak.record(folder / f"{name}.h5", pipe, label=name):
-            generate(pipe, STEPS, size=32)
+            generate(pipe, steps, size=32)
         paths[name] = folder / f"{name}.h5"
     return paths
 
@@ -45,6 +46,14 @@ def test_a_scheduler_of_another_class_is_named_in_the_glue_mismatch_it_makes(run
     fd = result.first_divergence
     assert (fd.submodel, fd.step, fd.kind) == ("unet", 0, "input mismatch")
     assert fd.message.endswith("scheduler is EulerDiscreteScheduler in the reference, DPMSolverMultistepScheduler in the target")
+
+
+def test_a_run_of_fewer_steps_is_named_where_its_scheduler_parts_ways(runs):
+    result = ak.compare(runs["ref"], runs["fewer"])
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.kind) == ("scheduler", 0, "local error")
+    assert fd.message.endswith(f"scheduler takes {STEPS} steps in the reference and {STEPS - 1} in the target, so its timesteps and sigmas differ")
+    assert f"vae.decode: the reference has step {STEPS}, the target step {STEPS - 1}; no step is in both; not compared" in result.notes
 
 
 def test_the_same_settings_say_nothing(runs):

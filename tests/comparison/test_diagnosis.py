@@ -24,6 +24,19 @@ def test_truncated_timestep_is_an_input_mismatch_with_growing_drift(demo_dumps):
     assert result.tolerance["rel_l1_max"] > 1e-3
 
 
+def test_another_seed_is_named_as_different_starting_noise(tmp_path):
+    from alignkit.demo.pipeline import generate, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    for seed in (0, 1):
+        with ak.record(tmp_path / f"seed{seed}.h5", pipe):
+            generate(pipe, 2, seed=seed, size=32)
+    fd = ak.compare(tmp_path / "seed0.h5", tmp_path / "seed1.h5").first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 0, "sample", "input mismatch")
+    assert "uncorrelated but alike in size, as two draws of random noise are: the runs start from different noise" in fd.message
+    assert abs(fd.evidence["cos"]) < 0.1
+
+
 def test_perturbed_weights_are_a_local_error_at_step_0(demo_dumps):
     result = ak.compare(*demo_dumps["weights"])
     fd = result.first_divergence
@@ -328,7 +341,7 @@ def test_dumps_with_different_step_counts_compare_the_shared_steps(tmp_path):
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
     assert result.verdict == "aligned"
     assert sorted(set(result.table["step"])) == [0, 1, 2]
-    assert any("reference has steps 0–4, the target 0–2; compared the 3 shared steps" in n for n in result.notes)
+    assert any("reference has steps 0–4, the target steps 0–2; compared the 3 shared steps" in n for n in result.notes)
 
 
 def test_a_bf16_computation_is_precision_loss_not_a_divergence(tmp_path):

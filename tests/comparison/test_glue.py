@@ -87,3 +87,26 @@ def test_a_per_channel_normalisation_is_recognised_and_checked(tmp_path):
         found = glue.Explainer(r, t, calls, table)(z)
     assert found is not None and found.same
     assert found.formula == "scheduler step 2 `output` scaled and shifted per channel (scales 0.5 to 1.25, shifts -0.2 to 0.5)"
+
+
+def test_latents_laid_out_otherwise_are_named_as_a_layout_not_as_other_noise(tmp_path):
+    """A reshape where a permute was meant scrambles the latents: uncorrelated with the
+    reference's, as other noise would be, but the same values."""
+    from alignkit.demo.pipeline import generate, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    with ak.record(tmp_path / "ref.h5", pipe):
+        generate(pipe, 2, size=32)
+    scale = pipe.scheduler.scale_model_input
+
+    def nhwc_read_as_nchw(sample, timestep=None):
+        out = scale(sample, timestep)
+        return out.permute(0, 2, 3, 1).reshape(out.shape)
+
+    pipe.scheduler.scale_model_input = nhwc_read_as_nchw
+    with ak.record(tmp_path / "tgt.h5", pipe):
+        generate(pipe, 2, size=32)
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 0, "sample", "input mismatch")
+    assert "`sample` holds the reference's values in another order (sorted, they agree to rel_l1 0)" in fd.message
+    assert "noise" not in fd.message
