@@ -8,7 +8,9 @@ exact linear combination of outputs of its step and the step before (or one of t
 shifted per channel), that is its glue. The target's own outputs, put through the same glue,
 then tell whether the target's glue is the same (and the difference is that of the outputs it
 combines, amplified) or another one (the weights it uses: another guidance scale, the halves
-swapped).
+swapped). An input that is no such combination may still be named: the reference's values in
+another order (a layout the glue got wrong), or a control input within the rounding of the
+target's lower-precision dtype (the glue computes it in that dtype).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ MAX_PARTS = 4  # outputs (or batch slices of one) that a combination is sought a
 REFERENCE_EXACT = 1e-4  # relative residual below which a float32 reference's fit is its glue
 TARGET_EXACT = 1e-2  # the same for a target, whose glue may compute in float16
 SAME_WEIGHTS = 1e-2  # relative distance below which two fits are the same weights
+MANTISSA_BITS = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}  # explicit fraction bits of each float
+ROUNDING_ULPS = 2.0  # rounding of a control input, or of what it was computed from, moves it at most this many units
 MAX_REORDERED_ELEMENTS = 1 << 24  # inputs read whole and sorted to tell a reordering
 REORDERED_AGREE = 1e-3  # relative L1 of the sorted values below which they are the same values
 REORDERED_APART = 10.0  # ...while in place they differ by this many times more
@@ -86,7 +90,8 @@ class Explainer:
         glue = self(row)
         if glue is not None:
             return glue.text()
-        return reordered(self._ref, self._tgt, self._tgt_seqs.get(int(row["seq"])), row)
+        tgt_seq = self._tgt_seqs.get(int(row["seq"]))
+        return reordered(self._ref, self._tgt, tgt_seq, row) or rounded(self._ref, self._tgt, tgt_seq, row)
 
     def settle(self, first: Divergence, floor_factor: float) -> bool:
         """Mark the first divergence as precision loss, where it is one; whether it did.
@@ -157,6 +162,25 @@ def reordered(ref: Dump, tgt: Dump, tgt_seq: int | None, row: pd.Series) -> str 
         return None
     return (f"`{row['tensor']}` holds the reference's values in another order (sorted, they agree to rel_l1 {in_order:.2g}): the glue "
             f"code that feeds {row['submodel']} lays it out otherwise (a reshape or view where a transpose was meant, NHWC for NCHW)")
+
+
+def rounded(ref: Dump, tgt: Dump, tgt_seq: int | None, row: pd.Series) -> str | None:
+    """What to say of a control input (a timestep) that the target holds in a lower-precision
+    float and that differs from the reference's by no more than that dtype's rounding of it or
+    of what it was computed from: the glue computes it in that dtype. None for any other input."""
+    mantissa = MANTISSA_BITS.get(str(row["tgt_dtype"]))
+    if tgt_seq is None or not row["exact"] or row["status"] != "mismatch" or mantissa is None or MANTISSA_BITS.get(str(row["ref_dtype"]), 0) <= mantissa:
+        return None
+    y_ref, y_tgt = _input(ref, int(row["seq"]), str(row["tensor"])), _input(tgt, tgt_seq, str(row["tgt_tensor"]))
+    if y_ref is None or y_tgt is None or y_ref.shape != y_tgt.shape:
+        return None
+    r, t = y_ref.astype(np.float64), y_tgt.astype(np.float64)
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(r), np.finfo(np.float64).tiny))) - mantissa)
+    if not np.all(np.abs(t - r) <= ROUNDING_ULPS * ulp):
+        return None
+    return (f"`{row['tensor']}` differs from the reference's by no more than {row['tgt_dtype']} rounding ({ROUNDING_ULPS:g} units in the "
+            f"last place): the glue that feeds {row['submodel']} computes it in {row['tgt_dtype']}, which a control input does not "
+            "survive unchanged (a timestep moves its embedding): keep it in float32")
 
 
 def _explain_by_channels(row: pd.Series, parts: list[_Part], y_ref: np.ndarray, y_tgt: np.ndarray) -> Glue | None:

@@ -110,3 +110,24 @@ def test_latents_laid_out_otherwise_are_named_as_a_layout_not_as_other_noise(tmp
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 0, "sample", "input mismatch")
     assert "`sample` holds the reference's values in another order (sorted, they agree to rel_l1 0)" in fd.message
     assert "noise" not in fd.message
+
+
+def test_a_timestep_computed_in_bfloat16_is_named_as_rounding_and_a_wrong_one_is_not(tmp_path):
+    """Flux's pipeline divides a bfloat16 timestep by 1000: 750 becomes 752, then 0.7539."""
+    import torch
+
+    def record(path, timesteps, dtype):
+        with ak.Recorder(path) as rec:
+            transformer = rec.watch(lambda hidden_states, timestep: hidden_states * 2, "transformer")
+            for t in timesteps:
+                transformer(torch.ones(1, 16, 4, dtype=dtype), torch.tensor([t], dtype=dtype) / 1000)
+                ak.step()
+
+    record(tmp_path / "ref.h5", [1000.0, 750.0], torch.float32)
+    record(tmp_path / "bf16.h5", [1000.0, 750.0], torch.bfloat16)
+    record(tmp_path / "wrong.h5", [1000.0, 700.0], torch.bfloat16)
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "bf16.h5").first_divergence
+    assert (fd.step, fd.tensor, fd.kind) == (1, "timestep", "input mismatch")
+    assert "no more than bfloat16 rounding (2 units in the last place)" in fd.message and "keep it in float32" in fd.message
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "wrong.h5").first_divergence
+    assert (fd.step, fd.tensor) == (1, "timestep") and "rounding" not in fd.message
