@@ -6,9 +6,9 @@ ways; this says why, when the cause is a setting.
 Dumps hold each watched submodel's class and, for diffusers and transformers objects, its
 config (docs/format.md, ``/submodels``). Classes are compared only where both runs have a
 config (an ONNX session standing in for a torch UNet is the port, not news), and configs only
-where the classes are the same. Keys that say nothing about the computation are left out:
-private ones (``_name_or_path``), the library version, and the dtype, which the dtype warnings
-already give.
+where the classes are the same, key by key where both have the key. Keys that say nothing
+about the computation are left out: private ones (``_name_or_path``), the library version, and
+the dtype, which the dtype warnings already give.
 """
 
 from __future__ import annotations
@@ -80,15 +80,10 @@ def _short(class_name: str) -> str:
 
 
 def _config_text(ref: dict[str, Any], tgt: dict[str, Any]) -> str:
-    keys = [k for k in dict.fromkeys([*ref, *tgt]) if not k.startswith("_") and k not in IGNORED_KEYS and ref.get(k, _ABSENT) != tgt.get(k, _ABSENT)]
-    parts = [f"{k} {_value(ref.get(k, _ABSENT))} → {_value(tgt.get(k, _ABSENT))}" for k in keys[:SHOWN_KEYS]]
+    """The keys both configs have, with other values (a key only one has comes from another
+    library version, which fills in its own default)."""
+    keys = [k for k in ref if k in tgt and not k.startswith("_") and k not in IGNORED_KEYS and ref[k] != tgt[k]]
+    parts = [f"{k} {json.dumps(ref[k])} → {json.dumps(tgt[k])}" for k in keys[:SHOWN_KEYS]]
     if len(keys) > SHOWN_KEYS:
         parts.append(f"and {len(keys) - SHOWN_KEYS} more")
     return ", ".join(parts)
-
-
-_ABSENT = object()
-
-
-def _value(value: Any) -> str:
-    return "(absent)" if value is _ABSENT else json.dumps(value)

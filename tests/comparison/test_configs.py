@@ -1,5 +1,9 @@
 """A scheduler of another class or config is named where the numbers part ways."""
 
+import json
+import shutil
+
+import h5py
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -59,6 +63,17 @@ def test_a_run_of_fewer_steps_is_named_where_its_scheduler_parts_ways(runs):
 def test_the_same_settings_say_nothing(runs):
     result = ak.compare(runs["ref"], runs["ref"])
     assert result.aligned and not any("configured otherwise" in w or "in the reference," in w for w in result.warnings)
+
+
+def test_a_key_that_another_library_version_lacks_is_no_setting(runs, tmp_path):
+    older = tmp_path / "older.h5"
+    shutil.copy(runs["trailing"], older)
+    with h5py.File(older, "a") as f:  # as a diffusers version before the key existed writes it
+        config = json.loads(f["submodels/scheduler"].attrs["config"])
+        del config["final_sigmas_type"]
+        f["submodels/scheduler"].attrs["config"] = json.dumps(config)
+    with ak.open_dump(runs["ref"]) as ref, ak.open_dump(older) as tgt:
+        assert configs.differences(ref, tgt) == {"scheduler": 'is configured otherwise: timestep_spacing "linspace" → "trailing"'}
 
 
 def test_where_a_model_was_loaded_from_and_in_which_dtype_are_no_setting(tmp_path):
