@@ -32,7 +32,7 @@ TARGET_EXACT = 1e-2  # the same for a target, whose glue may compute in float16
 SAME_WEIGHTS = 1e-2  # relative distance below which two fits are the same weights
 MANTISSA_BITS = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}  # explicit fraction bits of each float
 ROUNDING_ULPS = 2.0  # rounding of a control input, or of what it was computed from, moves it at most this many units
-MAX_REORDERED_ELEMENTS = 1 << 24  # inputs read whole and sorted to tell a reordering
+MAX_READ_ELEMENTS = 1 << 24  # inputs read whole (and sorted) to tell a reordering or a rounding
 REORDERED_AGREE = 1e-3  # relative L1 of the sorted values below which they are the same values
 REORDERED_APART = 10.0  # ...while in place they differ by this many times more
 
@@ -91,7 +91,12 @@ class Explainer:
         if glue is not None:
             return glue.text()
         tgt_seq = self._tgt_seqs.get(int(row["seq"]))
-        return reordered(self._ref, self._tgt, tgt_seq, row) or rounded(self._ref, self._tgt, tgt_seq, row)
+        if tgt_seq is None or row["status"] != "mismatch" or int(row["numel"]) > MAX_READ_ELEMENTS:
+            return None
+        y_ref, y_tgt = _input(self._ref, int(row["seq"]), str(row["tensor"])), _input(self._tgt, tgt_seq, str(row["tgt_tensor"]))
+        if y_ref is None or y_tgt is None or y_ref.shape != y_tgt.shape or not np.issubdtype(y_ref.dtype, np.number):
+            return None
+        return reordered(row, y_ref, y_tgt) or rounded(row, y_ref, y_tgt)
 
     def settle(self, first: Divergence, floor_factor: float) -> bool:
         """Mark the first divergence as precision loss, where it is one; whether it did.
@@ -148,14 +153,11 @@ def explain(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame,
     return glue
 
 
-def reordered(ref: Dump, tgt: Dump, tgt_seq: int | None, row: pd.Series) -> str | None:
-    """What to say of an input that holds the reference's values in another order (sorted,
-    the two agree; as laid out, they do not): glue that lays the tensor out otherwise, with a
-    reshape or view where a transpose was meant. None for any other input."""
-    if tgt_seq is None or row["status"] != "mismatch" or not 2 <= int(row["numel"]) <= MAX_REORDERED_ELEMENTS:
-        return None
-    y_ref, y_tgt = _input(ref, int(row["seq"]), str(row["tensor"])), _input(tgt, tgt_seq, str(row["tgt_tensor"]))
-    if y_ref is None or y_tgt is None or y_ref.size != y_tgt.size or not np.issubdtype(y_ref.dtype, np.number):
+def reordered(row: pd.Series, y_ref: np.ndarray, y_tgt: np.ndarray) -> str | None:
+    """What to say of a mismatched input that holds the reference's values in another order
+    (sorted, the two agree; as laid out, they do not): glue that lays the tensor out otherwise,
+    with a reshape or view where a transpose was meant. None for any other input."""
+    if y_ref.size < 2:
         return None
     in_order = _rel_l1(np.sort(y_tgt.astype(np.float64), axis=None), np.sort(y_ref.astype(np.float64), axis=None))
     if not in_order <= REORDERED_AGREE or row["rel_l1"] <= REORDERED_APART * in_order:
@@ -164,15 +166,13 @@ def reordered(ref: Dump, tgt: Dump, tgt_seq: int | None, row: pd.Series) -> str 
             f"code that feeds {row['submodel']} lays it out otherwise (a reshape or view where a transpose was meant, NHWC for NCHW)")
 
 
-def rounded(ref: Dump, tgt: Dump, tgt_seq: int | None, row: pd.Series) -> str | None:
-    """What to say of a control input (a timestep) that the target holds in a lower-precision
-    float and that differs from the reference's by no more than that dtype's rounding of it or
-    of what it was computed from: the glue computes it in that dtype. None for any other input."""
+def rounded(row: pd.Series, y_ref: np.ndarray, y_tgt: np.ndarray) -> str | None:
+    """What to say of a mismatched control input (a timestep) that the target holds in a
+    lower-precision float and that differs from the reference's by no more than that dtype's
+    rounding of it or of what it was computed from: the glue computes it in that dtype. None
+    for any other input."""
     mantissa = MANTISSA_BITS.get(str(row["tgt_dtype"]))
-    if tgt_seq is None or not row["exact"] or row["status"] != "mismatch" or mantissa is None or MANTISSA_BITS.get(str(row["ref_dtype"]), 0) <= mantissa:
-        return None
-    y_ref, y_tgt = _input(ref, int(row["seq"]), str(row["tensor"])), _input(tgt, tgt_seq, str(row["tgt_tensor"]))
-    if y_ref is None or y_tgt is None or y_ref.shape != y_tgt.shape:
+    if not row["exact"] or mantissa is None or MANTISSA_BITS.get(str(row["ref_dtype"]), 0) <= mantissa:
         return None
     r, t = y_ref.astype(np.float64), y_tgt.astype(np.float64)
     ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(r), np.finfo(np.float64).tiny))) - mantissa)

@@ -29,6 +29,8 @@ def flatten(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     """Yield (name, leaf) pairs; leaves are tensors or plain values."""
     if is_tensor(value):
         yield prefix, value
+    elif value is None or isinstance(value, (bool, str)):  # most keyword arguments: nothing to look into
+        yield prefix, value
     elif isinstance(value, Mapping):
         for key, item in value.items():
             yield from flatten(item, _join(prefix, str(key)))
