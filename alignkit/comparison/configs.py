@@ -1,7 +1,8 @@
-"""How the two runs' submodels differ in what they are, not in what they compute: a scheduler of
-another class, one whose config says otherwise (``timestep_spacing``, ``steps_offset``,
-``prediction_type``), or one set to another number of steps. Numbers show where the runs part
-ways; this says why, when the cause is a setting.
+"""How the two runs differ in their settings, not in what they compute: a scheduler of another
+class, one whose config says otherwise (``timestep_spacing``, ``steps_offset``,
+``prediction_type``), one set to another number of steps, or a pipeline called with other
+arguments (a guidance scale, a prompt, a seed). Numbers show where the runs part ways; this
+says why, when the cause is a setting.
 
 Dumps hold each watched submodel's class and, for diffusers and transformers objects, its
 config (docs/format.md, ``/submodels``). Classes are compared only where both runs have a
@@ -20,7 +21,12 @@ from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergenc
 from alignkit.storage.reader import Dump
 
 IGNORED_KEYS = frozenset({"torch_dtype", "dtype", "transformers_version"})
+IGNORED_ARGUMENTS = frozenset({  # how a pipeline hands back its result, not what it computes
+    "output_type", "return_dict", "callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+})
 SHOWN_KEYS = 4  # config keys named in one difference; the rest are counted
+SHOWN_CHARS = 60  # of a long value (a prompt)
+PIPELINE = "pipeline"  # how a pipeline's call arguments are named among the differences
 
 
 def differences(ref: Dump, tgt: Dump) -> dict[str, str]:
@@ -41,7 +47,42 @@ def differences(ref: Dump, tgt: Dump) -> dict[str, str]:
             phrases.append(f"takes {steps} steps in the reference and {tgt_steps} in the target, so its timesteps and sigmas differ")
         if phrases:
             out[submodel] = "; ".join(phrases)
+    if text := _arguments_text(ref.pipeline_calls, tgt.pipeline_calls):
+        out[PIPELINE] = text
     return out
+
+
+def _arguments_text(ref: list[dict[str, Any]], tgt: list[dict[str, Any]]) -> str:
+    """The arguments the n-th pipeline call of each run was given otherwise, by parameter
+    name (both runs' defaults filled in, so a value left to its default counts as given)."""
+    texts, pairs = {}, min(len(ref), len(tgt))
+    for n, (r, t) in enumerate(zip(ref, tgt)):
+        r_args, t_args = r["arguments"], t["arguments"]
+        keys = [k for k in r_args if k in t_args and k not in IGNORED_ARGUMENTS and r_args[k] != t_args[k]]
+        if keys:
+            texts[n] = _listed([f"{k} {_value(r_args[k])} → {_value(t_args[k])}" for k in keys])
+    phrases = []
+    if len(texts) == pairs and len(set(texts.values())) == 1:  # every call alike
+        phrases.append(f"is called with other arguments: {next(iter(texts.values()))}")
+    else:
+        phrases += [f"call {n} is given other arguments: {text}" for n, text in texts.items()]
+    if len(ref) != len(tgt) and ref and tgt:
+        phrases.append(f"is called {len(ref)} times in the reference and {len(tgt)} in the target")
+    return "; ".join(phrases)
+
+
+def _value(value: Any) -> str:
+    """A recorded argument as the user wrote it: a stand-in (``<Generator seed=0>``) bare,
+    a long prompt cut short."""
+    text = value if isinstance(value, str) and value.startswith("<") and value.endswith(">") else json.dumps(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 1]}…"
+
+
+def _listed(parts: list[str]) -> str:
+    shown = parts[:SHOWN_KEYS]
+    if len(parts) > SHOWN_KEYS:
+        shown.append(f"and {len(parts) - SHOWN_KEYS} more")
+    return ", ".join(shown)
 
 
 def _steps(dump: Dump, submodel: str) -> int:
@@ -57,12 +98,13 @@ def warnings(diffs: dict[str, str]) -> list[str]:
 
 def explain(first: Divergence, diffs: dict[str, str], ref: Dump) -> None:
     """Add to the first divergence the setting that likely explains it: for a local error, its
-    own submodel's; for an input mismatch, a scheduler's (in a diffusers pipeline the scheduler
-    computes much of the glue: the initial noise's scale, ``scale_model_input``, the timesteps)."""
+    own submodel's; for an input mismatch, the pipeline's arguments and a scheduler's (in a
+    diffusers pipeline the pipeline and its scheduler compute the glue: the prompt's tokens,
+    the initial noise and its scale, ``scale_model_input``, the timesteps, the guidance)."""
     if first.kind == LOCAL_ERROR:
         named = [first.submodel] if first.submodel in diffs else []
     elif first.kind == INPUT_MISMATCH:
-        named = [s for s in diffs if is_scheduler(ref.descriptions[s]["class"])]
+        named = [s for s in diffs if s == PIPELINE or is_scheduler(ref.descriptions[s]["class"])]
     else:
         named = []
     if named:
@@ -83,7 +125,4 @@ def _config_text(ref: dict[str, Any], tgt: dict[str, Any]) -> str:
     """The keys both configs have, with other values (a key only one has comes from another
     library version, which fills in its own default)."""
     keys = [k for k in ref if k in tgt and not k.startswith("_") and k not in IGNORED_KEYS and ref[k] != tgt[k]]
-    parts = [f"{k} {json.dumps(ref[k])} → {json.dumps(tgt[k])}" for k in keys[:SHOWN_KEYS]]
-    if len(keys) > SHOWN_KEYS:
-        parts.append(f"and {len(keys) - SHOWN_KEYS} more")
-    return ", ".join(parts)
+    return _listed([f"{k} {json.dumps(ref[k])} → {json.dumps(tgt[k])}" for k in keys])

@@ -4,14 +4,20 @@ Tokenizers, feature extractors and image processors are not submodels. The VAE i
 ``decode``/``encode`` (what pipelines call), recorded as ``vae.decode``/``vae.encode``. The
 scheduler's ``step`` is recorded as the submodel ``scheduler`` (its inputs and outputs are the
 glue between UNet calls) and each of its calls ends a step: in a pipeline, and as well in a
-hand-written loop that calls a diffusers scheduler itself.
+hand-written loop that calls a diffusers scheduler itself. The pipeline's own calls are not
+submodel calls; their arguments (prompt, guidance scale, size, seed) are noted, each call's
+once, under ``/pipeline_calls`` (docs/format.md).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from alignkit.recording.hooks import CallHook
 from alignkit.recording.targets import is_diffusers_scheduler, is_ort_session, is_torch_module
+from alignkit.recording.tensors import plain_value
 
 if TYPE_CHECKING:
     from alignkit.recording.recorder import Recorder
@@ -24,7 +30,9 @@ def is_submodel_name(name: str) -> bool:
 
 
 def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
-    """Watch every submodel of ``pipe`` that is not watched yet."""
+    """Watch every submodel of ``pipe`` that is not watched yet, and note its calls' arguments."""
+    if recorder._methods.get(pipe, "__call__") is None:
+        _note_calls(recorder, pipe)
     for name, component in pipe.components.items():
         if component is None or not is_submodel_name(name) or recorder._is_watched(component):
             continue
@@ -42,6 +50,51 @@ def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
             recorder._mark_watched(component, name)
         elif callable(component):
             recorder.watch(component, name)
+
+
+def _note_calls(recorder: Recorder, pipe: Any) -> None:
+    """Note the arguments of each call of ``pipe``, defaults filled in: a guidance scale, a
+    prompt or a seed that differs between the runs then shows as such."""
+    try:
+        signature = inspect.signature(pipe.__call__)
+    except (TypeError, ValueError):
+        return
+    pipeline = f"{type(pipe).__module__}.{type(pipe).__qualname__}"
+
+    def around(call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        try:
+            arguments = call_arguments(signature, args, kwargs)
+        except Exception:  # an argument that cannot be described is no reason to stop the run
+            arguments = None
+        if arguments is not None:
+            recorder._pipeline_called(pipeline, arguments)
+        return call(*args, **kwargs)
+
+    try:
+        hook = CallHook(recorder, pipe, "pipeline", around=around)
+    except TypeError:  # a class whose instances cannot change class: the calls go unnoted
+        return
+    recorder._methods.add(pipe, hook.name, "__call__")
+    recorder._add(None, hook)
+
+
+def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """Each argument of a call, by parameter name with defaults filled in, as a JSON-ready
+    value (a tensor by its dtype and shape, a generator by its seed); None when the call does
+    not fit the signature (it is about to fail)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update((key, plain_value(v)) for key, v in value.items())
+        else:
+            out[name] = plain_value(value)
+    return out
 
 
 def watch_scheduler(recorder: Recorder, scheduler: Any, name: str = "scheduler") -> None:

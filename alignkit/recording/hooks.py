@@ -167,19 +167,22 @@ class _Shadow:
 
 class CallHook(Hook):
     """Record ``obj(...)`` for an engine object by swapping in a private subclass (out-of-order
-    removal as for :class:`MethodHook`)."""
+    removal as for :class:`MethodHook`). ``around``, when given, is called instead of
+    recording a call, as ``around(call, args, kwargs)`` (a pipeline notes its arguments)."""
 
-    def __init__(self, recorder: Recorder, obj: Any, name: str):
+    def __init__(self, recorder: Recorder, obj: Any, name: str, *, around: Callable[[Callable[..., Any], tuple, dict], Any] | None = None):
         self.name, self._obj, self._cls = name, obj, type(obj)
         self.removed = False
         original_call = self._cls.__call__
-        watch = Watch(recorder, name, signature_binder(functools.partial(original_call, obj)))
+        if around is None:
+            watch = Watch(recorder, name, signature_binder(functools.partial(original_call, obj)))
+            around = watch.call
 
         @functools.wraps(original_call)
         def __call__(this: Any, *args: Any, **kwargs: Any) -> Any:
             if self.removed:
                 return original_call(this, *args, **kwargs)
-            return watch.call(functools.partial(original_call, this), args, kwargs)
+            return around(functools.partial(original_call, this), args, kwargs)
 
         namespace = {"__call__": __call__, "__module__": self._cls.__module__, "__qualname__": self._cls.__qualname__, "__alignkit_hook__": self}
         self._subclass = type(self._cls.__name__, (self._cls,), namespace)

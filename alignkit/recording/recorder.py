@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import json
 import os
 import re
 import threading
@@ -66,6 +67,7 @@ class Recorder:
         self._names: dict[str, None] = {}  # every submodel name given out, in order
         self._wrapped: list[str] = []  # submodels recorded only through the wrapper watch() returned
         self._described: set[str] = set()  # submodels whose class and config are in the dump
+        self._pipeline_calls = 0  # calls of watched pipelines whose arguments are noted
         self._lock = threading.Lock()
         self._seq = 0
         self._step = 0
@@ -256,6 +258,20 @@ class Recorder:
         except Exception:  # a config that cannot be read is no reason to stop the run
             return
         self._writer.describe(submodel, attrs)
+
+    def _pipeline_called(self, pipeline: str, arguments: dict[str, Any]) -> None:
+        """Note a pipeline call's arguments, and where in the run it began (the ``seq`` its
+        first submodel call will have)."""
+        if self._writer is None or self._writer.stopped_reason is not None:
+            return
+        with self._lock:
+            index, seq = self._pipeline_calls, self._seq
+            self._pipeline_calls += 1
+        try:
+            text = json.dumps(arguments, sort_keys=False)
+        except (TypeError, ValueError):  # a value plain_value let through: no reason to stop the run
+            return
+        self._writer.note_pipeline_call(index, {"class": pipeline, "seq": seq, "arguments": text})
 
     def _mark_watched(self, obj: Any, submodel: str) -> None:
         self._watched.add(obj, submodel)

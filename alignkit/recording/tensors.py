@@ -186,6 +186,29 @@ def describe_value(value: Any) -> str:
         return json.dumps(f"<{type(value).__qualname__}>")
 
 
+def plain_value(value: Any) -> Any:
+    """A JSON-ready account of any value, for a pipeline's call arguments: plain data as it is,
+    a tensor as ``"<tensor float16 [1, 4, 64, 64]>"``, a torch generator by its seed, anything
+    else by its type (as :func:`describe_value` names it)."""
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    try:
+        return _plain(value)
+    except TypeError:
+        pass
+    if is_tensor(value):  # torch or numpy alike: a port hands numpy where the reference hands torch
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"<tensor {dtype} {list(value.shape)}>"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Generator):
+        return f"<Generator seed={value.initial_seed()}>"
+    return f"<{type(value).__qualname__}>"
+
+
 def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value

@@ -26,7 +26,7 @@ import pandas as pd
 from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
 from alignkit.phrasing import count
 from alignkit.storage.schema import (
-    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, SUBMODELS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
+    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, PIPELINE_CALLS, SUBMODELS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
 )
 
 
@@ -216,6 +216,24 @@ class Dump:
                 except ValueError:
                     pass
             out[str(attrs.get("name", unescape_name(link)))] = entry
+        return out
+
+    @cached_property
+    def pipeline_calls(self) -> list[dict[str, Any]]:
+        """Each call of a watched pipeline, in order: ``{"class": ..., "seq": where it began,
+        "arguments": {"prompt": ..., "guidance_scale": ...}}``; empty where no pipeline was
+        watched, and for dumps written before this was recorded."""
+        group = self._file.get(PIPELINE_CALLS)
+        if not isinstance(group, h5py.Group):
+            return []
+        out = []
+        for link in sorted(group, key=lambda name: int(name) if name.isdigit() else -1):
+            attrs = group[link].attrs
+            try:
+                arguments = json.loads(attrs.get("arguments", "{}"))
+            except ValueError:
+                arguments = {}
+            out.append({"class": str(attrs.get("class", "")), "seq": int(attrs.get("seq", -1)), "arguments": arguments})
         return out
 
     def steps(self, submodel: str) -> list[int]:

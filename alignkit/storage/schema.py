@@ -11,6 +11,7 @@
         layers/<name>      leaf-layer outputs, when layer recording is on
         inputs.attrs       non-tensor arguments, JSON-encoded
     /submodels/<name>      attrs: class, and config (JSON) for diffusers and transformers objects
+    /pipeline_calls/<n>    attrs: class, seq (where the call began), arguments (JSON), per pipeline call
     /staging/<n>           a large tensor written at call time, until its call is written; gone once recording ends
 
 Tensor names are stored percent-encoded where HDF5 cannot hold them (``/``, ``%``, ``.``
@@ -27,6 +28,7 @@ FORMAT_NAME = "alignkit-dump"
 FORMAT_VERSION = 1
 CALLS = "calls"
 SUBMODELS = "submodels"  # what each submodel is: its class, and its config where it has one
+PIPELINE_CALLS = "pipeline_calls"  # the arguments of each call of a watched pipeline
 STAGING = "staging"  # large tensors written at call time, before their call is; empty in a finished dump
 INDEX = "index"
 TENSORS = "tensors"

@@ -39,7 +39,7 @@ from alignkit.errors import RecordingError, UsageError, os_reason
 from alignkit.recording.tensors import Tensor
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
 from alignkit.storage.schema import (
-    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, STAGING, SUBMODELS, TENSORS, TENSORS_DTYPE, call_group_name,
+    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, PIPELINE_CALLS, STAGING, SUBMODELS, TENSORS, TENSORS_DTYPE, call_group_name,
     escape_name,
 )
 
@@ -180,9 +180,9 @@ class DumpWriter:
                 if item is _FLUSH:
                     self._step_ended()
                     continue
-                if isinstance(item, _Description):
+                if isinstance(item, _Group):
                     if self._file is not None:
-                        _write_description(self._file, item.submodel, item.attrs)
+                        _write_group(self._file, item.parent, item.name, item.attrs)
                     continue
                 if isinstance(item, _SetAttr):
                     if self._file is not None:
@@ -274,7 +274,11 @@ class DumpWriter:
 
     def describe(self, submodel: str, attrs: dict[str, str]) -> None:
         """Say what a submodel is (its class, its config) under ``/submodels``."""
-        self._queue.put(_Description(submodel, attrs))
+        self._queue.put(_Group(SUBMODELS, submodel, attrs))
+
+    def note_pipeline_call(self, index: int, attrs: dict[str, Any]) -> None:
+        """Keep a pipeline call's arguments under ``/pipeline_calls/<index>``."""
+        self._queue.put(_Group(PIPELINE_CALLS, str(index), attrs))
 
 
 @dataclass
@@ -284,9 +288,12 @@ class _SetAttr:
 
 
 @dataclass
-class _Description:
-    submodel: str
-    attrs: dict[str, str]
+class _Group:
+    """A group of attributes outside the calls, written once (the first of a name wins)."""
+
+    parent: str
+    name: str
+    attrs: dict[str, Any]
 
 
 def _lower_priority() -> None:
@@ -353,13 +360,13 @@ def _write_call(f: h5py.File, record: CallRecord) -> None:
         set_attrs(sub, values)
 
 
-def _write_description(f: h5py.File, submodel: str, attrs: dict[str, str]) -> None:
-    parent = f[SUBMODELS].id if SUBMODELS in f else create_group(f.id, SUBMODELS)
-    link = escape_name(submodel)
+def _write_group(f: h5py.File, parent_name: str, name: str, attrs: dict[str, Any]) -> None:
+    parent = f[parent_name].id if parent_name in f else create_group(f.id, parent_name)
+    link = escape_name(name)
     if parent.links.exists(link.encode("utf-8")):
         return
     group = create_group(parent, link)
-    set_attrs(group, attrs if link == submodel else {**attrs, "name": submodel})
+    set_attrs(group, attrs if link == name else {**attrs, "name": name})
 
 
 def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:

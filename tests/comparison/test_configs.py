@@ -1,4 +1,5 @@
-"""A scheduler of another class or config is named where the numbers part ways."""
+"""A scheduler of another class or config, or a pipeline called with other arguments, is named
+where the numbers part ways."""
 
 import json
 import shutil
@@ -94,3 +95,48 @@ def test_where_a_model_was_loaded_from_and_in_which_dtype_are_no_setting(tmp_pat
         pass
     with ak.open_dump(tmp_path / "fp32.h5") as ref, ak.open_dump(tmp_path / "other.h5") as tgt:
         assert configs.differences(ref, tgt)["text_encoder"].startswith("is configured otherwise: projection_dim")
+
+
+def _call(pipe, path, **arguments):
+    call = {"num_inference_steps": STEPS, "guidance_scale": 7.5, "generator": torch.Generator().manual_seed(0), "output_type": "np", "height": 32, "width": 32}
+    with ak.record(path, pipe):
+        pipe("a red fox in the snow", **{**call, **arguments})
+    return path
+
+
+def test_a_pipeline_called_with_another_guidance_scale_or_seed_is_named_in_the_glue_mismatch(tmp_path):
+    pipe = tiny_pipeline()
+    ref = _call(pipe, tmp_path / "ref.h5")
+    result = ak.compare(ref, _call(pipe, tmp_path / "guidance.h5", guidance_scale=5.0))
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.kind) == ("scheduler", 0, "input mismatch")
+    assert fd.message.endswith("; pipeline is called with other arguments: guidance_scale 7.5 → 5.0")
+    assert fd.evidence["config"] == "pipeline is called with other arguments: guidance_scale 7.5 → 5.0"
+    assert "pipeline is called with other arguments: guidance_scale 7.5 → 5.0" in result.warnings
+    fd = ak.compare(ref, _call(pipe, tmp_path / "seed.h5", generator=torch.Generator().manual_seed(1))).first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 0, "sample", "input mismatch")
+    assert fd.message.endswith("; pipeline is called with other arguments: generator <Generator seed=0> → <Generator seed=1>")
+
+
+def test_how_a_pipeline_hands_back_its_result_is_no_setting(tmp_path):
+    pipe = tiny_pipeline()
+    ref = _call(pipe, tmp_path / "ref.h5")
+    result = ak.compare(ref, _call(pipe, tmp_path / "pt.h5", output_type="pt", return_dict=False))
+    assert result.aligned and not any(w.startswith("pipeline") for w in result.warnings)
+
+
+def test_each_pipeline_call_is_paired_with_the_other_runs_in_order(tmp_path):
+    pipe = tiny_pipeline()
+    with ak.record(tmp_path / "ref.h5", pipe):
+        for prompt in ("a red fox", "a blue jay"):
+            pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="np")
+    with ak.record(tmp_path / "tgt.h5", pipe):
+        for prompt in ("a red fox", "a blue jay in a long prompt that goes on well past what a warning should show of it"):
+            pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="np")
+        pipe("a third", num_inference_steps=1, height=32, width=32, output_type="np")
+    with ak.open_dump(tmp_path / "ref.h5") as ref, ak.open_dump(tmp_path / "tgt.h5") as tgt:
+        text = configs.differences(ref, tgt)["pipeline"]
+    assert text == (
+        'call 1 is given other arguments: prompt "a blue jay" → "a blue jay in a long prompt that goes on well past what a …; '
+        "is called 2 times in the reference and 3 in the target"
+    )

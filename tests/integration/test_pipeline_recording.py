@@ -6,6 +6,8 @@ import sys
 import textwrap
 
 import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
 
 import alignkit as ak
 from alignkit.demo.pipeline import generate, tiny_pipeline
@@ -23,6 +25,7 @@ def test_records_every_step_with_the_exact_timesteps_and_leaves_no_trace(tmp_pat
     assert not rec.hooks
     assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks
     assert "decode" not in vars(pipe.vae) and "step" not in vars(pipe.scheduler)
+    assert type(pipe) is StableDiffusionPipeline
     expected_timesteps = pipe.scheduler.timesteps.numpy()
     with ak.open_dump(tmp_path / "ref.h5") as d:
         assert d.submodels == ["text_encoder", "unet", "scheduler", "vae.decode"]
@@ -43,7 +46,27 @@ def test_watched_run_that_raises_removes_every_hook(tmp_path):
     except ValueError:
         pass
     assert not pipe.unet._forward_hooks and not pipe.text_encoder._forward_pre_hooks
-    assert "step" not in vars(pipe.scheduler)
+    assert "step" not in vars(pipe.scheduler) and type(pipe) is StableDiffusionPipeline
+
+
+def test_each_pipeline_call_notes_its_arguments_with_the_defaults_filled_in(tmp_path):
+    pipe = tiny_pipeline()
+    latents, width = torch.randn(1, 4, 4, 4), pipe.unet.config.cross_attention_dim
+    with ak.record(tmp_path / "ref.h5", pipe):
+        generate(pipe, 2, seed=3, size=32)
+        pipe(prompt_embeds=torch.zeros(1, 77, width), negative_prompt_embeds=torch.ones(1, 77, width), num_inference_steps=1, latents=latents, height=32, width=32, output_type="latent")
+    with ak.open_dump(tmp_path / "ref.h5") as d:
+        first, second = d.pipeline_calls
+        calls = d.calls
+    assert first["class"] == second["class"] == "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline"
+    assert first["seq"] == 0 and second["seq"] == len(calls[calls["seq"] < second["seq"]]) > 0  # where each began
+    assert calls.loc[calls["seq"] == second["seq"], "submodel"].item() == "unet"  # no text encoder: embeddings were given
+    assert {k: first["arguments"][k] for k in ("prompt", "num_inference_steps", "guidance_scale", "generator", "eta")} == {
+        "prompt": "a red fox in the snow", "num_inference_steps": 2, "guidance_scale": 7.5, "generator": "<Generator seed=3>", "eta": 0.0,
+    }
+    assert second["arguments"]["prompt"] is None and second["arguments"]["guidance_scale"] == 7.5  # left to its default
+    assert second["arguments"]["latents"] == "<tensor float32 [1, 4, 4, 4]>"
+    assert second["arguments"]["prompt_embeds"] == f"<tensor float32 [1, 77, {width}]>"
 
 
 SCRIPT = textwrap.dedent(
@@ -68,6 +91,7 @@ def test_record_cli_on_an_unmodified_script_matches_the_api(tmp_path):
         generate(pipe, STEPS)
     with ak.open_dump(cli_dump) as c, ak.open_dump(api_dump) as a:
         assert c.metadata["label"] == "cli"
+        assert c.pipeline_calls == a.pipeline_calls and len(a.pipeline_calls) == 1
         assert c.calls[["submodel", "step", "call"]].equals(a.calls[["submodel", "step", "call"]])
         for cc, ac in zip(c, a):
             for io in ("inputs", "outputs"):

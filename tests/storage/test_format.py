@@ -76,6 +76,24 @@ def test_each_submodel_is_described_by_its_class_and_its_diffusers_config(tmp_pa
         assert d.descriptions["proj"] == {"class": "torch.nn.modules.linear.Linear"}
 
 
+def test_each_pipeline_call_keeps_its_arguments(tmp_path):
+    from alignkit.demo.pipeline import generate, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    with ak.record(tmp_path / "run.h5", pipe):
+        generate(pipe, 1, seed=5, size=32)
+    with h5py.File(tmp_path / "run.h5", "r") as f:  # plain h5py, as docs/format.md says
+        call = f["pipeline_calls/0"]
+        assert call.attrs["class"] == "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline"
+        assert call.attrs["seq"] == 0
+        arguments = json.loads(call.attrs["arguments"])
+        assert (arguments["num_inference_steps"], arguments["generator"], arguments["negative_prompt"]) == (1, "<Generator seed=5>", None)
+    with ak.Recorder(tmp_path / "plain.h5") as rec:
+        rec.watch(torch.nn.Linear(2, 2), "proj")
+    with h5py.File(tmp_path / "plain.h5", "r") as f, ak.open_dump(tmp_path / "plain.h5") as d:
+        assert "pipeline_calls" not in f and d.pipeline_calls == []
+
+
 def test_reader_index_and_keyed_access(dump_path):
     with ak.open_dump(dump_path) as d:
         assert list(d.calls.columns[:4]) == ["seq", "submodel", "step", "call"]
