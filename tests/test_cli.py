@@ -42,6 +42,8 @@ def test_inspect_and_shapes(capsys, demo_dumps):
     code, out, _ = run_cli(capsys, "inspect", demo_dumps["none"][0])
     assert code == 0 and "unet" in out and "encoder_hidden_states" in out
     assert re.search(r"scheduler +6 +0–5 +1 +EulerDiscreteScheduler", out)  # each submodel's class
+    assert re.search(r'pipeline call 0 \(StableDiffusionPipeline, from seq 0\): prompt "a red fox in the snow", height 32, width 32, '
+                     r"num_inference_steps 6, guidance_scale 7.5, .*, generator <Generator seed=0>", out)  # what the pipeline was given
     code, out, _ = run_cli(capsys, "inspect", "--shapes", demo_dumps["none"][0])
     assert code == 0
     assert '--inputShape="sample:2,4,16,16;timestep:;encoder_hidden_states:2,77,16"' in out

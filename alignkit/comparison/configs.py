@@ -60,7 +60,7 @@ def _arguments_text(ref: list[dict[str, Any]], tgt: list[dict[str, Any]]) -> str
         r_args, t_args = r["arguments"], t["arguments"]
         keys = [k for k in r_args if k in t_args and k not in IGNORED_ARGUMENTS and r_args[k] != t_args[k]]
         if keys:
-            texts[n] = _listed([f"{k} {_value(r_args[k])} → {_value(t_args[k])}" for k in keys])
+            texts[n] = _listed([f"{k} {argument_text(r_args[k])} → {argument_text(t_args[k])}" for k in keys])
     phrases = []
     if len(texts) == pairs and len(set(texts.values())) == 1:  # every call alike
         phrases.append(f"is called with other arguments: {next(iter(texts.values()))}")
@@ -71,11 +71,17 @@ def _arguments_text(ref: list[dict[str, Any]], tgt: list[dict[str, Any]]) -> str
     return "; ".join(phrases)
 
 
-def _value(value: Any) -> str:
-    """A recorded argument as the user wrote it: a stand-in (``<Generator seed=0>``) bare,
+def argument_text(value: Any) -> str:
+    """A recorded pipeline argument as the user wrote it: a stand-in (``<Generator seed=0>``) bare,
     a long prompt cut short."""
     text = value if isinstance(value, str) and value.startswith("<") and value.endswith(">") else json.dumps(value)
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 1]}…"
+
+
+def given_arguments(arguments: dict[str, Any]) -> str:
+    """A pipeline call's arguments that say something: set (not None), and about what it
+    computes (not how it hands back its result)."""
+    return ", ".join(f"{k} {argument_text(v)}" for k, v in arguments.items() if v is not None and v != [] and k not in IGNORED_ARGUMENTS)
 
 
 def _listed(parts: list[str]) -> str:

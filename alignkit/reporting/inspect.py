@@ -9,6 +9,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from alignkit.comparison.configs import given_arguments
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, as_reals, iter_blocks
 from alignkit.comparison.table import shape_text
 from alignkit.storage.reader import Dump
@@ -65,6 +66,9 @@ def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
 def print_inspection(dump: Dump, console: Console) -> None:
     meta = dump.metadata
     console.print(f"[bold]{dump.path}[/] label={meta.get('label')!r} created={meta.get('created')} complete={meta.get('complete')}", highlight=False)
+    for n, call in enumerate(dump.pipeline_calls):
+        pipeline = call["class"].rsplit(".", 1)[-1]
+        console.print(f"pipeline call {n} ({pipeline}, from seq {call['seq']}): {given_arguments(call['arguments'])}", markup=False, highlight=False, soft_wrap=True)
     calls = dump.calls
     if calls.empty:
         console.print(_nothing_recorded(dump), highlight=False)
