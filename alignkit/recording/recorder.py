@@ -268,7 +268,7 @@ class Recorder:
             index, seq = self._pipeline_calls, self._seq
             self._pipeline_calls += 1
         try:
-            text = json.dumps(arguments, sort_keys=False)
+            text = json.dumps(arguments)
         except (TypeError, ValueError):  # a value plain_value let through: no reason to stop the run
             return
         self._writer.note_pipeline_call(index, {"class": pipeline, "seq": seq, "arguments": text})
