@@ -25,10 +25,10 @@ from alignkit.comparison.matching import nests
 from alignkit.errors import AlignkitError, ReplayError, UsageError, require
 from alignkit.recording.flatten import name_outputs, split
 from alignkit.recording.metadata import run_metadata
-from alignkit.recording.tensors import stands_in
 from alignkit.recording.ort_runs import ort_outputs_for
 from alignkit.recording.targets import is_ort_session, is_torch_module, uncompiled
 from alignkit.storage.reader import Call, open_dump
+from alignkit.storage.schema import stands_in
 from alignkit.storage.writer import CallRecord, DumpWriter
 
 _ORT_TYPES = {

@@ -19,6 +19,7 @@ from typing import Any
 
 from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergence
 from alignkit.storage.reader import Dump
+from alignkit.storage.schema import stands_in
 
 IGNORED_KEYS = frozenset({"torch_dtype", "dtype", "transformers_version"})
 IGNORED_ARGUMENTS = frozenset({  # how a pipeline hands back its result, not what it computes
@@ -74,7 +75,7 @@ def _arguments_text(ref: list[dict[str, Any]], tgt: list[dict[str, Any]]) -> str
 def argument_text(value: Any) -> str:
     """A recorded pipeline argument as the user wrote it: a stand-in (``<Generator seed=0>``) bare,
     a long prompt cut short."""
-    text = value if isinstance(value, str) and value.startswith("<") and value.endswith(">") else json.dumps(value)
+    text = value if stands_in(value) else json.dumps(value)
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 1]}…"
 
 

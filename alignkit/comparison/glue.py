@@ -15,7 +15,9 @@ target's lower-precision dtype (the glue computes it in that dtype).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,31 +74,36 @@ class Glue:
 
 
 class Explainer:
-    """Explains table rows of mismatched inputs by their glue, each row worked out once, and
-    settles the first divergence where the glue shows it to be precision loss."""
+    """Explains table rows of mismatched inputs by their glue, each row worked out once (its
+    input read once), and settles the first divergence where the glue shows it to be
+    precision loss."""
 
     def __init__(self, ref: Dump, tgt: Dump, calls: pd.DataFrame, table: pd.DataFrame):
         self._ref, self._tgt, self._table = ref, tgt, table
         matched = calls.dropna(subset=["ref_seq", "tgt_seq"])
         self._tgt_seqs = dict(zip(matched["ref_seq"].astype(int), matched["tgt_seq"].astype(int)))
-        self._seen: dict[object, Glue | None] = {}
+        self._seen: dict[object, tuple[Glue | None, str | None]] = {}  # row: its glue, and what to say of it
 
     def __call__(self, row: pd.Series) -> Glue | None:
-        if row.name not in self._seen:
-            self._seen[row.name] = explain(self._ref, self._tgt, self._tgt_seqs, self._table, row)
-        return self._seen[row.name]
+        return self._worked_out(row)[0]
 
     def text(self, row: pd.Series) -> str | None:
-        glue = self(row)
-        if glue is not None:
-            return glue.text()
+        return self._worked_out(row)[1]
+
+    def _worked_out(self, row: pd.Series) -> tuple[Glue | None, str | None]:
+        if row.name not in self._seen:
+            inputs = functools.cache(lambda: self._inputs(row))
+            glue = explain(self._ref, self._tgt, self._tgt_seqs, self._table, row, inputs)
+            self._seen[row.name] = glue, glue.text() if glue is not None else _other_cause(row, inputs)
+        return self._seen[row.name]
+
+    def _inputs(self, row: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+        """The input in each run, where both runs have it in one shape."""
         tgt_seq = self._tgt_seqs.get(int(row["seq"]))
-        if tgt_seq is None or row["status"] != "mismatch" or int(row["numel"]) > MAX_READ_ELEMENTS:
+        if tgt_seq is None:
             return None
         y_ref, y_tgt = _input(self._ref, int(row["seq"]), str(row["tensor"])), _input(self._tgt, tgt_seq, str(row["tgt_tensor"]))
-        if y_ref is None or y_tgt is None or y_ref.shape != y_tgt.shape or not np.issubdtype(y_ref.dtype, np.number):
-            return None
-        return reordered(row, y_ref, y_tgt) or rounded(row, y_ref, y_tgt)
+        return (y_ref, y_tgt) if y_ref is not None and y_tgt is not None and y_ref.shape == y_tgt.shape else None
 
     def settle(self, first: Divergence, floor_factor: float) -> bool:
         """Mark the first divergence as precision loss, where it is one; whether it did.
@@ -127,17 +134,16 @@ class Explainer:
         return True
 
 
-def explain(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame, row: pd.Series) -> Glue | None:
+def explain(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame, row: pd.Series,
+            inputs: Callable[[], tuple[np.ndarray, np.ndarray] | None]) -> Glue | None:
     """How the input ``row`` (a table row) is made, when it is a fixed combination of earlier
     outputs of its step in the reference; None when it is not one. ``tgt_seqs`` maps each
-    matched reference call to its target call."""
+    matched reference call to its target call; ``inputs`` reads the input in both runs."""
     parts = _parts(ref, tgt, tgt_seqs, table, row)
-    tgt_seq = tgt_seqs.get(int(row["seq"]))
-    if not parts or tgt_seq is None:
+    read = inputs() if parts else None
+    if read is None:
         return None
-    y_ref, y_tgt = _input(ref, int(row["seq"]), str(row["tensor"])), _input(tgt, tgt_seq, str(row["tgt_tensor"]))
-    if y_ref is None or y_tgt is None or y_tgt.shape != y_ref.shape:
-        return None
+    y_ref, y_tgt = read
     w_ref = _fit([p.ref for p in parts], y_ref, REFERENCE_EXACT)
     if w_ref is None:
         return _explain_by_channels(row, parts, y_ref, y_tgt)
@@ -151,6 +157,16 @@ def explain(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame,
         return None  # neither the reference's weights nor others make the target's input: nothing to say
     glue.target_formula, glue.swapped = _formula(labels, w_tgt), len(w_ref) == 2 and _same(w_tgt[::-1], w_ref)
     return glue
+
+
+def _other_cause(row: pd.Series, inputs: Callable[[], tuple[np.ndarray, np.ndarray] | None]) -> str | None:
+    """What to say of a mismatched input that no glue makes: its values reordered, or rounded."""
+    if row["status"] != "mismatch" or int(row["numel"]) > MAX_READ_ELEMENTS:
+        return None
+    read = inputs()
+    if read is None or not np.issubdtype(read[0].dtype, np.number):
+        return None
+    return reordered(row, *read) or rounded(row, *read)
 
 
 def reordered(row: pd.Series, y_ref: np.ndarray, y_tgt: np.ndarray) -> str | None:

@@ -66,11 +66,10 @@ class AutoWatch:
         def around(original: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(original)
             def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-                if recorder._methods.get(pipe, "__call__") is None:
-                    recorder.watch(pipe)
-                    if recorder._methods.get(pipe, "__call__") is not None:
-                        return pipe(*args, **kwargs)  # through the hook just installed, which notes the arguments
-                recorder.watch(pipe)
+                hooked = recorder._methods.get(pipe, "__call__") is not None
+                recorder.watch(pipe)  # again on each call: a component may have been swapped since
+                if not hooked and recorder._methods.get(pipe, "__call__") is not None:
+                    return pipe(*args, **kwargs)  # through the hook just installed, which notes the arguments
                 running.depth = getattr(running, "depth", 0) + 1
                 try:
                     return original(pipe, *args, **kwargs)

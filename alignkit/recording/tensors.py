@@ -172,12 +172,6 @@ def _capture_cuda(name: str, t: Any, dtype: str, device: str) -> Tensor | None:
     return Tensor(name, data, dtype, "torch", device, ready=event.synchronize, release=lambda: POOL.give(key, host, nbytes))
 
 
-def stands_in(value: Any) -> bool:
-    """Whether a decoded recorded value only names its type (``"<DynamicCache>"``): what
-    :func:`describe_value` writes for a value JSON cannot hold."""
-    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
-
-
 def describe_value(value: Any) -> str:
     """JSON text for a non-tensor argument, so a config difference shows; never pickled."""
     try:

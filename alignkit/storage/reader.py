@@ -208,14 +208,12 @@ class Dump:
             return {}
         out = {}
         for link, sub in group.items():
-            attrs = {key: value.decode() if isinstance(value, bytes) else value for key, value in sub.attrs.items()}
-            entry: dict[str, Any] = {"class": str(attrs.get("class", ""))}
-            if "config" in attrs:
-                try:
-                    entry["config"] = json.loads(attrs["config"])
-                except ValueError:
-                    pass
-            out[str(attrs.get("name", unescape_name(link)))] = entry
+            attrs = sub.attrs
+            entry: dict[str, Any] = {"class": _text(attrs.get("class", ""))}
+            config = _json(attrs, "config")
+            if config is not None:
+                entry["config"] = config
+            out[_text(attrs.get("name", unescape_name(link)))] = entry
         return out
 
     @cached_property
@@ -229,11 +227,7 @@ class Dump:
         out = []
         for link in sorted(group, key=lambda name: int(name) if name.isdigit() else -1):
             attrs = group[link].attrs
-            try:
-                arguments = json.loads(attrs.get("arguments", "{}"))
-            except ValueError:
-                arguments = {}
-            out.append({"class": str(attrs.get("class", "")), "seq": int(attrs.get("seq", -1)), "arguments": arguments})
+            out.append({"class": _text(attrs.get("class", "")), "seq": int(attrs.get("seq", -1)), "arguments": _json(attrs, "arguments") or {}})
         return out
 
     def steps(self, submodel: str) -> list[int]:
@@ -386,6 +380,21 @@ def _parse_key(key: Any) -> tuple[str, int, int, bool]:
         if m and m.group("ord") is not None:
             return m.group("sub"), int(m.group("ord")), 0, True
     raise CallNotFoundError(f"cannot read {key!r} as a call: use (submodel, step[, call]), 'unet@step3' or 'unet:12'")
+
+
+def _text(value: Any) -> str:
+    """A string attribute as text (h5py gives fixed-length strings, as other writers make them, as bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _json(attrs: h5py.AttributeManager, key: str) -> Any:
+    """The JSON attribute ``key`` decoded; None where it is missing or not JSON."""
+    if key not in attrs:
+        return None
+    try:
+        return json.loads(_text(attrs[key]))
+    except ValueError:
+        return None
 
 
 def _ranges(values: list[int]) -> str:

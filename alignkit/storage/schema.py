@@ -64,6 +64,12 @@ BIT_STORED = {
 }
 
 
+def stands_in(value: object) -> bool:
+    """Whether a decoded recorded value only names what it was (``"<DynamicCache>"``,
+    ``"<Generator seed=0>"``): what the writer stores for a value JSON cannot hold."""
+    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
+
+
 def call_group_name(seq: int) -> str:
     return f"{CALLS}/{seq:08d}"
 
