@@ -8,7 +8,7 @@ finite on both sides:
 - ``max_abs`` max |t − r|                  - ``rmse``    sqrt(mean (t − r)²)
 - ``cos``     ⟨r,t⟩ / (‖r‖‖t‖); both all-zero → 1, one all-zero → 0
 - ``cos_dist`` 1 − cos, computed as (‖r − t‖² − (‖r‖ − ‖t‖)²) / (2‖r‖‖t‖) so that it does
-  not cancel for nearly identical tensors
+  not cancel for nearly identical tensors (and as 1 − cos where that form would cancel)
 - ``sqnr_db`` 10·log10(Σr² / Σ(t − r)²)
 
 The noise floor (``floor_*``) is the same error between r and r rounded to the target's dtype:
@@ -150,17 +150,20 @@ def _sqnr(signal: float, noise: float) -> float:
 def _cos_distance(ref_sq: float, tgt_sq: float, diff_sq: float, dot: float | None) -> float:
     """1 − cos without cancellation; both all-zero → 0, one all-zero → 1.
 
-    Near cos = 1 the difference form keeps its digits; far from it (one tensor much smaller
-    than the other, say) the dot-product form does, and ``1 −`` no longer cancels.
+    The difference form subtracts ``(‖r‖ − ‖t‖)²`` from ``‖r − t‖²``: near cos = 1, with norms
+    alike, both are small and it keeps its digits where ``1 − dot/(‖r‖‖t‖)`` has none. Where
+    what it subtracts outweighs ``2‖r‖‖t‖`` (far from cos = 1, or one tensor's norm far from
+    the other's: 383 against 1e-7), its rounding is the larger, and the dot-product form is
+    used.
     """
     if ref_sq == 0.0 and tgt_sq == 0.0:
         return 0.0
     if ref_sq == 0.0 or tgt_sq == 0.0:
         return 1.0
     nr, nt = math.sqrt(ref_sq), math.sqrt(tgt_sq)
-    if dot is not None and dot / (nr * nt) < 0.5:
-        return min(max(1.0 - dot / (nr * nt), 0.0), 2.0)
     norm_gap_sq = ((ref_sq - tgt_sq) / (nr + nt)) ** 2
+    if dot is not None and diff_sq + norm_gap_sq > 2.0 * nr * nt:
+        return min(max(1.0 - dot / (nr * nt), 0.0), 2.0)
     value = (diff_sq - norm_gap_sq) / (2.0 * nr * nt)
     return min(max(value, 0.0), 2.0)
 
