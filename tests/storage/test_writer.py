@@ -3,6 +3,7 @@
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -64,3 +65,46 @@ def test_the_writer_thread_alone_runs_at_a_low_priority(tmp_path):
         assert len(writers) == 1
         assert os.getpriority(os.PRIO_PROCESS, writers[0].native_id) == min(19, before + WRITER_NICENESS)
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+@pytest.fixture()
+def writes(monkeypatch):
+    """The seq of each call as it is written; no flush falls due on its own during a test."""
+    written = []
+    write_call = writer._write_call
+
+    def noting(f, record):
+        written.append(record.seq)
+        write_call(f, record)
+
+    monkeypatch.setattr(writer, "_write_call", noting)
+    monkeypatch.setattr(writer, "FLUSH_INTERVAL", 60.0)
+    return written
+
+
+def test_calls_wait_for_the_flush_that_makes_them_durable(tmp_path, writes):
+    """Writing a call sooner would make it no safer (a kill keeps the file as of its last
+    flush); a run shorter than the flush interval is written when it ends."""
+    with ak.Recorder(tmp_path / "batched.h5") as rec:
+        f = rec.watch(lambda x: x + 1, "f")
+        for step in range(5):
+            f(np.full(4, step))
+            ak.step()
+        time.sleep(0.2)
+        assert writes == []
+    assert writes == [0, 1, 2, 3, 4]
+    with ak.open_dump(tmp_path / "batched.h5") as d:
+        np.testing.assert_array_equal(d["f", 4].inputs["x"], np.full(4, 4))
+
+
+def test_calls_are_written_sooner_when_their_bytes_pile_up(tmp_path, writes):
+    with ak.Recorder(tmp_path / "piled.h5", max_pending_bytes=4 << 20) as rec:
+        f = rec.watch(lambda x: None, "f")
+        for _ in range(8):
+            f(np.zeros(128 << 10, np.float32))  # 512 KiB a call: a quarter of the limit is two calls
+            ak.step()
+        deadline = time.monotonic() + 10
+        while len(writes) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(writes) >= 6
+    assert writes == list(range(8))
