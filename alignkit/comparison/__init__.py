@@ -67,9 +67,9 @@ def compare(
                 break
             per_call = classify_calls(table, calls, raised)
             first = first_divergence(table, per_call, explainer.text)
-        settings = configs.differences(r, t)
+        settings = configs.differences(r, t, calls)
         if first is not None:
-            configs.explain(first, settings, r)
+            configs.explain(first, settings, r, configs.call_arguments(r, t, calls, first.seq))
         result = Comparison(
             reference=str(r.path),
             target=str(t.path),

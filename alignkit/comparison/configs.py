@@ -1,21 +1,26 @@
 """How the two runs differ in their settings, not in what they compute: a scheduler of another
 class, one whose config says otherwise (``timestep_spacing``, ``steps_offset``,
-``prediction_type``), one set to another number of steps, or a pipeline called with other
-arguments (a guidance scale, a prompt, a seed). Numbers show where the runs part ways; this
-says why, when the cause is a setting.
+``prediction_type``), one set to another number of steps, a pipeline called with other
+arguments (a guidance scale, a prompt, a seed), or a submodel called with other non-tensor
+arguments (a scheduler's ``step`` given no generator, an interpolation mode, a flag). Numbers
+show where the runs part ways; this says why, when the cause is a setting.
 
 Dumps hold each watched submodel's class and, for diffusers and transformers objects, its
 config (docs/format.md, ``/submodels``). Classes are compared only where both runs have a
 config (an ONNX session standing in for a torch UNet is the port, not news), and configs only
 where the classes are the same, key by key where both have the key. Keys that say nothing
 about the computation are left out: private ones (``_name_or_path``), the library version, and
-the dtype, which the dtype warnings already give.
+the dtype, which the dtype warnings already give. A call's non-tensor arguments are compared
+where both runs have them (an engine fed tensors only has none), for each submodel's first
+matched call and for the call where the runs part ways.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+import pandas as pd
 
 from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergence
 from alignkit.storage.reader import Dump
@@ -30,9 +35,10 @@ SHOWN_CHARS = 60  # of a long value (a prompt)
 PIPELINE = "pipeline"  # how a pipeline's call arguments are named among the differences
 
 
-def differences(ref: Dump, tgt: Dump) -> dict[str, str]:
-    """For each submodel described in both dumps that differs, what differs, as a phrase that
-    follows its name ("is EulerDiscreteScheduler in the reference, …")."""
+def differences(ref: Dump, tgt: Dump, calls: pd.DataFrame | None = None) -> dict[str, str]:
+    """For each submodel that differs in its description or (given the matched ``calls``) in
+    the arguments of its first call, what differs, as a phrase that follows its name ("is
+    EulerDiscreteScheduler in the reference, …")."""
     ref_info, tgt_info = ref.descriptions, tgt.descriptions
     out = {}
     for submodel, r in ref_info.items():
@@ -48,9 +54,32 @@ def differences(ref: Dump, tgt: Dump) -> dict[str, str]:
             phrases.append(f"takes {steps} steps in the reference and {tgt_steps} in the target, so its timesteps and sigmas differ")
         if phrases:
             out[submodel] = "; ".join(phrases)
+    if calls is not None:
+        for submodel, text in _first_calls_arguments(ref, tgt, calls).items():
+            phrase = f"is called with other arguments: {text}"
+            out[submodel] = f"{out[submodel]}; {phrase}" if submodel in out else phrase
     if text := _arguments_text(ref.pipeline_calls, tgt.pipeline_calls):
         out[PIPELINE] = text
     return out
+
+
+def call_arguments(ref: Dump, tgt: Dump, calls: pd.DataFrame, ref_seq: int) -> str:
+    """The non-tensor arguments that the reference call ``ref_seq`` and its match were given
+    otherwise ('' when none, or when it has no match)."""
+    row = calls[calls["ref_seq"] == ref_seq]
+    if row.empty or pd.isna(row["tgt_seq"].iloc[0]):
+        return ""
+    r, t = ref.call_at(ref_seq).values(), tgt.call_at(int(row["tgt_seq"].iloc[0])).values()
+    keys = [k for k in r if k in t and k not in IGNORED_ARGUMENTS and r[k] != t[k]]
+    return _listed([f"{k} {argument_text(r[k])} → {argument_text(t[k])}" for k in keys])
+
+
+def _first_calls_arguments(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[str, str]:
+    """For each submodel, the arguments its first matched call was given otherwise (one call
+    each: reading every call's arguments would cost a dump of 100k calls seconds)."""
+    matched = calls.dropna(subset=["ref_seq", "tgt_seq"]).drop_duplicates("submodel")
+    texts = {row.submodel: call_arguments(ref, tgt, matched, int(row.ref_seq)) for row in matched.itertuples()}
+    return {submodel: text for submodel, text in texts.items() if text}
 
 
 def _arguments_text(ref: list[dict[str, Any]], tgt: list[dict[str, Any]]) -> str:
@@ -103,19 +132,23 @@ def warnings(diffs: dict[str, str]) -> list[str]:
     return [f"{submodel} {text}" for submodel, text in diffs.items()]
 
 
-def explain(first: Divergence, diffs: dict[str, str], ref: Dump) -> None:
+def explain(first: Divergence, diffs: dict[str, str], ref: Dump, arguments: str = "") -> None:
     """Add to the first divergence the setting that likely explains it: for a local error, its
     own submodel's; for an input mismatch, the pipeline's arguments and a scheduler's (in a
     diffusers pipeline the pipeline and its scheduler compute the glue: the prompt's tokens,
-    the initial noise and its scale, ``scale_model_input``, the timesteps, the guidance)."""
+    the initial noise and its scale, ``scale_model_input``, the timesteps, the guidance); and
+    for either, the non-tensor ``arguments`` the diverging call itself was given otherwise."""
     if first.kind == LOCAL_ERROR:
         named = [first.submodel] if first.submodel in diffs else []
     elif first.kind == INPUT_MISMATCH:
-        named = [s for s in diffs if s == PIPELINE or is_scheduler(ref.descriptions[s]["class"])]
+        named = [s for s in diffs if s == PIPELINE or is_scheduler(ref.descriptions.get(s, {}).get("class", ""))]
     else:
         named = []
-    if named:
-        text = "; ".join(f"{s} {diffs[s]}" for s in named)
+    parts = [f"{s} {diffs[s]}" for s in named]
+    if arguments and not any(arguments in part for part in parts):
+        parts.append(f"{first.submodel} is called with other arguments here: {arguments}")
+    if parts:
+        text = "; ".join(parts)
         first.message += f"; {text}"
         first.evidence["config"] = text
 

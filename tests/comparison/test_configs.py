@@ -140,3 +140,52 @@ def test_each_pipeline_call_is_paired_with_the_other_runs_in_order(tmp_path):
         'call 1 is given other arguments: prompt "a blue jay" → "a blue jay in a long prompt that goes on well past what a …; '
         "is called 2 times in the reference and 3 in the target"
     )
+
+
+def _upsampled(path, modes):
+    """A hand-written loop whose ``upsample`` is given an interpolation mode per step."""
+    def upsample(x, mode):
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode=mode)
+
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    with ak.Recorder(path) as rec:
+        up = rec.watch(upsample, "upsample")
+        for mode in modes:
+            up(x, mode)
+            ak.step()
+    return path
+
+
+def test_a_call_given_another_mode_is_named_in_its_local_error(tmp_path):
+    ref = _upsampled(tmp_path / "ref.h5", ["nearest", "nearest"])
+    result = ak.compare(ref, _upsampled(tmp_path / "tgt.h5", ["bilinear", "bilinear"]))
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.kind) == ("upsample", 0, "local error")
+    assert fd.message.endswith('; upsample is called with other arguments: mode "nearest" → "bilinear"')
+    assert 'upsample is called with other arguments: mode "nearest" → "bilinear"' in result.warnings
+
+
+def test_arguments_that_change_after_the_first_call_are_named_where_they_do(tmp_path):
+    ref = _upsampled(tmp_path / "ref.h5", ["nearest", "nearest"])
+    result = ak.compare(ref, _upsampled(tmp_path / "tgt.h5", ["nearest", "bilinear"]))
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.kind) == ("upsample", 1, "local error")
+    assert fd.message.endswith('; upsample is called with other arguments here: mode "nearest" → "bilinear"')
+    assert not any(w.startswith("upsample") for w in result.warnings)
+    assert ak.compare(ref, _upsampled(tmp_path / "same.h5", ["nearest", "nearest"])).aligned
+
+
+def test_a_scheduler_step_given_no_generator_is_named_where_its_noise_differs(tmp_path):
+    """An ancestral sampler adds fresh noise at every step: a port that does not hand it the
+    pipeline's generator draws other noise, from the same latents and the same UNet."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = _call(pipe, tmp_path / "ref.h5", latents=latents)
+    torch.manual_seed(1)
+    result = ak.compare(ref, _call(pipe, tmp_path / "tgt.h5", latents=latents, generator=None))
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.kind) == ("scheduler", 0, "local error")
+    assert fd.message.endswith("; scheduler is called with other arguments: generator <Generator> → null")
