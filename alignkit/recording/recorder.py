@@ -3,6 +3,7 @@ to the background writer."""
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import inspect
@@ -80,13 +81,17 @@ class Recorder:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Recorder:
+        """Open the dump and start recording; a recorder never stopped is stopped when the
+        interpreter exits, so that the dump is complete and holds its last calls."""
         self._writer = DumpWriter(self.path, run_metadata(self.label, self._command), self._max_pending)
         _ACTIVE.append(self)
+        atexit.register(self.stop)
         return self
 
     def stop(self) -> None:
         """Remove every hook, then drain and close the dump (raises RecordingError on failure),
         with a warning for each thing the dump lacks that the user may expect."""
+        atexit.unregister(self.stop)
         self.remove_hooks()
         if self._writer is not None:
             for message in self._stop_warnings():

@@ -101,3 +101,27 @@ def test_memory_stays_bounded_by_the_pending_limit(tmp_path):
     assert peak < 32 << 20, f"peak {peak / 2**20:.0f} MiB"
     with ak.open_dump(tmp_path / "big.h5") as d:
         assert len(d) == 200
+
+
+FORGOTTEN = textwrap.dedent(
+    """
+    import sys, numpy as np, alignkit as ak
+    rec = ak.Recorder(sys.argv[1]).start()
+    f = rec.watch(lambda x: x + 1, "f")
+    for step in range(5):
+        f(np.full(3, step))
+        ak.step()
+    print("done")  # and never rec.stop()
+    """
+)
+
+
+def test_a_recorder_never_stopped_is_stopped_when_the_script_exits(tmp_path):
+    script, dump = tmp_path / "forgot.py", tmp_path / "forgot.h5"
+    script.write_text(FORGOTTEN)
+    done = subprocess.run([sys.executable, str(script), str(dump)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with ak.open_dump(dump) as d:
+        assert d.metadata["complete"]
+        assert len(d) == 5
+        np.testing.assert_array_equal(d["f", 4].inputs["x"], np.full(3, 4))
