@@ -156,23 +156,23 @@ def _upsampled(path, modes):
     return path
 
 
-def test_a_call_given_another_mode_is_named_in_its_local_error(tmp_path):
+@pytest.mark.parametrize(("modes", "step", "said"), [
+    (["bilinear", "bilinear"], 0, 'upsample is called with other arguments: mode "nearest" → "bilinear"'),  # a warning too
+    (["nearest", "bilinear"], 1, 'upsample is called with other arguments here: mode "nearest" → "bilinear"'),  # where it changes
+], ids=["from-the-first-call", "later"])
+def test_a_call_given_another_mode_is_named_in_its_local_error(tmp_path, modes, step, said):
     ref = _upsampled(tmp_path / "ref.h5", ["nearest", "nearest"])
-    result = ak.compare(ref, _upsampled(tmp_path / "tgt.h5", ["bilinear", "bilinear"]))
+    result = ak.compare(ref, _upsampled(tmp_path / "tgt.h5", modes))
     fd = result.first_divergence
-    assert (fd.submodel, fd.step, fd.kind) == ("upsample", 0, "local error")
-    assert fd.message.endswith('; upsample is called with other arguments: mode "nearest" → "bilinear"')
-    assert 'upsample is called with other arguments: mode "nearest" → "bilinear"' in result.warnings
+    assert (fd.submodel, fd.step, fd.kind) == ("upsample", step, "local error")
+    assert fd.message.endswith(f"; {said}")
+    assert [w for w in result.warnings if w.startswith("upsample")] == ([said] if step == 0 else [])
 
 
-def test_arguments_that_change_after_the_first_call_are_named_where_they_do(tmp_path):
+def test_the_same_call_arguments_say_nothing(tmp_path):
     ref = _upsampled(tmp_path / "ref.h5", ["nearest", "nearest"])
-    result = ak.compare(ref, _upsampled(tmp_path / "tgt.h5", ["nearest", "bilinear"]))
-    fd = result.first_divergence
-    assert (fd.submodel, fd.step, fd.kind) == ("upsample", 1, "local error")
-    assert fd.message.endswith('; upsample is called with other arguments here: mode "nearest" → "bilinear"')
-    assert not any(w.startswith("upsample") for w in result.warnings)
-    assert ak.compare(ref, _upsampled(tmp_path / "same.h5", ["nearest", "nearest"])).aligned
+    result = ak.compare(ref, _upsampled(tmp_path / "same.h5", ["nearest", "nearest"]))
+    assert result.aligned and not result.warnings
 
 
 def test_a_scheduler_step_given_no_generator_is_named_where_its_noise_differs(tmp_path):
