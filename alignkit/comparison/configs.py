@@ -76,7 +76,7 @@ def call_arguments(ref: Dump, tgt: Dump, calls: pd.DataFrame, ref_seq: int) -> s
 
 def _first_calls_arguments(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[str, str]:
     """For each submodel, the arguments its first matched call was given otherwise (one call
-    each: reading every call's arguments would cost a dump of 100k calls seconds)."""
+    each: reading every call's would take seconds on a dump of 100k calls)."""
     matched = calls.dropna(subset=["ref_seq", "tgt_seq"]).drop_duplicates("submodel")
     texts = {row.submodel: call_arguments(ref, tgt, matched, int(row.ref_seq)) for row in matched.itertuples()}
     return {submodel: text for submodel, text in texts.items() if text}
@@ -136,8 +136,8 @@ def explain(first: Divergence, diffs: dict[str, str], ref: Dump, arguments: str 
     """Add to the first divergence the setting that likely explains it: for a local error, its
     own submodel's; for an input mismatch, the pipeline's arguments and a scheduler's (in a
     diffusers pipeline the pipeline and its scheduler compute the glue: the prompt's tokens,
-    the initial noise and its scale, ``scale_model_input``, the timesteps, the guidance); and
-    for either, the non-tensor ``arguments`` the diverging call itself was given otherwise."""
+    the initial noise and its scale, ``scale_model_input``, the timesteps, the guidance); and,
+    whatever its kind, the non-tensor ``arguments`` the diverging call itself was given otherwise."""
     if first.kind == LOCAL_ERROR:
         named = [first.submodel] if first.submodel in diffs else []
     elif first.kind == INPUT_MISMATCH:
