@@ -69,9 +69,7 @@ def call_arguments(ref: Dump, tgt: Dump, calls: pd.DataFrame, ref_seq: int) -> s
     row = calls[calls["ref_seq"] == ref_seq]
     if row.empty or pd.isna(row["tgt_seq"].iloc[0]):
         return ""
-    r, t = ref.call_at(ref_seq).values(), tgt.call_at(int(row["tgt_seq"].iloc[0])).values()
-    keys = [k for k in r if k in t and k not in IGNORED_ARGUMENTS and r[k] != t[k]]
-    return _listed([f"{k} {argument_text(r[k])} → {argument_text(t[k])}" for k in keys])
+    return _changed(ref.call_at(ref_seq).values(), tgt.call_at(int(row["tgt_seq"].iloc[0])).values())
 
 
 def _first_calls_arguments(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[str, str]:
@@ -87,10 +85,8 @@ def _arguments_text(ref: list[dict[str, Any]], tgt: list[dict[str, Any]]) -> str
     name (both runs' defaults filled in, so a value left to its default counts as given)."""
     texts, pairs = {}, min(len(ref), len(tgt))
     for n, (r, t) in enumerate(zip(ref, tgt)):
-        r_args, t_args = r["arguments"], t["arguments"]
-        keys = [k for k in r_args if k in t_args and k not in IGNORED_ARGUMENTS and r_args[k] != t_args[k]]
-        if keys:
-            texts[n] = _listed([f"{k} {argument_text(r_args[k])} → {argument_text(t_args[k])}" for k in keys])
+        if text := _changed(r["arguments"], t["arguments"]):
+            texts[n] = text
     phrases = []
     if len(texts) == pairs and len(set(texts.values())) == 1:  # every call alike
         phrases.append(f"is called with other arguments: {next(iter(texts.values()))}")
@@ -99,6 +95,13 @@ def _arguments_text(ref: list[dict[str, Any]], tgt: list[dict[str, Any]]) -> str
     if len(ref) != len(tgt) and ref and tgt:
         phrases.append(f"is called {len(ref)} times in the reference and {len(tgt)} in the target")
     return "; ".join(phrases)
+
+
+def _changed(ref: dict[str, Any], tgt: dict[str, Any]) -> str:
+    """The arguments both runs were given, with other values (``guidance_scale 7.5 → 5.0``),
+    leaving out how a result is handed back."""
+    keys = [k for k in ref if k in tgt and k not in IGNORED_ARGUMENTS and ref[k] != tgt[k]]
+    return _listed([f"{k} {argument_text(ref[k])} → {argument_text(tgt[k])}" for k in keys])
 
 
 def argument_text(value: Any) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
-import inspect
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wra
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.tensors import Tensor
 from alignkit.recording.targets import (
-    ObjectNames, description, is_diffusers_scheduler, is_ort_session, is_pipeline, is_torch_module, ort_session_name, uncompiled,
+    ObjectNames, description, is_diffusers_scheduler, is_function, is_ort_session, is_pipeline, is_torch_module, ort_session_name, uncompiled,
 )
 from alignkit.storage.writer import CallRecord, DumpWriter
 
@@ -188,7 +187,7 @@ class Recorder:
             layers = self._onnx_layers(obj) if self._records_layers(submodel) else None
             self._watch_session(obj, submodel, layers)
             return obj
-        if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
+        if is_function(obj):
             submodel = self._unique(name or obj.__name__)
             self._describe(submodel, obj)
             return wrap_function(self, obj, submodel)

@@ -49,7 +49,7 @@ def description(obj: Any) -> dict[str, str]:
     own qualified name) and, for a diffusers or transformers object, its config as JSON text,
     so that a scheduler of another class or with another ``timestep_spacing`` can be named."""
     obj = uncompiled(obj)
-    named = obj if _is_function(obj) else type(obj)
+    named = obj if is_function(obj) else type(obj)
     out = {"class": f"{getattr(named, '__module__', None) or 'builtins'}.{named.__qualname__}"}
     config = _config(obj)
     if config is not None:
@@ -57,7 +57,9 @@ def description(obj: Any) -> dict[str, str]:
     return out
 
 
-def _is_function(obj: Any) -> bool:
+def is_function(obj: Any) -> bool:
+    """A plain function or method, which is watched by wrapping it (it has no class of its own
+    to hook) and is named by its own qualified name."""
     return inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj)
 
 

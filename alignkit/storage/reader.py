@@ -107,9 +107,10 @@ class Call:
         return self._all("layers")
 
     def values(self, io: str = "inputs") -> dict[str, Any]:
-        """Non-tensor arguments (numbers, strings, flags), decoded from JSON."""
+        """Non-tensor arguments (numbers, strings, flags), decoded from JSON; an attribute that
+        is not JSON (another writer's) as its text."""
         group = self._group.get(io)
-        return {} if group is None else {k: json.loads(v) for k, v in group.attrs.items()}
+        return {} if group is None else {k: _decoded(v) for k, v in group.attrs.items()}
 
 
 class Dump:
@@ -385,6 +386,14 @@ def _parse_key(key: Any) -> tuple[str, int, int, bool]:
 def _text(value: Any) -> str:
     """A string attribute as text (h5py gives fixed-length strings, as other writers make them, as bytes)."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decoded(value: Any) -> Any:
+    """A JSON attribute's value; its text where it is not JSON."""
+    try:
+        return json.loads(_text(value))
+    except ValueError:
+        return _text(value)
 
 
 def _json(attrs: h5py.AttributeManager, key: str) -> Any:

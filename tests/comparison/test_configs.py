@@ -189,3 +189,13 @@ def test_a_scheduler_step_given_no_generator_is_named_where_its_noise_differs(tm
     fd = result.first_divergence
     assert (fd.submodel, fd.step, fd.kind) == ("scheduler", 0, "local error")
     assert fd.message.endswith("; scheduler is called with other arguments: generator <Generator> → null")
+
+
+def test_an_argument_another_writer_left_as_bare_text_is_compared_as_that_text(tmp_path):
+    ref = _upsampled(tmp_path / "ref.h5", ["nearest", "nearest"])
+    tgt = _upsampled(tmp_path / "tgt.h5", ["bilinear", "bilinear"])
+    with h5py.File(tgt, "r+") as f:
+        f["calls/00000000/inputs"].attrs["mode"] = "bilinear"  # not JSON text
+    with ak.open_dump(tgt) as d:
+        assert d["upsample", 0].values() == {"mode": "bilinear"}
+    assert ak.compare(ref, tgt).first_divergence.message.endswith('; upsample is called with other arguments: mode "nearest" → "bilinear"')
