@@ -10,7 +10,7 @@
 2. The writer's throughput on large tensors vs plain h5py writing the same arrays
    (target: at least 90% of it), from a watched call to the file on disk.
 
-    python benchmarks/record_overhead.py [--pairs 15] [--tensor-mb 64] [--tensors 8]
+    python benchmarks/record_overhead.py [--pairs 41] [--tensor-mb 64] [--tensors 8]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def writer_throughput(arrays: list[np.ndarray], folder: Path, repeats: int) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=15, help="interleaved watched/unwatched pairs per pipeline")
+    parser.add_argument("--pairs", type=int, default=41, help="interleaved watched/unwatched pairs per pipeline")
     parser.add_argument("--demo-sizes", type=int, nargs="*", default=[32, 128], help="image sizes for the demo pipeline")
     parser.add_argument("--tensor-mb", type=int, default=64)
     parser.add_argument("--tensors", type=int, default=8)
