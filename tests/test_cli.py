@@ -96,6 +96,7 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         (["compare", ref, tgt, "--bogus"], "No such option"),
         (["compare", ref, tgt, "--map", "nothing=sample", "--no-html"], "matches no submodel or tensor"),
         (["compare", ref, tgt, "--map", "oops", "--no-html"], "not of the form target=reference"),
+        (["compare", ref, tgt, "--map", "names.json", "--no-html"], "'names.json' is not of the form target=reference; a file of names is given with --map-file"),
         (["record", "-o", tmp_path / "x.h5"], "record needs a script"),
         (["record", "-o", tmp_path / "x.h5", "--", "missing_script.py"], "no such script"),
         (["record", "-o", tmp_path / "x.h5", "--hook", "no_such_module:Engine.__call__", "--", __file__], "cannot import"),

@@ -45,7 +45,7 @@ class NameMap:
             for item in mapping:
                 tgt, sep, ref = str(item).partition("=")
                 if not sep or not tgt or not ref:
-                    raise UsageError(f"name map entry {item!r} is not of the form target=reference")
+                    raise UsageError(f"name map entry {item!r} is not of the form target=reference{_file_hint(str(item))}")
                 entries[tgt] = ref
         return cls(entries)
 
@@ -64,6 +64,13 @@ class NameMap:
 
     def unused(self) -> list[str]:
         return [k for k in self.entries if k not in self.used]
+
+
+def _file_hint(item: str) -> str:
+    """Where a name-map file given as an entry belongs (``--map names.json``)."""
+    if "=" in item or not (Path(item).suffix.lower() in (".json", ".txt", ".map") or Path(item).is_file()):
+        return ""
+    return "; a file of names is given with --map-file (map_file= in Python)"
 
 
 def _flatten_map(mapping: Mapping) -> dict[str, str]:
