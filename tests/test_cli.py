@@ -187,6 +187,7 @@ def test_record_script_with_hook_and_onnxruntime_keeps_the_exit_code(tmp_path, t
         assert len(d.calls[d.calls["submodel"] == "unet"]) == 3
         assert len(d.calls[d.calls["submodel"] == "unet#2"]) == 3
         assert d.metadata["step_source"] == "hook" and d.steps("unet") == [0, 1, 2]
+        assert "error" not in d.metadata  # an exit with a code is how a script ends, not a crash
         assert list(next(iter(d)).inputs) == ["input.1", "timesteps.1"]
 
 
@@ -307,6 +308,7 @@ def test_a_script_that_raises_keeps_its_exception_and_the_dump(tmp_path, tiny_on
 
     with ak.open_dump(dump) as d:
         assert d.submodels == ["unet"] and len(d) == 1
+        assert d.metadata["error"] == ("KeyError: 'user bug'" if code == 1 else "KeyboardInterrupt")
 
 
 def test_shapes_that_vary_give_dynamic_axes(capsys, tmp_path):

@@ -9,7 +9,7 @@ from alignkit.comparison.result import Comparison
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison import configs, glue
 from alignkit.comparison.layers import drill_down
-from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls
+from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls, run_notes
 from alignkit.comparison.table import Thresholds, build_table, carried_precision, inputs_agree, one_side_notes, raised_calls
 from alignkit.errors import UsageError
 from alignkit.storage.reader import Dump, open_dump
@@ -53,6 +53,7 @@ def compare(
                 raise UsageError(f"submodels {', '.join(map(repr, unknown))}: not in both dumps (in both: {', '.join(shared) or 'none'})")
             calls = calls[calls["submodel"].isin(keep)].reset_index(drop=True)
             notes = [n for n in notes if n.split(":", 1)[0] in keep]
+        notes = run_notes(r, t) + notes
         total = len(calls)
         table = build_table(r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None, carried)
         unused = names.unused()

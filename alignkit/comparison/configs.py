@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from alignkit.comparison.diagnosis import INPUT_MISMATCH, LOCAL_ERROR, Divergence
+from alignkit.comparison.matching import cut_short
 from alignkit.storage.reader import Dump
 from alignkit.storage.schema import stands_in
 
@@ -50,7 +51,7 @@ def differences(ref: Dump, tgt: Dump, calls: pd.DataFrame | None = None) -> dict
             phrases.append(f"is {_short(r['class'])} in the reference, {_short(t['class'])} in the target")
         elif text := _config_text(r["config"], t["config"]):
             phrases.append(f"is configured otherwise: {text}")
-        if is_scheduler(r["class"]) and (steps := _steps(ref, submodel)) != (tgt_steps := _steps(tgt, submodel)):
+        if is_scheduler(r["class"]) and not cut_short(ref) and not cut_short(tgt) and (steps := _steps(ref, submodel)) != (tgt_steps := _steps(tgt, submodel)):
             phrases.append(f"takes {steps} steps in the reference and {tgt_steps} in the target, so its timesteps and sigmas differ")
         if phrases:
             out[submodel] = "; ".join(phrases)
@@ -125,8 +126,11 @@ def _listed(parts: list[str]) -> str:
 
 
 def _steps(dump: Dump, submodel: str) -> int:
-    """How many steps a scheduler took: one past the step of its last call (a run recorded
-    with a steps filter still counts the steps it left out)."""
+    """How many steps a scheduler took: its calls, counted also where a steps filter left
+    them out (``calls_run``); in a dump without that count, one past the step of its last call."""
+    counted = dump.metadata.get("calls_run")
+    if isinstance(counted, dict) and isinstance(counted.get(submodel), int):
+        return counted[submodel]
     steps = dump.calls.loc[dump.calls["submodel"] == submodel, "step"]
     return int(steps.max()) + 1 if len(steps) else 0
 

@@ -175,6 +175,42 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
     return joined, notes + _one_side_notes(joined, r, t)
 
 
+def run_notes(ref: Dump, tgt: Dump) -> list[str]:
+    """What made either run record less than it ran (:func:`shortfalls`)."""
+    return shortfalls(ref, "the reference") + shortfalls(tgt, "the target")
+
+
+def shortfalls(dump: Dump, who: str = "the run") -> list[str]:
+    """What made a run record less than it ran: an exception or a kill that ended it early, a
+    recording stopped (disk full), filters that left calls out."""
+    meta, notes = dump.metadata, []
+    if meta.get("error"):
+        notes.append(f"{who} ended early, with {meta['error']}")
+    elif not meta.get("complete", True):
+        notes.append(f"{who} was killed before its recording ended: the dump holds its calls up to its last completed steps")
+    if meta.get("stopped"):
+        notes.append(f"recording of {who} stopped early: {meta['stopped']}")
+    if isinstance(filters := meta.get("filters"), dict) and filters:
+        given = ", ".join(f"{key} {_filter_text(value)}" for key, value in filters.items())
+        notes.append(f"{who} was recorded with filters ({given})")
+    return notes
+
+
+def cut_short(dump: Dump) -> bool:
+    """Whether the run ended early (an exception, a kill)."""
+    return bool(dump.metadata.get("error")) or not dump.metadata.get("complete", True)
+
+
+def _filter_text(value: object) -> str:
+    """A recording filter as it was given: a pattern quoted, steps as ranges (``0–3, 8``)."""
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        runs = [list(g) for _, g in itertools.groupby(sorted(value), key=lambda v, c=itertools.count(): v - next(c))]
+        return ", ".join(_span(run) for run in runs)
+    if isinstance(value, list):
+        return ", ".join(map(repr, value))
+    return repr(value)
+
+
 EXPORT_ALIASES = {"vae_decoder": "vae.decode", "vae_encoder": "vae.encode"}
 """diffusers' and optimum's ONNX layout (``vae_decoder/model.onnx``) against what a torch
 pipeline records (the VAE's ``decode`` and ``encode``)."""

@@ -45,15 +45,15 @@ def record_command(
     except BaseException:  # a dump that cannot be written: nothing runs, nothing stays patched
         auto.remove()
         raise
-    code = 1
+    code, error = 1, None
     try:
-        code = script.run(kind, target, argv)
+        code, error = script.run(kind, target, argv)
     finally:
         auto.remove()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                recorder.stop()
+                recorder.stop(error)
             except RecordingError as exc:
                 console.print(f"alignkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
                 code = code or 2

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -84,13 +85,19 @@ class Recorder:
         interpreter exits, so that the dump is complete and holds its last calls."""
         self._writer = DumpWriter(self.path, run_metadata(self.label, self._command), self._max_pending)
         _ACTIVE.append(self)
-        atexit.register(self.stop)
+        atexit.register(self._stop_at_exit)
         return self
 
-    def stop(self) -> None:
+    def _stop_at_exit(self) -> None:
+        """Stop a recorder left running, with the exception that ended the script, if one did."""
+        self.stop(getattr(sys, "last_value", None))
+
+    def stop(self, error: BaseException | None = None) -> None:
         """Remove every hook, then drain and close the dump (raises RecordingError on failure),
-        with a warning for each thing the dump lacks that the user may expect."""
-        atexit.unregister(self.stop)
+        with a warning for each thing the dump lacks that the user may expect. ``error`` is the
+        exception that ended the run, if one did: the dump keeps it, so that a run cut short is
+        not read as one set to fewer steps."""
+        atexit.unregister(self._stop_at_exit)
         self.remove_hooks()
         if self._writer is not None:
             for message in self._stop_warnings():
@@ -100,7 +107,7 @@ class Recorder:
         if self._writer is not None:
             writer, self._writer = self._writer, None
             try:
-                writer.close(closing_metadata())
+                writer.close({**closing_metadata(), **self._closing_facts(error)})
             finally:
                 self._written = writer.calls_written
 
@@ -112,9 +119,24 @@ class Recorder:
             self.stop()
             return
         try:
-            self.stop()
+            self.stop(exc)
         except Exception as close_error:  # never mask the user's own exception
             warnings.warn(str(close_error), RuntimeWarning, stacklevel=2)
+
+    def _closing_facts(self, error: BaseException | None) -> dict[str, str]:
+        """What only the end of the run knows (docs/format.md): how many calls each recorded
+        submodel made, the filters that left some out, and the exception that ended the run."""
+        filters = {
+            "include": self._include and self._include.pattern, "exclude": self._exclude and self._exclude.pattern,
+            "tensors": self._tensors and self._tensors.pattern, "steps": sorted(self._steps) if self._steps is not None else None,
+            "layers": self._layers or None, "layer_filter": self._layer_filter and self._layer_filter.pattern,
+        }
+        facts = {"calls_run": json.dumps(dict(self._ordinals))}
+        if given := {key: value for key, value in filters.items() if value is not None}:
+            facts["filters"] = json.dumps(given)
+        if error is not None and not isinstance(error, SystemExit):
+            facts["error"] = ended_by(error)
+        return facts
 
     def _stop_warnings(self) -> list[str]:
         """What the dump lacks that the user may expect: filters that matched nothing (a typo
@@ -367,6 +389,12 @@ class Recorder:
         writer = self._writer
         keep = self._tensors.search if self._tensors is not None and not layers else None
         return split(named, stage=writer.stage if writer is not None else None, keep=keep)
+
+
+def ended_by(error: BaseException) -> str:
+    """An exception as a run's end is told: ``RuntimeError: CUDA out of memory``."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _regex(option: str, pattern: str | None) -> re.Pattern | None:

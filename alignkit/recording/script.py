@@ -35,8 +35,9 @@ def split_command(command: list[str]) -> tuple[str, str, list[str]]:
     return "script", str(script), args
 
 
-def run(kind: str, target: str, argv: list[str]) -> int:
-    """Run it as ``__main__``; returns its exit code (its own traceback printed as Python would)."""
+def run(kind: str, target: str, argv: list[str]) -> tuple[int, BaseException | None]:
+    """Run it as ``__main__``; returns its exit code (its own traceback printed as Python would)
+    and the exception that ended it, if one did."""
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = argv if kind == "module" else [target, *argv[1:]]
     sys.path.insert(0, os.path.dirname(os.path.abspath(target)) if kind == "script" else os.getcwd())
@@ -45,21 +46,21 @@ def run(kind: str, target: str, argv: list[str]) -> int:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             runpy.run_path(target, run_name="__main__")
-        return 0
+        return 0, None
     except SystemExit as exc:
         code = exc.code
         if code is None:
-            return 0
+            return 0, None
         if isinstance(code, int):
-            return code
+            return code, None
         print(code, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C: the traceback Python prints, and the shell's 128 + SIGINT
+        return 1, None
+    except KeyboardInterrupt as exc:  # Ctrl-C: the traceback Python prints, and the shell's 128 + SIGINT
         _print_user_traceback()
-        return 130
-    except BaseException:
+        return 130, exc
+    except BaseException as exc:
         _print_user_traceback()
-        return 1
+        return 1, exc
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignkit.comparison.configs import given_arguments
+from alignkit.comparison.matching import shortfalls
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, as_reals, iter_blocks
 from alignkit.comparison.table import shape_text
 from alignkit.storage.reader import Dump
@@ -66,6 +67,8 @@ def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
 def print_inspection(dump: Dump, console: Console) -> None:
     meta = dump.metadata
     console.print(f"[bold]{dump.path}[/] label={meta.get('label')!r} created={meta.get('created')} complete={meta.get('complete')}", highlight=False)
+    for note in shortfalls(dump):
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     for n, call in enumerate(dump.pipeline_calls):
         pipeline = call["class"].rsplit(".", 1)[-1]
         console.print(f"pipeline call {n} ({pipeline}, from seq {call['seq']}): {given_arguments(call['arguments'])}", markup=False, highlight=False, soft_wrap=True)

@@ -137,8 +137,8 @@ class Dump:
         out = {}
         for key, value in self._file.attrs.items():
             value = value.item() if isinstance(value, np.generic) else value
-            if key == "versions" and isinstance(value, str):
-                value = json.loads(value)
+            if key in JSON_ATTRS and isinstance(value, str):
+                value = _decoded(value)
             out[key] = value
         return out
 
@@ -367,6 +367,7 @@ def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
     return out
 
 
+JSON_ATTRS = frozenset({"versions", "calls_run", "filters"})  # root attributes that hold JSON (docs/format.md)
 _KEY = re.compile(r"^(?P<sub>.+?)(?:(?P<at>@step)(?P<step>\d+)(?::(?P<call>\d+))?|:(?P<ord>\d+))$")
 
 

@@ -61,6 +61,31 @@ def test_a_run_of_fewer_steps_is_named_where_its_scheduler_parts_ways(runs):
     assert f"vae.decode: the reference has step {STEPS}, the target step {STEPS - 1}; no step is in both; not compared" in result.notes
 
 
+def test_a_run_recorded_at_fewer_steps_is_no_run_of_fewer_steps(runs, tmp_path):
+    pipe = tiny_pipeline()
+    with ak.record(tmp_path / "first.h5", pipe, steps=[0]):
+        generate(pipe, STEPS, size=32)
+    result = ak.compare(runs["ref"], tmp_path / "first.h5")
+    assert result.aligned and not any("takes" in w for w in result.warnings)
+    assert result.notes[0] == "the target was recorded with filters (steps 0)"
+
+
+def test_a_run_cut_short_by_an_error_is_no_run_of_fewer_steps(runs, tmp_path):
+    def out_of_memory(pipe, i, t, kwargs):
+        if i == 1:
+            raise RuntimeError("CUDA out of memory")
+        return kwargs
+
+    pipe = tiny_pipeline()
+    with pytest.raises(RuntimeError), ak.record(tmp_path / "cut.h5", pipe):
+        pipe("a red fox in the snow", num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+             output_type="np", height=32, width=32, callback_on_step_end=out_of_memory)
+    result = ak.compare(runs["ref"], tmp_path / "cut.h5")
+    assert result.aligned and not any("takes" in w for w in result.warnings)
+    assert result.notes[0] == "the target ended early, with RuntimeError: CUDA out of memory"
+    assert "scheduler: the reference has steps 0–2, the target steps 0–1; compared the 2 shared steps" in result.notes
+
+
 def test_the_same_settings_say_nothing(runs):
     result = ak.compare(runs["ref"], runs["ref"])
     assert result.aligned and not any("configured otherwise" in w or "in the reference," in w for w in result.warnings)

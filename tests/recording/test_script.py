@@ -25,8 +25,8 @@ def test_a_scripts_traceback_starts_at_the_script_wherever_it_lives(tmp_path, ca
     folder.mkdir()
     path = folder / "crash.py"
     path.write_text("def inner():\n    raise KeyError('user bug')\n\ninner()\n")
-    code = script.run("script", str(path), [str(path)])
+    code, error = script.run("script", str(path), [str(path)])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 1 and isinstance(error, KeyError)
     assert err.startswith("Traceback") and 'crash.py", line 4, in <module>' in err and "in inner" in err
     assert "runpy" not in err and "recording" not in err

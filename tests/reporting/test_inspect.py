@@ -1,7 +1,11 @@
+import io
+
 import numpy as np
+import pytest
+from rich.console import Console
 
 import alignkit as ak
-from alignkit.reporting.inspect import shape_lines, tensor_summary
+from alignkit.reporting.inspect import print_inspection, shape_lines, tensor_summary
 
 
 def test_a_growing_cache_lists_inputs_first_and_its_shapes_as_first_and_last(tmp_path):
@@ -18,3 +22,17 @@ def test_a_growing_cache_lists_inputs_first_and_its_shapes_as_first_and_last(tmp
     assert shapes["past"] == "[1,2,4,8] … [1,2,9,8] (6 shapes)"
     assert shapes["ids"] == "[1,4],[1,1]"
     assert "  past varies: 1x2x4x8 | … (4 more) | 1x2x9x8" in lines
+
+
+def test_inspect_says_how_a_run_ended_early_and_what_it_left_out(tmp_path):
+    with pytest.raises(KeyboardInterrupt), ak.Recorder(tmp_path / "cut.h5", steps=range(2)) as rec:
+        unet = rec.watch(lambda sample: sample, "unet")
+        for _ in range(3):
+            unet(np.zeros(2))
+            ak.step()
+        raise KeyboardInterrupt
+    out = io.StringIO()
+    with ak.open_dump(tmp_path / "cut.h5") as dump:
+        print_inspection(dump, Console(file=out, width=200))
+    lines = out.getvalue().splitlines()
+    assert lines[1:3] == ["note: the run ended early, with KeyboardInterrupt", "note: the run was recorded with filters (steps 0–1)"]

@@ -116,12 +116,13 @@ FORGOTTEN = textwrap.dedent(
 )
 
 
-def test_a_recorder_never_stopped_is_stopped_when_the_script_exits(tmp_path):
+@pytest.mark.parametrize("ending, error", [("", None), ("raise ValueError('bad shape')", "ValueError: bad shape")])
+def test_a_recorder_never_stopped_is_stopped_when_the_script_exits(tmp_path, ending, error):
     script, dump = tmp_path / "forgot.py", tmp_path / "forgot.h5"
-    script.write_text(FORGOTTEN)
+    script.write_text(FORGOTTEN + ending)
     done = subprocess.run([sys.executable, str(script), str(dump)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == (1 if error else 0), done.stderr
     with ak.open_dump(dump) as d:
-        assert d.metadata["complete"]
+        assert d.metadata["complete"] and d.metadata.get("error") == error
         assert len(d) == 5
         np.testing.assert_array_equal(d["f", 4].inputs["x"], np.full(3, 4))

@@ -30,6 +30,8 @@ def test_plain_h5py_reads_the_documented_layout(dump_path):
         assert f.attrs["label"] == "ref" and f.attrs["complete"]
         assert f.attrs["step_source"] == "explicit"
         assert "torch" in json.loads(f.attrs["versions"])
+        assert json.loads(f.attrs["calls_run"]) == {"my/model": 3}
+        assert "filters" not in f.attrs and "error" not in f.attrs
         index = f["index"][()]
         assert [s.decode() if isinstance(s, bytes) else s for s in index["submodel"]] == ["my/model"] * 3
         assert list(index["step"]) == [0, 1, 2]
@@ -51,6 +53,20 @@ def test_plain_h5py_reads_the_documented_layout(dump_path):
         assert text(tensors["name"][:3]) == ["sample", "timestep", "out/put"]
         assert text(tensors["dtype"][:3]) == ["bfloat16", "int64", "bfloat16"]
         assert [list(s) for s in tensors["shape"][:3]] == [[2, 2], [], [2, 2]]
+
+
+def test_a_run_ended_by_an_exception_keeps_it_and_counts_the_calls_its_filters_left_out(tmp_path):
+    path = tmp_path / "run.h5"
+    with pytest.raises(MemoryError), ak.Recorder(path, steps=[0, 1, 3], include="model") as rec:
+        fn = rec.watch(lambda x: x + 1, "model")
+        for step in range(5):
+            fn(np.zeros(2))
+            ak.step()
+        raise MemoryError("out of device memory\nwhile allocating 2 GiB")
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"] and f.attrs["error"] == "MemoryError: out of device memory"
+        assert json.loads(f.attrs["calls_run"]) == {"model": 5} and f.attrs["num_calls"] == 3
+        assert json.loads(f.attrs["filters"]) == {"include": "model", "steps": [0, 1, 3]}
 
 
 def test_each_submodel_is_described_by_its_class_and_its_diffusers_config(tmp_path):
