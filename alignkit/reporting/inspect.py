@@ -78,10 +78,12 @@ def print_inspection(dump: Dump, console: Console) -> None:
         return
     overview = Table("submodel", "calls", "steps", "calls/step", "class", box=None, header_style="bold")
     described = dump.descriptions
+    run = meta.get("calls_run") if isinstance(meta.get("calls_run"), dict) else {}
     for sub in dump.submodels:
         rows = calls[calls["submodel"] == sub]
         steps = sorted(set(rows["step"]))
-        overview.add_row(sub, str(len(rows)), f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0]), str(int(rows.groupby("step").size().max())),
+        recorded = str(len(rows)) if run.get(sub, len(rows)) == len(rows) else f"{len(rows)} of {run[sub]}"
+        overview.add_row(sub, recorded, f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0]), str(int(rows.groupby("step").size().max())),
                          described.get(sub, {}).get("class", "").rsplit(".", 1)[-1])
     console.print(overview)
     table = Table(box=None, header_style="bold")
