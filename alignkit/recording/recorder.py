@@ -85,12 +85,14 @@ class Recorder:
         interpreter exits, so that the dump is complete and holds its last calls."""
         self._writer = DumpWriter(self.path, run_metadata(self.label, self._command), self._max_pending)
         _ACTIVE.append(self)
+        self._error_before = getattr(sys, "last_value", None)  # an interactive session's earlier error is not the run's
         atexit.register(self._stop_at_exit)
         return self
 
     def _stop_at_exit(self) -> None:
         """Stop a recorder left running, with the exception that ended the script, if one did."""
-        self.stop(getattr(sys, "last_value", None))
+        error = getattr(sys, "last_value", None)
+        self.stop(error if error is not self._error_before else None)
 
     def stop(self, error: BaseException | None = None) -> None:
         """Remove every hook, then drain and close the dump (raises RecordingError on failure),
@@ -135,7 +137,7 @@ class Recorder:
         if given := {key: value for key, value in filters.items() if value is not None}:
             facts["filters"] = json.dumps(given)
         if error is not None and not isinstance(error, SystemExit):
-            facts["error"] = ended_by(error)
+            facts["error"] = _ended_by(error)
         return facts
 
     def _stop_warnings(self) -> list[str]:
@@ -391,7 +393,7 @@ class Recorder:
         return split(named, stage=writer.stage if writer is not None else None, keep=keep)
 
 
-def ended_by(error: BaseException) -> str:
+def _ended_by(error: BaseException) -> str:
     """An exception as a run's end is told: ``RuntimeError: CUDA out of memory``."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
