@@ -99,27 +99,32 @@ def pipeline_overhead(name: str, pipe: Any, size: int, pairs: int, folder: Path)
 
 
 def writer_throughput(arrays: list[np.ndarray], folder: Path, repeats: int) -> tuple[float, float]:
-    """Bytes per second, median of interleaved runs after one warm-up of each (the page cache
-    is then in its steady state)."""
+    """Bytes per second, median of interleaved runs after one warm-up of each. The order flips
+    every run, and each file is deleted as soon as it is timed: the kernel's writing back of
+    one file's pages would otherwise slow whichever write comes after it."""
     import alignkit as ak
 
-    total = sum(a.nbytes for a in arrays)
-    plain, ours = [], []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        with h5py.File(folder / f"plain{i}.h5", "w") as f:
+    def plain(path: Path) -> None:
+        with h5py.File(path, "w") as f:
             for j, a in enumerate(arrays):
                 f.create_dataset(f"t{j}", data=a)
-        plain.append(total / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        with ak.Recorder(folder / f"alignkit{i}.h5") as rec:
+
+    def ours(path: Path) -> None:
+        with ak.Recorder(path) as rec:
             fn = rec.watch(lambda x: None, "writer")
             for a in arrays:
                 fn(a)
-        ours.append(total / (time.perf_counter() - t0))
-        for path in folder.glob("*.h5"):
+
+    total = sum(a.nbytes for a in arrays)
+    rates: dict[Callable[[Path], None], list[float]] = {plain: [], ours: []}
+    for i in range(repeats + 1):
+        for write in (plain, ours) if i % 2 == 0 else (ours, plain):
+            path = folder / f"{write.__name__}{i}.h5"
+            t0 = time.perf_counter()
+            write(path)
+            rates[write].append(total / (time.perf_counter() - t0))
             path.unlink()
-    return statistics.median(plain[1:]), statistics.median(ours[1:])
+    return statistics.median(rates[plain][1:]), statistics.median(rates[ours][1:])
 
 
 def main() -> None:
