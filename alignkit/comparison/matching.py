@@ -263,10 +263,10 @@ def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> l
         ts = sorted(set(t.loc[t["submodel"] == sub, "step"]))
         if not ts:
             only_ref.append((sub, rs))
-            notes.append(f"{sub}: only in the reference ({_steps(rs)}); not compared")
+            notes.append(f"{sub}: only in the reference ({count(len(rs), 'step')}); not compared")
         elif not rs:
             only_tgt.append((sub, ts))
-            notes.append(f"{sub}: only in the target ({_steps(ts)}); not compared")
+            notes.append(f"{sub}: only in the target ({count(len(ts), 'step')}); not compared")
         elif rs != ts:
             both = sorted(set(rs) & set(ts))
             shared = f"compared the {count(len(both), 'shared step')}" if both else "no step is in both; not compared"
@@ -313,10 +313,6 @@ def pair_reordered_calls(calls: pd.DataFrame, agree: Callable[[int, int], bool])
         notes.append(f"{submodel} step {step}: the target makes these calls in another order; paired by their inputs "
                      f"(the reference's call {pairs} of the target's)")
     return calls, notes
-
-
-def _steps(steps: list[int]) -> str:
-    return count(len(steps), 'step')
 
 
 def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
