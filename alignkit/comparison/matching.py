@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from alignkit.errors import UsageError
-from alignkit.phrasing import count
+from alignkit.phrasing import count, ranges
 from alignkit.storage.reader import Call, Dump, TensorInfo
 
 
@@ -204,8 +204,7 @@ def cut_short(dump: Dump) -> bool:
 def _filter_text(value: object) -> str:
     """A recording filter as it was given: a pattern quoted, steps as ranges (``0–3, 8``)."""
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
-        runs = [list(g) for _, g in itertools.groupby(sorted(value), key=lambda v, c=itertools.count(): v - next(c))]
-        return ", ".join(_span(run) for run in runs)
+        return ranges(value)
     if isinstance(value, list):
         return ", ".join(map(repr, value))
     return repr(value)

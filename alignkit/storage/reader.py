@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
-from alignkit.phrasing import count
+from alignkit.phrasing import count, ranges
 from alignkit.storage.schema import (
     CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, PIPELINE_CALLS, SUBMODELS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
 )
@@ -264,7 +264,7 @@ class Dump:
             if hit.empty:
                 steps = self.steps(submodel)
                 if step not in steps:
-                    raise CallNotFoundError(f"{submodel} has {count(len(steps), 'step')}: {_ranges(steps)}")
+                    raise CallNotFoundError(f"{submodel} has {count(len(steps), 'step')}: {ranges(steps) or 'none'}")
                 n = int((rows["step"] == step).sum())
                 raise CallNotFoundError(f"{submodel} has {count(n, 'call')} at step {step}: 0–{n - 1}")
         return Call(self, next(hit.itertuples(index=False)))
@@ -405,14 +405,6 @@ def _json(attrs: h5py.AttributeManager, key: str) -> Any:
         return json.loads(_text(attrs[key]))
     except ValueError:
         return None
-
-
-def _ranges(values: list[int]) -> str:
-    if not values:
-        return "none"
-    if values == list(range(values[0], values[-1] + 1)):
-        return f"{values[0]}–{values[-1]}"
-    return ", ".join(map(str, values))
 
 
 def _short(exc: BaseException) -> str:
