@@ -23,8 +23,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError
+from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionError, NotADumpError, os_reason
 from alignkit.phrasing import count, ranges
+from alignkit.storage.journal import finish_killed, journal_path
 from alignkit.storage.schema import (
     CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, PIPELINE_CALLS, SUBMODELS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
 )
@@ -275,6 +276,17 @@ def open_dump(path: str | os.PathLike) -> Dump:
     return Dump(path)
 
 
+def _finish_killed(path: Path) -> None:
+    """Complete the last flush of a recording killed while it made it (storage/journal.py)."""
+    try:
+        finish_killed(path)
+    except OSError as exc:
+        raise DumpCorruptError(
+            f"{path}: its recording was killed while it flushed, and finishing that flush needs to write "
+            f"the dump and remove {journal_path(path).name} ({os_reason(exc)})"
+        ) from exc
+
+
 def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
     """The open file and its index of calls (read here, so a damaged dump is refused at once)."""
     if not path.exists():
@@ -283,6 +295,7 @@ def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
         raise NotADumpError(f"{path}: is a directory, not a dump")
     if path.stat().st_size == 0:
         raise NotADumpError(f"{path}: empty file, not an alignkit dump")
+    _finish_killed(path)
     with open(path, "rb") as fh:
         signature = fh.read(8)
     if signature != b"\x89HDF\r\n\x1a\n":

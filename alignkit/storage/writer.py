@@ -4,10 +4,12 @@ The pipeline thread copies small tensors out and enqueues them, and writes large
 ``/staging`` itself (:meth:`DumpWriter.stage`); this thread does the rest of the HDF5 work.
 Memory is bounded by ``max_pending_bytes``: a producer that would exceed it waits.
 
-Crash safety: the metadata cache never evicts and freed file space is never reused, so the
-file on disk only changes meaningfully at a flush. We flush at step boundaries (at most every
-FLUSH_INTERVAL, and whenever the writer idles), so a process killed with ``kill -9`` leaves
-the dump as of a recent completed step. Before each call the writer checks that the disk (and
+Crash safety: the metadata cache never evicts and freed file space is never reused, so HDF5
+only rewrites the file's structures when it flushes, and it flushes through a
+:class:`~alignkit.storage.journal.JournaledFile`, which makes each flush reach the dump whole or
+not at all. We flush at step boundaries (at most every FLUSH_INTERVAL, and whenever the writer
+idles), so a process killed with ``kill -9`` at any moment leaves the dump as of a recent
+completed step. Before each call the writer checks that the disk (and
 the process's file-size limit) has room; when it does not, recording stops with a warning and
 the file is closed cleanly.
 
@@ -44,6 +46,7 @@ import numpy as np
 
 from alignkit.errors import RecordingError, UsageError, os_reason
 from alignkit.recording.tensors import Tensor
+from alignkit.storage.journal import DumpLockedError, JournaledFile
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
 from alignkit.storage.schema import (
     CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, PIPELINE_CALLS, STAGING, SUBMODELS, TENSORS, TENSORS_DTYPE, call_group_name,
@@ -96,7 +99,7 @@ class DumpWriter:
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], max_pending_bytes: int = 512 << 20):
         self.path = Path(path)
-        self._file = _create_dump(self.path, metadata)
+        self._file, self._disk = _create_dump(self.path, metadata)
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._limit = max_pending_bytes
@@ -270,6 +273,7 @@ class DumpWriter:
         self._write_held()
         if self._file is not None:
             self._file.flush()
+            self._disk.commit()
         self._last_flush, self._unflushed = time.monotonic(), False
 
     def _finish(self, metadata: dict[str, Any]) -> None:
@@ -286,8 +290,17 @@ class DumpWriter:
                 self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
                 self._file.attrs["num_calls"] = self.calls_written
             finally:
-                self._file.close()
-                self._file = None
+                self._close_file()
+
+    def _close_file(self) -> None:
+        """Close the HDF5 file and commit what closing wrote; where that fails, the dump stays
+        as of the last flush."""
+        file, self._file = self._file, None
+        try:
+            file.close()
+            self._disk.commit()
+        finally:
+            self._disk.close()
 
     def _fail(self, exc: BaseException, record: CallRecord | None = None) -> None:
         if self._error is None:
@@ -298,10 +311,9 @@ class DumpWriter:
         with self._file_lock:
             try:
                 if self._file is not None:
-                    self._file.close()
+                    self._close_file()
             except Exception:
                 pass
-            self._file = None
 
     def set_attr(self, key: str, value: Any) -> None:
         """Set a root attribute, in order with the queued calls (e.g. the step source)."""
@@ -352,19 +364,28 @@ def _give_back(record: CallRecord) -> None:
             release()
 
 
-def _create_dump(path: Path, metadata: dict[str, Any]) -> h5py.File:
+def _create_dump(path: Path, metadata: dict[str, Any]) -> tuple[h5py.File, JournaledFile]:
     """Create the dump file (and its folder), or say in one line why it cannot be."""
     if path.is_dir():
         raise UsageError(f"{path} is a directory: give the dump a file name, e.g. {path / 'ref.h5'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _create(path, metadata)
+        disk = JournaledFile(path)
+    except DumpLockedError as exc:
+        raise UsageError(f"{path} is being written by another recording: give this one another file name") from exc
     except OSError as exc:
         raise UsageError(f"{path}: cannot write a dump here ({os_reason(exc)})") from exc
+    try:
+        return _create(disk, metadata), disk
+    except BaseException as exc:
+        disk.close()
+        if isinstance(exc, OSError):
+            raise UsageError(f"{path}: cannot write a dump here ({os_reason(exc)})") from exc
+        raise
 
 
-def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
-    f = h5py.File(path, "w", fs_strategy="none", track_order=True)
+def _create(disk: JournaledFile, metadata: dict[str, Any]) -> h5py.File:
+    f = h5py.File(disk, "w", fs_strategy="none", track_order=True)
     config = f.id.get_mdc_config()
     config.evictions_enabled = False
     config.incr_mode = 0
@@ -376,6 +397,7 @@ def _create(path: Path, metadata: dict[str, Any]) -> h5py.File:
     f.attrs["complete"] = False
     create_group(f.id, CALLS)
     f.flush()
+    disk.commit()
     return f
 
 

@@ -1,0 +1,118 @@
+"""A dump moves from one flush to the next as a whole: a kill at any write leaves one that opens."""
+
+import numpy as np
+import pytest
+
+import alignkit as ak
+from alignkit.storage import writer
+from alignkit.storage.journal import JournaledFile, finish_killed, journal_path
+
+
+def test_bytes_over_the_committed_file_wait_for_commit_and_read_back_at_once(tmp_path):
+    path = tmp_path / "f.bin"
+    disk = JournaledFile(path)
+    disk.seek(0)
+    disk.write(b"A" * 100)
+    disk.commit()
+    disk.seek(50)
+    disk.write(b"B" * 60)  # 50 bytes over the committed file, 10 past its end
+    disk.seek(40)
+    assert disk.read(30) == b"A" * 10 + b"B" * 20  # what HDF5 wrote is what it reads back
+    assert path.read_bytes() == b"A" * 100 + b"B" * 10  # only the fresh bytes are in the file
+    disk.commit()
+    assert path.read_bytes() == b"A" * 50 + b"B" * 60
+    assert journal_path(path).stat().st_size == 0  # emptied once the commit is in the dump
+    disk.close()
+    assert not journal_path(path).exists()
+
+
+def test_a_second_recorder_to_the_same_dump_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "busy.h5"
+    with ak.Recorder(path):
+        with pytest.raises(ak.UsageError, match="is being written by another recording: give this one another file name"):
+            with ak.Recorder(path):
+                pass
+    with ak.open_dump(path) as d:
+        assert d.metadata["complete"]
+
+
+def _record(path, steps):
+    with ak.Recorder(path) as rec:
+        double = rec.watch(lambda x: x * 2, "double")
+        for step in range(steps):
+            double(np.full((4, 3), float(step), np.float32))
+            double(np.full((2,), -float(step), np.float32))
+            ak.step()
+
+
+@pytest.fixture()
+def kill_points(monkeypatch):
+    """The dump and its journal as a kill would leave them after each write to disk once the
+    dump is created, and in the middle of each journal write."""
+    states = []
+    monkeypatch.setattr(writer, "FLUSH_INTERVAL", 0.0)  # a flush at every step
+    pwrite = JournaledFile._pwrite
+
+    def spy(self, fd, data, offset):
+        if not self._committed:  # creating the file: a kill here leaves no calls to keep
+            return pwrite(self, fd, data, offset)
+        if fd == self._journal_fd:
+            states.append((self.path.read_bytes(), bytes(data)[: len(data) // 2]))
+        pwrite(self, fd, data, offset)
+        kept = journal_path(self.path)
+        states.append((self.path.read_bytes(), kept.read_bytes() if kept.exists() else None))
+
+    monkeypatch.setattr(JournaledFile, "_pwrite", spy)
+    return states
+
+
+def test_a_kill_at_any_write_leaves_a_dump_that_opens_with_its_flushed_calls(tmp_path, kill_points):
+    _record(tmp_path / "full.h5", steps=5)
+    full = ak.open_dump(tmp_path / "full.h5")
+    assert len(kill_points) > 50
+    dump, kept = tmp_path / "killed.h5", journal_path(tmp_path / "killed.h5")
+    counts, finished = [], 0
+    for data, journal_bytes in kill_points:
+        dump.write_bytes(data)
+        kept.unlink(missing_ok=True)
+        if journal_bytes is not None:
+            kept.write_bytes(journal_bytes)
+        before = dump.read_bytes()
+        with ak.open_dump(dump) as d:
+            finished += dump.read_bytes() != before
+            assert not kept.exists()
+            counts.append(len(d))
+            for row in d.calls.itertuples():  # by seq: a step boundary not yet flushed keys calls by count
+                same = full.calls.set_index("seq").loc[row.seq]
+                np.testing.assert_array_equal(d[row.submodel, row.step, row.call].inputs["x"], full[same.submodel, same.step, same.call].inputs["x"])
+    assert counts == sorted(counts) and counts[-1] == len(full) == 10  # never fewer calls for a later kill
+    assert finished > 0  # some kills fell between a whole journal and the end of its commit
+
+
+def test_the_journal_of_a_live_recording_is_left_to_it(tmp_path, monkeypatch):
+    path = tmp_path / "live.h5"
+    with ak.Recorder(path) as rec:
+        rec.watch(lambda x: x, "f")(np.zeros(2))
+        journal_path(path).write_bytes(b"not yet whole")
+        assert finish_killed(path) is False
+        assert journal_path(path).exists()
+    assert not journal_path(path).exists()
+
+
+def test_a_whole_journal_finishes_the_commit_and_a_torn_one_does_not(tmp_path):
+    path = tmp_path / "f.bin"
+    disk = JournaledFile(path)
+    disk.write(b"A" * 20)
+    disk.commit()
+    disk.seek(5)
+    disk.write(b"B" * 5)
+    disk._write_journal()  # a kill here: the journal is whole, the dump not yet changed
+    whole = journal_path(path).read_bytes()
+    disk.close()
+    assert path.read_bytes() == b"A" * 20
+    journal_path(path).write_bytes(whole[:-1])
+    assert finish_killed(path) is False and path.read_bytes() == b"A" * 20
+    journal_path(path).write_bytes(whole)
+    assert finish_killed(path) is True
+    assert path.read_bytes() == b"A" * 5 + b"B" * 5 + b"A" * 10
+    assert not journal_path(path).exists()
