@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import alignkit as ak
-from alignkit.storage import writer
+from alignkit.storage import journal, writer
 from alignkit.storage.journal import JournaledFile, finish_killed, journal_path
 
 
@@ -96,6 +96,8 @@ def test_the_journal_of_a_live_recording_is_left_to_it(tmp_path, monkeypatch):
         journal_path(path).write_bytes(b"not yet whole")
         assert finish_killed(path) is False
         assert journal_path(path).exists()
+        with pytest.raises(ak.NotADumpError, match="is open for writing"):  # HDF5 readers meet the recorder's lock
+            ak.open_dump(path)
     assert not journal_path(path).exists()
 
 
@@ -116,3 +118,16 @@ def test_a_whole_journal_finishes_the_commit_and_a_torn_one_does_not(tmp_path):
     assert finish_killed(path) is True
     assert path.read_bytes() == b"A" * 5 + b"B" * 5 + b"A" * 10
     assert not journal_path(path).exists()
+
+
+def test_a_killed_dump_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "ro.h5"
+    _record(path, steps=1)
+    journal_path(path).write_bytes(b"whatever a killed recording left")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(journal.os, "open", refuse)  # a read-only folder, without being root
+    with pytest.raises(ak.DumpCorruptError, match=r"killed while it flushed.*remove ro\.h5\.journal \(Permission denied\)"):
+        ak.open_dump(path)
