@@ -185,10 +185,7 @@ class JournaledFile(io.RawIOBase):
 
     def _pwrite(self, fd: int, data, offset: int) -> None:
         """Every byte this class puts on disk passes here (the crash tests stop it midway)."""
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        _write_all(fd, data, offset)
 
 
 def finish_killed(dump: Path) -> bool:
@@ -206,7 +203,7 @@ def finish_killed(dump: Path) -> bool:
             return False  # its recorder is alive and owns the journal
         records = _read_journal(journal.read_bytes())
         if records is not None:
-            _apply(fd, *records, pwrite=lambda f, data, offset: os.pwrite(f, data, offset))
+            _apply(fd, *records, _write_all)
         journal.unlink(missing_ok=True)
         return records is not None
     finally:
@@ -236,6 +233,14 @@ def _apply(fd: int, held: list[tuple[int, bytes]], truncate_to: int | None, pwri
         pwrite(fd, data, offset)
     if truncate_to is not None:
         os.ftruncate(fd, truncate_to)
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    """``pwrite`` until every byte is written (a write may take fewer than it was given)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _overlay(view: memoryview, start: int, offset: int, data: bytes) -> None:

@@ -371,17 +371,15 @@ def _create_dump(path: Path, metadata: dict[str, Any]) -> tuple[h5py.File, Journ
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         disk = JournaledFile(path)
+        try:
+            return _create(disk, metadata), disk
+        except BaseException:
+            disk.close()
+            raise
     except DumpLockedError as exc:
         raise UsageError(f"{path} is being written by another recording: give this one another file name") from exc
     except OSError as exc:
         raise UsageError(f"{path}: cannot write a dump here ({os_reason(exc)})") from exc
-    try:
-        return _create(disk, metadata), disk
-    except BaseException as exc:
-        disk.close()
-        if isinstance(exc, OSError):
-            raise UsageError(f"{path}: cannot write a dump here ({os_reason(exc)})") from exc
-        raise
 
 
 def _create(disk: JournaledFile, metadata: dict[str, Any]) -> h5py.File:

@@ -89,7 +89,7 @@ def test_a_kill_at_any_write_leaves_a_dump_that_opens_with_its_flushed_calls(tmp
     assert finished > 0  # some kills fell between a whole journal and the end of its commit
 
 
-def test_the_journal_of_a_live_recording_is_left_to_it(tmp_path, monkeypatch):
+def test_the_journal_of_a_live_recording_is_left_to_it(tmp_path):
     path = tmp_path / "live.h5"
     with ak.Recorder(path) as rec:
         rec.watch(lambda x: x, "f")(np.zeros(2))
