@@ -7,7 +7,8 @@ and ``unet(sample=latents, timestep=t, encoder_hidden_states=e)`` give the same 
 engine's feed, ``{"input.1": ...}``) is named by the dict's keys. Outputs: a bare tensor is
 ``output``, a tuple gives ``output.0``, ``output.1``, a dict or output dataclass its keys.
 A transformers KV cache (``DynamicCache``, ``StaticCache``…) gives its tensors per layer under
-the names ONNX exports of decoders give them: ``past_key_values.0.key``,
+the names ONNX exports of decoders give them, whatever the argument that carries it is called
+(``past_key_values``, transformers 5's ``cache``, a positional argument): ``past_key_values.0.key``,
 ``past_key_values.0.value``, and for an ``EncoderDecoderCache`` ``past_key_values.0.decoder.key``
 (self-attention) and ``past_key_values.0.encoder.key`` (cross-attention). A VAE's latent
 distribution gives its parameters: ``latent_dist.parameters``.
@@ -41,15 +42,29 @@ def flatten(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
         for i, item in enumerate(value):
             yield from flatten(item, _join(prefix, str(i)))
     elif parts := kv_cache_tensors(value):
+        base = cache_name(prefix)
         for name, tensor in parts:
-            yield _join(prefix, name), tensor
+            yield _join(base, name), tensor
     elif (parameters := distribution_parameters(value)) is not None:
         yield _join(prefix, "parameters"), parameters
+    elif is_kv_cache(value):
+        yield cache_name(prefix), value  # an empty cache stays a value ("<DynamicCache>")
     else:
-        yield prefix, value  # an empty cache stays a value ("<DynamicCache>")
+        yield prefix, value
 
 
 _KV_NAMES = {"keys": "key", "values": "value"}
+CACHE_NAME = "past_key_values"
+
+
+def cache_name(prefix: str) -> str:
+    """The name a KV cache is recorded under, whatever carries it: ``past_key_values`` (as
+    ONNX exports name it) in place of the argument's own name (transformers 5 passes it as
+    ``cache``; a positional ``args.2``), the output's ``past_key_values`` kept as it is."""
+    head, dot, _ = prefix.rpartition(".")
+    if head and not head.startswith("args") and head != "output":
+        return f"{head}{dot}{CACHE_NAME}"
+    return CACHE_NAME
 
 
 def kv_cache_tensors(value: Any) -> list[tuple[str, Any]]:
@@ -59,8 +74,7 @@ def kv_cache_tensors(value: Any) -> list[tuple[str, Any]]:
     is read through its layers (``layers[i].keys``; ``key_cache[i]`` before transformers
     4.56). Recognised by its class (a subclass of transformers' ``Cache``), without importing
     transformers."""
-    cls = type(value)
-    if not cls.__module__.startswith("transformers") or not any(c.__name__ == "Cache" for c in cls.__mro__):
+    if not is_kv_cache(value):
         return []
     if hasattr(value, "self_attention_cache") and hasattr(value, "cross_attention_cache"):
         sides = [("decoder", _cache_layers(value.self_attention_cache)), ("encoder", _cache_layers(value.cross_attention_cache))]
@@ -70,6 +84,11 @@ def kv_cache_tensors(value: Any) -> list[tuple[str, Any]]:
             for i in range(depth) for side, layers in sides if i < len(layers) for kind, tensor in layers[i].items()
         ]
     return [(f"{i}.{kind}", tensor) for i, layer in enumerate(_cache_layers(value)) for kind, tensor in layer.items()]
+
+
+def is_kv_cache(value: Any) -> bool:
+    cls = type(value)
+    return cls.__module__.startswith("transformers") and any(c.__name__ == "Cache" for c in cls.__mro__)
 
 
 def _cache_layers(cache: Any) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -108,6 +109,21 @@ def test_kv_caches_are_named_per_layer_as_onnx_exports_name_them():
     ]
     tensors, values = split([("past_key_values", DynamicCache())])
     assert not tensors and values == {"past_key_values": '"<DynamicCache>"'}  # empty: still visible as a value
+
+
+@pytest.mark.parametrize("carrier", ["cache", "args.2", "past_key_values"])
+def test_a_kv_cache_has_one_name_whatever_argument_carries_it(carrier):
+    """transformers 5 hands the cache to the model as ``cache=``; an export names it
+    ``past_key_values``: the two must pair."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    tensors, _ = split([(carrier, cache)])
+    assert [t.name for t in tensors] == ["past_key_values.0.key", "past_key_values.0.value"]
+    _, values = split([(carrier, DynamicCache())])
+    assert list(values) == ["past_key_values"]
 
 
 def test_kv_caches_of_older_transformers_are_read_from_their_lists():
