@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -28,23 +27,39 @@ err = Console(stderr=True)
 def record(
     ctx: typer.Context,
     output: Path = typer.Option(..., "-o", "--output", help="The dump to write (.h5)."),
-    label: Optional[str] = typer.Option(None, help="A name for this run, shown in reports."),
-    hook: list[str] = typer.Option([], "--hook", help="module:Qualified.name of an engine method or function to record; a class alone records its instances' calls (repeatable)."),
+    label: str | None = typer.Option(None, help="A name for this run, shown in reports."),
+    hook: list[str] = typer.Option(
+        [],
+        "--hook",
+        help="module:Qualified.name of an engine method or function to record; a class alone records its instances' "
+        "calls (repeatable).",
+    ),
     step_on: list[str] = typer.Option([], "--step-on", help="module:qualname whose calls end a step."),
-    include: Optional[str] = typer.Option(None, help="Record only submodels matching this regex."),
-    exclude: Optional[str] = typer.Option(None, help="Skip submodels matching this regex."),
-    tensors: Optional[str] = typer.Option(None, help="Record only tensors matching this regex."),
-    layers: list[str] = typer.Option([], "--layers", help="Also record every leaf layer (torch) or intermediate output (ONNX) of this submodel."),
-    layer_filter: Optional[str] = typer.Option(None, "--layer-filter", help="Record only layers whose name matches this regex."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="Record only these steps, e.g. 0-4,10."),
-    module: Optional[str] = typer.Option(None, "-m", help="Run a module instead of a script."),
+    include: str | None = typer.Option(None, help="Record only submodels matching this regex."),
+    exclude: str | None = typer.Option(None, help="Skip submodels matching this regex."),
+    tensors: str | None = typer.Option(None, help="Record only tensors matching this regex."),
+    layers: list[str] = typer.Option(
+        [], "--layers", help="Also record every leaf layer (torch) or intermediate output (ONNX) of this submodel."
+    ),
+    layer_filter: str | None = typer.Option(
+        None, "--layer-filter", help="Record only layers whose name matches this regex."
+    ),
+    steps: str | None = typer.Option(None, "--steps", help="Record only these steps, e.g. 0-4,10."),
+    module: str | None = typer.Option(None, "-m", help="Run a module instead of a script."),
 ) -> None:
     """Run a script unmodified and record every submodel call: alignkit record -o ref.h5 -- script.py [args]"""
     from alignkit.recording.cli_run import record_command
     from alignkit.replaying import parse_steps
 
     command = ([sys.executable, "-m", module] if module else []) + list(ctx.args)
-    filters = {"include": include, "exclude": exclude, "tensors": tensors, "steps": parse_steps(steps), "layers": layers, "layer_filter": layer_filter}
+    filters = {
+        "include": include,
+        "exclude": exclude,
+        "tensors": tensors,
+        "steps": parse_steps(steps),
+        "layers": layers,
+        "layer_filter": layer_filter,
+    }
     code = record_command(output, command, label=label, hooks=hook, step_on=step_on, console=err, **filters)
     raise typer.Exit(code)
 
@@ -67,20 +82,36 @@ def compare(
     ref: Path = typer.Argument(..., help="The reference dump."),
     tgt: Path = typer.Argument(..., help="The target dump."),
     map: list[str] = typer.Option([], "--map", help="target=reference name, e.g. unet.input.1=sample (repeatable)."),
-    map_file: Optional[Path] = typer.Option(None, "--map-file", help="A JSON or target=reference text file of names."),
+    map_file: Path | None = typer.Option(None, "--map-file", help="A JSON or target=reference text file of names."),
     cos_min: float = typer.Option(0.999, "--cos-min", help="Aligned when cos ≥ this..."),
     rel_l1_max: float = typer.Option(1e-3, "--rel-l1-max", help="...and rel_l1 ≤ this."),
-    floor_factor: float = typer.Option(10.0, "--floor-factor", help="Errors within this multiple of the dtype noise floor are expected precision loss."),
-    replay: Optional[Path] = typer.Option(None, "--replay", help="A replay dump (alignkit replay -o) to draw beside the pipeline drift."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the table as CSV."),
-    json: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Where to write the report (default reports/<ref>_vs_<tgt>.html)."),
+    floor_factor: float = typer.Option(
+        10.0, "--floor-factor", help="Errors within this multiple of the dtype noise floor are expected precision loss."
+    ),
+    replay: Path | None = typer.Option(
+        None, "--replay", help="A replay dump (alignkit replay -o) to draw beside the pipeline drift."
+    ),
+    csv: Path | None = typer.Option(None, "--csv", help="Write the table as CSV."),
+    json: Path | None = typer.Option(None, "--json", help="Write the result as JSON."),
+    html: Path | None = typer.Option(
+        None, "--html", help="Where to write the report (default reports/<ref>_vs_<tgt>.html)."
+    ),
     no_html: bool = typer.Option(False, "--no-html", help="Do not write the HTML report."),
 ) -> None:
     """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input."""
     from alignkit.reporting.progress import compare_with_progress
 
-    result = compare_with_progress(ref, tgt, console=err, name_map=map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor, replay=replay)
+    result = compare_with_progress(
+        ref,
+        tgt,
+        console=err,
+        name_map=map,
+        map_file=map_file,
+        cos_min=cos_min,
+        rel_l1_max=rel_l1_max,
+        floor_factor=floor_factor,
+        replay=replay,
+    )
     _wide(console).print(result)
     _write_outputs(result, csv, json, None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html"))
     raise typer.Exit(result.exit_code)
@@ -109,18 +140,28 @@ def demo(
 def replay(
     ref: Path = typer.Argument(..., help="The reference dump."),
     submodel: str = typer.Option(..., "--submodel", help="The submodel whose recorded inputs are replayed."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="An ONNX model run with onnxruntime."),
-    callable_: Optional[str] = typer.Option(None, "--callable", help="module:factory returning the target callable."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the target's outputs as a dump."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="Steps to replay, e.g. 0-4,10."),
-    layers: bool = typer.Option(False, "--layers", help="Also record the target's layers, to name the first that diverges."),
+    onnx: Path | None = typer.Option(None, "--onnx", help="An ONNX model run with onnxruntime."),
+    callable_: str | None = typer.Option(None, "--callable", help="module:factory returning the target callable."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the target's outputs as a dump."),
+    steps: str | None = typer.Option(None, "--steps", help="Steps to replay, e.g. 0-4,10."),
+    layers: bool = typer.Option(
+        False, "--layers", help="Also record the target's layers, to name the first that diverges."
+    ),
 ) -> None:
     """Feed the reference inputs of every recorded call into a target submodel and compare."""
-    from alignkit.replaying import replay as run_replay, parse_steps
+    from alignkit.replaying import parse_steps
+    from alignkit.replaying import replay as run_replay
 
     if (onnx is None) == (callable_ is None):
         raise UsageError("replay needs one target: --onnx model.onnx or --callable module:factory")
-    result = run_replay(ref, submodel=submodel, target=str(onnx) if onnx else callable_, out=output, steps=parse_steps(steps), layers=layers)
+    result = run_replay(
+        ref,
+        submodel=submodel,
+        target=str(onnx) if onnx else callable_,
+        out=output,
+        steps=parse_steps(steps),
+        layers=layers,
+    )
     _wide(console).print(result)
     raise typer.Exit(result.exit_code)
 
@@ -130,7 +171,7 @@ def _wide(c: Console) -> Console:
     return c if c.is_terminal else Console(width=200, highlight=False)
 
 
-def _write_outputs(result, csv: Optional[Path], json: Optional[Path], html: Optional[Path]) -> None:
+def _write_outputs(result, csv: Path | None, json: Path | None, html: Path | None) -> None:
     if csv:
         result.to_csv(csv)
     if json:
@@ -152,7 +193,7 @@ def _click_errors() -> tuple[type, ...]:
     return tuple(classes)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors get one line and exit 2; bugs keep their traceback."""
     try:
         code = app(args=argv, prog_name="alignkit", standalone_mode=False)

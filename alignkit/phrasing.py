@@ -13,5 +13,7 @@ def count(n: int, noun: str) -> str:
 
 def ranges(values: Iterable[int]) -> str:
     """``0–3, 7``: integers (steps) with each run of consecutive ones as a range."""
-    runs = [list(run) for _, run in itertools.groupby(sorted(set(values)), key=lambda v, n=itertools.count(): v - next(n))]
+    runs = [
+        list(run) for _, run in itertools.groupby(sorted(set(values)), key=lambda v, n=itertools.count(): v - next(n))
+    ]
     return ", ".join(f"{run[0]}–{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)

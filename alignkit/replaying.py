@@ -32,8 +32,13 @@ from alignkit.storage.schema import stands_in
 from alignkit.storage.writer import CallRecord, DumpWriter
 
 _ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
 
@@ -72,7 +77,9 @@ def replay(
     intermediate output of an ONNX target), so the comparison names the first layer that
     diverges against a reference recorded with layers.
     """
-    out_path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignkit-replay-")) / f"replay_{submodel}.h5"
+    out_path = (
+        Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignkit-replay-")) / f"replay_{submodel}.h5"
+    )
     if out_path.exists() and Path(ref_dump).exists() and os.path.samefile(out_path, ref_dump):
         raise UsageError(f"{out_path}: the replay would be written over the dump it replays")
     wanted = set(steps) if steps is not None else None
@@ -82,12 +89,16 @@ def replay(
         if not calls:
             if submodel in ref.submodels:
                 have = ref.steps(submodel)
-                raise UsageError(f"{ref.path}: no calls of {submodel!r} at the steps asked for (it has steps {have[0]}–{have[-1]})")
+                raise UsageError(
+                    f"{ref.path}: no calls of {submodel!r} at the steps asked for (it has steps {have[0]}–{have[-1]})"
+                )
             have = ", ".join(ref.submodels) or "none"
             raise UsageError(f"{ref.path}: no calls of {submodel!r} to replay (submodels: {have})")
         runner = _make_runner(target, layers)
         writer = DumpWriter(out_path, {**run_metadata(f"replay of {submodel}"), "replay_of": str(ref.path)})
-        if ref.metadata.get("step_source", "none") != "none":  # the calls keep the reference's steps, which come from there
+        if (
+            ref.metadata.get("step_source", "none") != "none"
+        ):  # the calls keep the reference's steps, which come from there
             writer.set_attr("step_source", ref.metadata["step_source"])
         try:
             for call in calls:
@@ -97,12 +108,26 @@ def replay(
                 except (AlignkitError, KeyboardInterrupt):
                     raise
                 except Exception as exc:
-                    raise ReplayError(f"{submodel} step {call.step} call {call.call}: the target raised {type(exc).__name__}: {exc}") from exc
+                    raise ReplayError(
+                        f"{submodel} step {call.step} call {call.call}: the target raised {type(exc).__name__}: {exc}"
+                    ) from exc
                 notes.extend(n for n in [*adapted, *said] if n not in notes)
                 inputs, in_values = split(list(feed.items()))
                 outputs, _ = split(named_out)
                 layer_tensors, _ = split(named_layers)
-                writer.put(CallRecord(call.seq, call.submodel, call.step, call.call, call.ordinal, inputs, outputs, layer_tensors, values=in_values))
+                writer.put(
+                    CallRecord(
+                        call.seq,
+                        call.submodel,
+                        call.step,
+                        call.call,
+                        call.ordinal,
+                        inputs,
+                        outputs,
+                        layer_tensors,
+                        values=in_values,
+                    )
+                )
                 writer.flush()
         finally:
             writer.close()
@@ -118,7 +143,10 @@ class _Runner:
     def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         """The recorded inputs, Python numbers given back as numbers (a model may treat an
         ``int`` and a tensor differently: transformers' ``logits_to_keep``)."""
-        inputs = {name: value.item() if value.ndim == 0 and call.source("inputs", name) == "python" else value for name, value in call.inputs.items()}
+        inputs = {
+            name: value.item() if value.ndim == 0 and call.source("inputs", name) == "python" else value
+            for name, value in call.inputs.items()
+        }
         return inputs, call.values("inputs"), []
 
     def run(self, feed: dict[str, Any], values: dict[str, Any]) -> tuple[Named, Named, list[str]]:
@@ -135,7 +163,9 @@ class _OrtRunner(_Runner):
     def feed(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         recorded = call.inputs
         adapted = []
-        empty = {m.name: e for m in self.inputs if m.name not in recorded and (e := _empty_cache(m, recorded)) is not None}
+        empty = {
+            m.name: e for m in self.inputs if m.name not in recorded and (e := _empty_cache(m, recorded)) is not None
+        }
         if empty:  # the prefill: a decoder export takes a cache of no positions where the reference had none
             recorded = {**recorded, **empty}
             adapted.append("replay fed an empty KV cache (no positions) where the reference recorded none: the prefill")
@@ -145,7 +175,10 @@ class _OrtRunner(_Runner):
             want = _ORT_TYPES.get(meta.type)
             value = np.asarray(chosen[meta.name])
             if want is not None and value.dtype != want:
-                adapted.append(f"replay cast input `{meta.name}` from {value.dtype} (recorded) to {np.dtype(want).name} (declared by the ONNX model)")
+                adapted.append(
+                    f"replay cast input `{meta.name}` from {value.dtype} (recorded) to {np.dtype(want).name} "
+                    "(declared by the ONNX model)"
+                )
                 value = value.astype(want)
             chosen[meta.name] = value
         return chosen, {}, adapted
@@ -178,7 +211,11 @@ def _empty_cache(meta: Any, recorded: dict[str, np.ndarray]) -> np.ndarray | Non
     """A KV-cache input of no positions, (batch, heads, 0, head size), for an ONNX decoder's
     ``past_key_values.N.key`` when its heads and head size are fixed; else None."""
     shape = list(meta.shape or [])
-    if not meta.name.startswith(("past_key_values.", "past.")) or len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+    if (
+        not meta.name.startswith(("past_key_values.", "past."))
+        or len(shape) != 4
+        or not all(isinstance(d, int) for d in (shape[1], shape[3]))
+    ):
         return None
     batch = shape[0] if isinstance(shape[0], int) else next((v.shape[0] for v in recorded.values() if np.ndim(v)), None)
     return None if batch is None else np.zeros((batch, shape[1], 0, shape[3]), _ORT_TYPES.get(meta.type, np.float32))
@@ -206,7 +243,11 @@ class _CallableRunner(_Runner):
             return name_outputs(self.fn(dict(feed))), [], []
         recorded = {k: v for k, v in values.items() if "." not in k and not stands_in(v)}
         left_out = [k for k in recorded if not self.takes(k)]
-        notes = [f"replay left out the recorded {', '.join(f'`{k}`' for k in left_out)}: not parameters of the target"] if left_out else []
+        notes = (
+            [f"replay left out the recorded {', '.join(f'`{k}`' for k in left_out)}: not parameters of the target"]
+            if left_out
+            else []
+        )
         args = {**_unflatten(feed), **{k: v for k, v in recorded.items() if k not in left_out}}
         if not self.torch:
             return name_outputs(self.fn(**args)), [], notes
@@ -245,14 +286,20 @@ def _to_module(module: Any, args: dict[str, Any]) -> tuple[dict[str, Any], list[
     import torch
 
     params = [p for p in module.parameters() if p.is_floating_point()]
-    dtype = max({p.dtype for p in params}, key=lambda d: sum(p.numel() for p in params if p.dtype == d)) if params else None
+    dtype = (
+        max({p.dtype for p in params}, key=lambda d: sum(p.numel() for p in params if p.dtype == d)) if params else None
+    )
     device = params[0].device if params else torch.device("cpu")
     cast: list[str] = []
 
     def tensor(name: str, value: np.ndarray) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(value)).to(device)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype and t.dim() >= 2:
-            cast.append(f"replay cast input `{name}` from {t.dtype} (recorded) to {dtype} (the module's parameters)".replace("torch.", ""))
+            cast.append(
+                f"replay cast input `{name}` from {t.dtype} (recorded) to {dtype} (the module's parameters)".replace(
+                    "torch.", ""
+                )
+            )
             t = t.to(dtype)
         return t
 
@@ -311,7 +358,9 @@ def _make_runner(target: Any, layers: bool = False) -> _Runner:
     if isinstance(target, str):
         made = _factory(target)()
         if isinstance(made, (str, os.PathLike)) or not callable(made):
-            raise UsageError(f"{target!r} made a {type(made).__name__}: the factory must return a model, a session or a callable")
+            raise UsageError(
+                f"{target!r} made a {type(made).__name__}: the factory must return a model, a session or a callable"
+            )
         return _make_runner(made, layers)
     if is_ort_session(target):
         exposed = None
@@ -322,7 +371,9 @@ def _make_runner(target: Any, layers: bool = False) -> _Runner:
         return _OrtRunner(target, exposed)
     if callable(target):
         return _CallableRunner(target, layers)
-    raise UsageError(f"cannot replay into {type(target).__name__}: give an .onnx path, module:factory, a torch module or a callable")
+    raise UsageError(
+        f"cannot replay into {type(target).__name__}: give an .onnx path, module:factory, a torch module or a callable"
+    )
 
 
 def _factory(spec: str) -> Any:

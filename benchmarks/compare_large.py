@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 # VmHWM is the peak RSS of this program alone (ru_maxrss would carry the parent's over exec).
-PEAK = "def peak_mb():\n    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
+PEAK = (
+    "def peak_mb():\n    return int(next(l for l in open('/proc/self/status') if "
+    "l.startswith('VmHWM')).split()[1]) / 1024\n"
+)
 OURS = PEAK + textwrap.dedent(
     """
     import json, sys, time
@@ -42,7 +45,8 @@ BASELINE = PEAK + textwrap.dedent(
     with h5py.File(sys.argv[1]) as r, h5py.File(sys.argv[2]) as t:
         for name in r["calls"]:
             for key, ds in r["calls"][name]["inputs"].items():
-                a = ds[()].astype(np.float64).ravel(); b = t["calls"][name]["inputs"][key][()].astype(np.float64).ravel()
+                a = ds[()].astype(np.float64).ravel()
+                b = t["calls"][name]["inputs"][key][()].astype(np.float64).ravel()
                 l1 = np.abs(a - b).mean(); cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
     dt = time.perf_counter() - t0
     print(json.dumps({"seconds": dt, "peak_mb": peak_mb()}))
@@ -83,13 +87,24 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         ref, tgt, gb = make_dumps(folder, args.gb, args.tensors)
-        print(f"wrote two dumps of {gb:.2f} GB each ({args.tensors} tensors of {gb / args.tensors * 1e3:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"wrote two dumps of {gb:.2f} GB each ({args.tensors} tensors of {gb / args.tensors * 1e3:.0f} MB) in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         ours, base = run(OURS, ref, tgt), run(BASELINE, ref, tgt)
         both = 2 * gb
         print(f"{'':24}{'seconds':>10}{'GB/s':>10}{'peak RSS MB':>14}")
-        print(f"{'alignkit compare':24}{ours['seconds']:>10.2f}{both / ours['seconds']:>10.2f}{ours['peak_mb']:>14.0f}   verdict: {ours['verdict']}")
-        print(f"{'h5py read + numpy':24}{base['seconds']:>10.2f}{both / base['seconds']:>10.2f}{base['peak_mb']:>14.0f}")
-        print(f"peak RSS of importing alignkit alone is about 80 MB; one tensor is {gb / args.tensors * 1e3:.0f} MB; alignkit's blocks are 2 MiB of float64 per side")
+        print(
+            f"{'alignkit compare':24}{ours['seconds']:>10.2f}{both / ours['seconds']:>10.2f}{ours['peak_mb']:>14.0f}  "
+            f" verdict: {ours['verdict']}"
+        )
+        print(
+            f"{'h5py read + numpy':24}{base['seconds']:>10.2f}{both / base['seconds']:>10.2f}{base['peak_mb']:>14.0f}"
+        )
+        print(
+            f"peak RSS of importing alignkit alone is about 80 MB; one tensor is {gb / args.tensors * 1e3:.0f} MB; "
+            "alignkit's blocks are 2 MiB of float64 per side"
+        )
 
 
 if __name__ == "__main__":

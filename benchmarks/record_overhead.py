@@ -41,22 +41,48 @@ def diffusers_tests_pipeline() -> Any:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=5, vocab_size=len(tokenizer), layer_norm_eps=1e-5,
-    ))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(tokenizer),
+            layer_norm_eps=1e-5,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
     pipe = StableDiffusionPipeline(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -94,8 +120,11 @@ def pipeline_overhead(name: str, pipe: Any, size: int, pairs: int, folder: Path)
     per_call = statistics.median(w - p for p, w in times) / CALLS
     print(f"{name} pipeline, {size}×{size}, {STEPS} steps, {CALLS} calls ({pairs} interleaved pairs)")
     print(f"  unwatched  {plain * 1e3:8.1f} ms   ({plain / CALLS * 1e3:.1f} ms a call)")
-    print(f"  watched    {plain * ratio * 1e3:8.1f} ms   {ratio:.3f}×  (middle half {q1:.2f}–{q3:.2f}×; {per_call * 1e3:+.2f} ms a call)"
-          f"  target ≤ 1.10×: {'ok' if ratio <= 1.10 else 'MISSED'}")
+    print(
+        f"  watched    {plain * ratio * 1e3:8.1f} ms   {ratio:.3f}×  (middle half {q1:.2f}–{q3:.2f}×; "
+        f"{per_call * 1e3:+.2f} ms a call)"
+        f"  target ≤ 1.10×: {'ok' if ratio <= 1.10 else 'MISSED'}"
+    )
 
 
 def writer_throughput(arrays: list[np.ndarray], folder: Path, repeats: int) -> tuple[float, float]:
@@ -130,7 +159,9 @@ def writer_throughput(arrays: list[np.ndarray], folder: Path, repeats: int) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=41, help="interleaved watched/unwatched pairs per pipeline")
-    parser.add_argument("--demo-sizes", type=int, nargs="*", default=[32, 128], help="image sizes for the demo pipeline")
+    parser.add_argument(
+        "--demo-sizes", type=int, nargs="*", default=[32, 128], help="image sizes for the demo pipeline"
+    )
     parser.add_argument("--tensor-mb", type=int, default=64)
     parser.add_argument("--tensors", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs of the writer figure")
@@ -150,9 +181,15 @@ def main() -> None:
         arrays = [rng.standard_normal(n, dtype=np.float32).reshape(-1, 1024) for _ in range(args.tensors)]
         plain_bps, ours_bps = writer_throughput(arrays, folder, args.repeats)
         share = ours_bps / plain_bps
-        print(f"writing {args.tensors} × {args.tensor_mb} MiB float32 from a watched call (median of {args.repeats}, interleaved)")
+        print(
+            f"writing {args.tensors} × {args.tensor_mb} MiB float32 from a watched call (median of {args.repeats}, "
+            "interleaved)"
+        )
         print(f"  plain h5py {plain_bps / 1e9:8.2f} GB/s")
-        print(f"  alignkit   {ours_bps / 1e9:8.2f} GB/s   {share:.0%} of plain  (target ≥ 90%: {'ok' if share >= 0.9 else 'MISSED'})")
+        print(
+            f"  alignkit   {ours_bps / 1e9:8.2f} GB/s   {share:.0%} of plain  (target ≥ 90%: "
+            f"{'ok' if share >= 0.9 else 'MISSED'})"
+        )
 
 
 if __name__ == "__main__":

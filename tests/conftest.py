@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def tiny_onnx(tmp_path) -> Path:
     return path
 
 
-def run_python(code: str, cwd: Path | None = None, timeout: int = 120) -> "subprocess.CompletedProcess":
-    import subprocess
-
+def run_python(code: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )

@@ -25,10 +25,21 @@ def run_cli(capsys, *args):
 def test_compare_exit_codes_and_outputs(capsys, demo_dumps, tmp_path):
     code, out, _ = run_cli(capsys, "compare", *demo_dumps["none"], "--html", tmp_path / "a.html")
     assert code == 0 and "ALIGNED" in out and (tmp_path / "a.html").exists()
-    code, out, _ = run_cli(capsys, "compare", *demo_dumps["timestep"], "--no-html", "--csv", tmp_path / "t.csv", "--json", tmp_path / "t.json")
+    code, out, _ = run_cli(
+        capsys,
+        "compare",
+        *demo_dumps["timestep"],
+        "--no-html",
+        "--csv",
+        tmp_path / "t.csv",
+        "--json",
+        tmp_path / "t.json",
+    )
     assert code == 1 and "DIVERGED" in out and "input mismatch" in out
     assert (tmp_path / "t.csv").exists() and (tmp_path / "t.json").exists()
-    code, out, _ = run_cli(capsys, "compare", *demo_dumps["timestep"], "--no-html", "--rel-l1-max", "10", "--cos-min", "0")
+    code, out, _ = run_cli(
+        capsys, "compare", *demo_dumps["timestep"], "--no-html", "--rel-l1-max", "10", "--cos-min", "0"
+    )
     assert code == 1  # a timestep is a control input: compared exactly whatever the tolerance
 
 
@@ -42,8 +53,12 @@ def test_inspect_and_shapes(capsys, demo_dumps):
     code, out, _ = run_cli(capsys, "inspect", demo_dumps["none"][0])
     assert code == 0 and "unet" in out and "encoder_hidden_states" in out
     assert re.search(r"scheduler +6 +0–5 +1 +EulerDiscreteScheduler", out)  # each submodel's class
-    assert re.search(r'pipeline call 0 \(StableDiffusionPipeline, from seq 0\): prompt "a red fox in the snow", height 32, width 32, '
-                     r"num_inference_steps 6, guidance_scale 7.5, .*, generator <Generator seed=0>", out)  # what the pipeline was given
+    assert re.search(
+        r'pipeline call 0 \(StableDiffusionPipeline, from seq 0\): prompt "a red fox in the snow", height 32, width '
+        r"32, "
+        r"num_inference_steps 6, guidance_scale 7.5, .*, generator <Generator seed=0>",
+        out,
+    )  # what the pipeline was given
     code, out, _ = run_cli(capsys, "inspect", "--shapes", demo_dumps["none"][0])
     assert code == 0
     assert '--inputShape="sample:2,4,16,16;timestep:;encoder_hidden_states:2,77,16"' in out
@@ -96,28 +111,58 @@ def test_usage_errors_exit_2_in_one_line(capsys, demo_dumps, tmp_path):
         (["compare", ref, tgt, "--bogus"], "No such option"),
         (["compare", ref, tgt, "--map", "nothing=sample", "--no-html"], "matches no submodel or tensor"),
         (["compare", ref, tgt, "--map", "oops", "--no-html"], "not of the form target=reference"),
-        (["compare", ref, tgt, "--map", "names.json", "--no-html"], "'names.json' is not of the form target=reference; a file of names is given with --map-file"),
+        (
+            ["compare", ref, tgt, "--map", "names.json", "--no-html"],
+            "'names.json' is not of the form target=reference; a file of names is given with --map-file",
+        ),
         (["record", "-o", tmp_path / "x.h5"], "record needs a script"),
         (["record", "-o", tmp_path / "x.h5", "--", "missing_script.py"], "no such script"),
-        (["record", "-o", tmp_path / "x.h5", "--hook", "no_such_module:Engine.__call__", "--", __file__], "cannot import"),
+        (
+            ["record", "-o", tmp_path / "x.h5", "--hook", "no_such_module:Engine.__call__", "--", __file__],
+            "cannot import",
+        ),
         (["record", "-o", tmp_path, "--", __file__], "is a directory: give the dump a file name"),
         (["record", "-o", tmp_path / "x.h5", "--hook", "numpy:ndarray.sum", "--", __file__], "cannot hook ndarray.sum"),
-        (["record", "-o", tmp_path / "x.h5", "--hook", "json:JSONDecoder", "--", __file__], "JSONDecoder instances are not callable"),
+        (
+            ["record", "-o", tmp_path / "x.h5", "--hook", "json:JSONDecoder", "--", __file__],
+            "JSONDecoder instances are not callable",
+        ),
         (["record", "-o", ref / "x.h5", "--", __file__], "part of its folder is a file, not a folder"),
-        (["record", "-o", tmp_path / "x.h5", "--include", "(", "--", __file__], "include '(' is not a valid regular expression"),
+        (
+            ["record", "-o", tmp_path / "x.h5", "--include", "(", "--", __file__],
+            "include '(' is not a valid regular expression",
+        ),
         (["record", "-o", tmp_path / "x.h5", "--steps", "3-1", "--", __file__], "the range 3-1 runs backwards"),
         (["replay", ref, "--submodel", "nothing", "--callable", "os:getcwd"], "no calls of 'nothing'"),
         (["demo", "--bug", "nonsense"], "unknown bug"),
         (["replay", ref, "--submodel", "unet"], "replay needs one target"),
         (["replay", ref, "--submodel", "unet", "--onnx", tmp_path / "missing.onnx"], "no such ONNX file"),
-        (["replay", ref, "--submodel", "unet", "--steps", "a-b", "--callable", "os:getcwd"], "expected numbers and ranges"),
-        (["replay", ref, "--submodel", "unet", "--callable", "os:getcwd"], "'os:getcwd' made a str: the factory must return"),
-        (["replay", ref, "--submodel", "unet", "--steps", "40-50", "--callable", "os:getcwd"], "no calls of 'unet' at the steps asked for (it has steps 0–"),
-        (["replay", ref, "--submodel", "unet", "--callable", "alignkit.demo.pipeline:tiny_pipeline", "-o", ref], "the replay would be written over the dump it replays"),
+        (
+            ["replay", ref, "--submodel", "unet", "--steps", "a-b", "--callable", "os:getcwd"],
+            "expected numbers and ranges",
+        ),
+        (
+            ["replay", ref, "--submodel", "unet", "--callable", "os:getcwd"],
+            "'os:getcwd' made a str: the factory must return",
+        ),
+        (
+            ["replay", ref, "--submodel", "unet", "--steps", "40-50", "--callable", "os:getcwd"],
+            "no calls of 'unet' at the steps asked for (it has steps 0–",
+        ),
+        (
+            ["replay", ref, "--submodel", "unet", "--callable", "alignkit.demo.pipeline:tiny_pipeline", "-o", ref],
+            "the replay would be written over the dump it replays",
+        ),
         (["compare", ref, tgt, "--html", ref], "is an HDF5 file, perhaps a dump: the report will not replace it"),
-        (["compare", ref, tgt, "--csv", tgt, "--no-html"], "is an HDF5 file, perhaps a dump: the table will not replace it"),
+        (
+            ["compare", ref, tgt, "--csv", tgt, "--no-html"],
+            "is an HDF5 file, perhaps a dump: the table will not replace it",
+        ),
         (["compare", ref, tgt, "--json", tmp_path, "--no-html"], "is a directory: give the JSON a file name"),
-        (["compare", ref, tgt, "--csv", ref / "t.csv", "--no-html"], "cannot write the table here (part of its folder is a file, not a folder)"),
+        (
+            ["compare", ref, tgt, "--csv", ref / "t.csv", "--no-html"],
+            "cannot write the table here (part of its folder is a file, not a folder)",
+        ),
         (["compare", ref, tgt, "--cos-min", "2", "--no-html"], "cos_min 2: a cosine lies between -1 and 1"),
         (["compare", ref, tgt, "--rel-l1-max", "-1", "--no-html"], "rel_l1_max -1: a relative L1 is never negative"),
     ]
@@ -174,8 +219,26 @@ def test_record_script_with_hook_and_onnxruntime_keeps_the_exit_code(tmp_path, t
     (tmp_path / "run.py").write_text(SCRIPT)
     dump = tmp_path / "tgt.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--hook", "engine:EngineOV.__call__", "--step-on", "engine:EngineOV.__call__", "--", "run.py", str(tiny_onnx)],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "record",
+            "-o",
+            str(dump),
+            "--hook",
+            "engine:EngineOV.__call__",
+            "--step-on",
+            "engine:EngineOV.__call__",
+            "--",
+            "run.py",
+            str(tiny_onnx),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+        timeout=120,
     )
     assert proc.returncode == 3, proc.stderr
     import alignkit as ak
@@ -197,8 +260,27 @@ def test_record_a_module_with_a_submodel_excluded(tmp_path, tiny_onnx):
     (tmp_path / "runner.py").write_text(f"if __name__ == '__main__':{body}")  # run as __main__, as -m does
     dump = tmp_path / "m.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--hook", "engine:EngineOV.__call__", "--exclude", "^unet$", "-m", "runner", "--", str(tiny_onnx)],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "record",
+            "-o",
+            str(dump),
+            "--hook",
+            "engine:EngineOV.__call__",
+            "--exclude",
+            "^unet$",
+            "-m",
+            "runner",
+            "--",
+            str(tiny_onnx),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     import alignkit as ak
@@ -240,7 +322,11 @@ def test_record_script_with_a_pipeline_of_onnx_sessions_records_each_call_once(t
     dump = tmp_path / "p.h5"
     proc = subprocess.run(
         [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--", "run.py", str(tiny_onnx)],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     import alignkit as ak
@@ -273,8 +359,23 @@ def test_record_script_with_a_hooked_engine_in_a_pipeline_records_each_call_once
     (tmp_path / "run.py").write_text(ENGINE_PIPELINE)
     dump = tmp_path / "e.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--hook", "engine:EngineOV.__call__", "--", "run.py"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "record",
+            "-o",
+            str(dump),
+            "--hook",
+            "engine:EngineOV.__call__",
+            "--",
+            "run.py",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     import alignkit as ak
@@ -300,7 +401,11 @@ def test_a_script_that_raises_keeps_its_exception_and_the_dump(tmp_path, tiny_on
     dump = tmp_path / "crash.h5"
     proc = subprocess.run(
         [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--", "crash.py", str(tiny_onnx)],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
     )
     assert proc.returncode == code  # Ctrl-C: 130, as a shell reports an interrupted command
     assert ("KeyError: 'user bug'" if code == 1 else "KeyboardInterrupt") in proc.stderr and "Traceback" in proc.stderr

@@ -5,9 +5,26 @@ import alignkit
 from tests.conftest import ROOT, run_python
 
 EXPECTED = {
-    "AlignkitError", "Call", "CallNotFoundError", "Comparison", "Divergence", "Dump", "DumpCorruptError",
-    "DumpError", "FormatVersionError", "MissingDependencyError", "NotADumpError", "Recorder", "RecordingError",
-    "UsageError", "__version__", "compare", "open_dump", "record", "replay", "step",
+    "AlignkitError",
+    "Call",
+    "CallNotFoundError",
+    "Comparison",
+    "Divergence",
+    "Dump",
+    "DumpCorruptError",
+    "DumpError",
+    "FormatVersionError",
+    "MissingDependencyError",
+    "NotADumpError",
+    "Recorder",
+    "RecordingError",
+    "UsageError",
+    "__version__",
+    "compare",
+    "open_dump",
+    "record",
+    "replay",
+    "step",
 }
 
 
@@ -31,7 +48,10 @@ def test_functions_and_their_modules_do_not_shadow_each_other():
 
 
 def test_import_loads_no_heavy_dependency():
-    proc = run_python("import sys, alignkit; print(sorted(m for m in ('torch', 'onnxruntime', 'matplotlib', 'diffusers') if m in sys.modules))")
+    proc = run_python(
+        "import sys, alignkit; print(sorted(m for m in ('torch', 'onnxruntime', 'matplotlib', 'diffusers') if m in "
+        "sys.modules))"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 

@@ -34,7 +34,14 @@ def test_onnx_export_replays_within_float32_noise(tmp_path):
     model = Block().eval()
     ref = record_calls(tmp_path / "ref.h5", model)
     onnx_path = tmp_path / "unet.onnx"
-    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(onnx_path), dynamo=False, input_names=["sample", "timestep"], output_names=["output"])
+    torch.onnx.export(
+        model,
+        (torch.ones(2, 8), torch.tensor(0)),
+        str(onnx_path),
+        dynamo=False,
+        input_names=["sample", "timestep"],
+        output_names=["output"],
+    )
     result = ak.replay(ref, submodel="unet", target=onnx_path, out=tmp_path / "replay.h5")
     assert result.verdict == "aligned", result.summary()
     outputs = result.table[result.table["io"] == "outputs"]
@@ -111,9 +118,12 @@ def test_replay_into_an_engine_fed_one_dict(tmp_path):
 
 def test_recorded_values_a_callable_does_not_take_are_left_out_and_said(demo_dumps):
     ref, _ = demo_dumps["none"]
-    result = ak.replay(ref, submodel="unet", target=lambda sample, timestep, encoder_hidden_states: sample * 0, steps=[0])
+    result = ak.replay(
+        ref, submodel="unet", target=lambda sample, timestep, encoder_hidden_states: sample * 0, steps=[0]
+    )
     assert result.warnings[0] == (
-        "replay left out the recorded `added_cond_kwargs`, `cross_attention_kwargs`, `return_dict`, `timestep_cond`: not parameters of the target"
+        "replay left out the recorded `added_cond_kwargs`, `cross_attention_kwargs`, `return_dict`, `timestep_cond`: "
+        "not parameters of the target"
     )
     assert result.verdict == "diverged"  # it ran, and its zeros are compared
 
@@ -126,7 +136,10 @@ def test_a_target_that_raises_is_named_with_its_call_in_one_line(tmp_path):
             raise RuntimeError("mat1 and mat2 must have the same dtype")
         return sample
 
-    with pytest.raises(ReplayError, match=r"^unet step 1 call 0: the target raised RuntimeError: mat1 and mat2 must have the same dtype$"):
+    with pytest.raises(
+        ReplayError,
+        match=r"^unet step 1 call 0: the target raised RuntimeError: mat1 and mat2 must have the same dtype$",
+    ):
         ak.replay(ref, submodel="unet", target=broken, out=tmp_path / "replay.h5")
 
 
@@ -135,9 +148,15 @@ def test_replay_reports_dtype_adaptation(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["timestep"], ["t"], to=TensorProto.FLOAT), helper.make_node("Add", ["sample", "t"], ["output"])],
+        [
+            helper.make_node("Cast", ["timestep"], ["t"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["sample", "t"], ["output"]),
+        ],
         "g",
-        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 8]), helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [])],
+        [
+            helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 8]),
+            helper.make_tensor_value_info("timestep", TensorProto.FLOAT, []),
+        ],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 8])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -158,7 +177,11 @@ def test_an_sdxl_exports_flat_inputs_are_fed_from_diffusers_nested_ones_in_any_o
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
     graph = helper.make_graph(  # sample + text_embeds + time_ids * timestep, its inputs in the export's own order
-        [helper.make_node("Add", ["sample", "text_embeds"], ["a"]), helper.make_node("Mul", ["time_ids", "timestep"], ["b"]), helper.make_node("Add", ["a", "b"], ["output"])],
+        [
+            helper.make_node("Add", ["sample", "text_embeds"], ["a"]),
+            helper.make_node("Mul", ["time_ids", "timestep"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["output"]),
+        ],
         "g",
         [value("sample", [2, 6]), value("time_ids", [2, 6]), value("text_embeds", [2, 6]), value("timestep", [])],
         [value("output", [2, 6])],
@@ -174,7 +197,10 @@ def test_an_sdxl_exports_flat_inputs_are_fed_from_diffusers_nested_ones_in_any_o
     with ak.Recorder(tmp_path / "ref.h5") as rec:
         watched = rec.watch(unet, "unet")
         for step, t in enumerate((999.0, 800.5)):
-            conditioning = {"text_embeds": rng.standard_normal((2, 6), dtype=np.float32), "time_ids": np.float32([[64, 64, 0, 0, 64, 64]] * 2)}
+            conditioning = {
+                "text_embeds": rng.standard_normal((2, 6), dtype=np.float32),
+                "time_ids": np.float32([[64, 64, 0, 0, 64, 64]] * 2),
+            }
             watched(rng.standard_normal((2, 6), dtype=np.float32), np.float32(t), added_cond_kwargs=conditioning)
             ak.step()
     result = ak.replay(tmp_path / "ref.h5", submodel="unet", target=tmp_path / "unet.onnx")
@@ -193,14 +219,19 @@ def test_an_onnx_decoder_gets_an_empty_cache_at_the_prefill(tmp_path):
         helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
         helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("axes", TensorProto.INT64, [2], [1, 3])),
         helper.make_node("Unsqueeze", ["ids", "axes"], ["ids4"]),
-        helper.make_node("Constant", [], ["heads"], value=helper.make_tensor("heads", TensorProto.INT64, [4], [1, 2, 1, 4])),
+        helper.make_node(
+            "Constant", [], ["heads"], value=helper.make_tensor("heads", TensorProto.INT64, [4], [1, 2, 1, 4])
+        ),
         helper.make_node("Expand", ["ids4", "heads"], ["new"]),
         helper.make_node("Concat", ["past_key_values.0.key", "new"], ["present.0.key"], axis=2),
     ]
     graph = helper.make_graph(
-        nodes, "decoder",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", 4])],
+        nodes,
+        "decoder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", 4]),
+        ],
         [helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["batch", 2, "total", 4])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -208,7 +239,9 @@ def test_an_onnx_decoder_gets_an_empty_cache_at_the_prefill(tmp_path):
     onnx.save(model, tmp_path / "decoder.onnx")
 
     def decoder(input_ids, past_key_values=None):
-        new = np.broadcast_to(input_ids.astype(np.float32)[:, None, :, None], (input_ids.shape[0], 2, input_ids.shape[1], 4))
+        new = np.broadcast_to(
+            input_ids.astype(np.float32)[:, None, :, None], (input_ids.shape[0], 2, input_ids.shape[1], 4)
+        )
         past = past_key_values["0.key"] if past_key_values else np.zeros((input_ids.shape[0], 2, 0, 4), np.float32)
         return {"present.0.key": np.concatenate([past, new], axis=2)}
 
@@ -220,7 +253,9 @@ def test_an_onnx_decoder_gets_an_empty_cache_at_the_prefill(tmp_path):
     with ak.open_dump(tmp_path / "ref.h5") as dump:
         assert "past_key_values.0.key" not in dump["decoder", 0].inputs
     result = ak.replay(tmp_path / "ref.h5", submodel="decoder", target=tmp_path / "decoder.onnx")
-    assert "replay fed an empty KV cache (no positions) where the reference recorded none: the prefill" in result.warnings
+    assert (
+        "replay fed an empty KV cache (no positions) where the reference recorded none: the prefill" in result.warnings
+    )
     outputs = result.table[result.table["io"] == "outputs"]
     assert list(outputs["step"]) == [0, 1, 2] and set(outputs["status"]) == {"ok"}
 
@@ -297,7 +332,14 @@ def test_onnx_port_layers_are_matched_to_torch_modules_and_drilled_down(tmp_path
     model = Block().eval()
     ref = record_calls(tmp_path / "ref.h5", model, layers=["unet"])
     path = tmp_path / "unet.onnx"
-    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(path), dynamo=dynamo, input_names=["sample", "timestep"], output_names=["output"])
+    torch.onnx.export(
+        model,
+        (torch.ones(2, 8), torch.tensor(0)),
+        str(path),
+        dynamo=dynamo,
+        input_names=["sample", "timestep"],
+        output_names=["output"],
+    )
     proto = onnx.load(path)
     for init in proto.graph.initializer:
         if init.name == "conv.weight":
@@ -317,7 +359,14 @@ def test_onnx_session_layers_are_recorded(tmp_path):
     model = Block().eval()
     path = tmp_path / "unet" / "model.onnx"
     path.parent.mkdir()
-    torch.onnx.export(model, (torch.ones(2, 8), torch.tensor(0)), str(path), dynamo=False, input_names=["sample", "timestep"], output_names=["output"])
+    torch.onnx.export(
+        model,
+        (torch.ones(2, 8), torch.tensor(0)),
+        str(path),
+        dynamo=False,
+        input_names=["sample", "timestep"],
+        output_names=["output"],
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with ak.Recorder(tmp_path / "d.h5", layers=["unet"]) as rec:
         rec.watch(session)

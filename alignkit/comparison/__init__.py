@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 
-from alignkit.comparison.result import Comparison
-from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison import configs, glue
+from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls, run_notes
-from alignkit.comparison.table import Thresholds, build_table, carried_precision, inputs_agree, one_side_notes, raised_calls
+from alignkit.comparison.result import Comparison
+from alignkit.comparison.table import (
+    Thresholds,
+    build_table,
+    carried_precision,
+    inputs_agree,
+    one_side_notes,
+    raised_calls,
+)
 from alignkit.errors import UsageError
 from alignkit.storage.reader import Dump, open_dump
 
@@ -35,30 +42,41 @@ def compare(
     """Compare a target dump against a reference dump and diagnose the first divergence.
 
     ``name_map`` maps target names to reference names (``{"unet.input.1": "sample"}`` or
-    ``["input.1=sample"]``); ``submodels`` limits the comparison to those; ``replay`` attaches a replay comparison (or a replay dump to
-    compare against ``ref``) so the report can draw local error beside pipeline drift.
+    ``["input.1=sample"]``); ``submodels`` limits the comparison to those; ``replay`` attaches a
+    replay comparison (or a replay dump to compare against ``ref``) so the report can draw local
+    error beside pipeline drift.
     """
     names = NameMap.build(name_map, map_file)
     limits = Thresholds(cos_min, rel_l1_max, floor_factor)
     with _opened(ref) as r, _opened(tgt) as t:
         calls, notes = match_calls(r, t, names)
         carried = carried_precision(r, t)
-        calls, reordered = pair_reordered_calls(calls, lambda rs, ts: inputs_agree(r, t, r.call_at(rs), t.call_at(ts), names, limits, carried))
+        calls, reordered = pair_reordered_calls(
+            calls, lambda rs, ts: inputs_agree(r, t, r.call_at(rs), t.call_at(ts), names, limits, carried)
+        )
         notes += reordered
         if submodels is not None:
             keep = set(submodels)
             shared = list(dict.fromkeys(calls.dropna(subset=["ref_seq", "tgt_seq"])["submodel"]))
             unknown = [s for s in submodels if s not in shared]
             if unknown:
-                raise UsageError(f"submodels {', '.join(map(repr, unknown))}: not in both dumps (in both: {', '.join(shared) or 'none'})")
+                raise UsageError(
+                    f"submodels {', '.join(map(repr, unknown))}: not in both dumps (in both: "
+                    f"{', '.join(shared) or 'none'})"
+                )
             calls = calls[calls["submodel"].isin(keep)].reset_index(drop=True)
             notes = [n for n in notes if n.split(":", 1)[0] in keep]
         notes = run_notes(r, t) + notes
         total = len(calls)
-        table = build_table(r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None, carried)
+        table = build_table(
+            r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None, carried
+        )
         unused = names.unused()
         if unused:
-            raise UsageError(f"name map entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no submodel or tensor in {t.path}")
+            raise UsageError(
+                f"name map entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} "
+                f"match{'es' if len(unused) == 1 else ''} no submodel or tensor in {t.path}"
+            )
         explainer = glue.Explainer(r, t, calls, table)
         raised = raised_calls(r, t, calls)
         per_call = classify_calls(table, calls, raised)
@@ -88,7 +106,19 @@ def compare(
             layers=drill_down(table, first) if first is not None else {},
         )
     if replay is not None:
-        result.replay = replay if isinstance(replay, Comparison) else compare(ref, replay, name_map=name_map, map_file=map_file, cos_min=cos_min, rel_l1_max=rel_l1_max, floor_factor=floor_factor)
+        result.replay = (
+            replay
+            if isinstance(replay, Comparison)
+            else compare(
+                ref,
+                replay,
+                name_map=name_map,
+                map_file=map_file,
+                cos_min=cos_min,
+                rel_l1_max=rel_l1_max,
+                floor_factor=floor_factor,
+            )
+        )
     return result
 
 

@@ -28,9 +28,16 @@ from alignkit.storage.reader import Dump
 from alignkit.storage.schema import stands_in
 
 IGNORED_KEYS = frozenset({"torch_dtype", "dtype", "transformers_version"})
-IGNORED_ARGUMENTS = frozenset({  # how a pipeline hands back its result, not what it computes
-    "output_type", "return_dict", "callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
-})
+IGNORED_ARGUMENTS = frozenset(
+    {  # how a pipeline hands back its result, not what it computes
+        "output_type",
+        "return_dict",
+        "callback",
+        "callback_steps",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+    }
+)
 SHOWN_KEYS = 4  # config keys named in one difference; the rest are counted
 SHOWN_CHARS = 60  # of a long value (a prompt)
 PIPELINE = "pipeline"  # how a pipeline's call arguments are named among the differences
@@ -51,8 +58,16 @@ def differences(ref: Dump, tgt: Dump, calls: pd.DataFrame | None = None) -> dict
             phrases.append(f"is {_short(r['class'])} in the reference, {_short(t['class'])} in the target")
         elif text := _config_text(r["config"], t["config"]):
             phrases.append(f"is configured otherwise: {text}")
-        if is_scheduler(r["class"]) and not cut_short(ref) and not cut_short(tgt) and (steps := _steps(ref, submodel)) != (tgt_steps := _steps(tgt, submodel)):
-            phrases.append(f"takes {steps} steps in the reference and {tgt_steps} in the target, so its timesteps and sigmas differ")
+        if (
+            is_scheduler(r["class"])
+            and not cut_short(ref)
+            and not cut_short(tgt)
+            and (steps := _steps(ref, submodel)) != (tgt_steps := _steps(tgt, submodel))
+        ):
+            phrases.append(
+                f"takes {steps} steps in the reference and {tgt_steps} in the target, so its timesteps and sigmas "
+                "differ"
+            )
         if phrases:
             out[submodel] = "; ".join(phrases)
     if calls is not None:
@@ -109,13 +124,17 @@ def argument_text(value: Any) -> str:
     """A recorded pipeline argument as the user wrote it: a stand-in (``<Generator seed=0>``) bare,
     a long prompt cut short."""
     text = value if stands_in(value) else json.dumps(value)
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 1]}…"
+    return text if len(text) <= SHOWN_CHARS else f"{text[: SHOWN_CHARS - 1]}…"
 
 
 def given_arguments(arguments: dict[str, Any]) -> str:
     """A pipeline call's arguments that say something: set (not None), and about what it
     computes (not how it hands back its result)."""
-    return ", ".join(f"{k} {argument_text(v)}" for k, v in arguments.items() if v is not None and v != [] and k not in IGNORED_ARGUMENTS)
+    return ", ".join(
+        f"{k} {argument_text(v)}"
+        for k, v in arguments.items()
+        if v is not None and v != [] and k not in IGNORED_ARGUMENTS
+    )
 
 
 def _listed(parts: list[str]) -> str:

@@ -76,7 +76,9 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, s
     return frame.reset_index()
 
 
-def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame, explain: Callable[[pd.Series], str | None] | None = None) -> Divergence | None:
+def first_divergence(
+    table: pd.DataFrame, per_call: pd.DataFrame, explain: Callable[[pd.Series], str | None] | None = None
+) -> Divergence | None:
     """The earliest divergent call, with its evidence; ``explain`` may say why an input
     mismatch's input differs (the glue that made it), given its table row."""
     hits = per_call[per_call["kind"] != ""]
@@ -85,21 +87,64 @@ def first_divergence(table: pd.DataFrame, per_call: pd.DataFrame, explain: Calla
     call = hits.iloc[0]
     if call["kind"] == RAISED:
         where = _where(call)
-        inputs = table[(table["seq"] == call["seq"]) & (table["io"] == "inputs")].dropna(subset=["ref_dtype", "tgt_dtype"])
-        recast = [f"`{r.tensor}` is {r.tgt_dtype} in the target, {r.ref_dtype} in the reference" for r in inputs.itertuples() if r.ref_dtype != r.tgt_dtype]
-        message = f"{where}: raised — {call['raised']}, from matching inputs" + (f" (equal values, but {'; '.join(recast)})" if recast else "")
-        return Divergence(str(call["submodel"]), int(call["step"]), int(call["call"]), "outputs", "", RAISED, message, int(call["seq"]), {"raised": call["raised"]})
+        inputs = table[(table["seq"] == call["seq"]) & (table["io"] == "inputs")].dropna(
+            subset=["ref_dtype", "tgt_dtype"]
+        )
+        recast = [
+            f"`{r.tensor}` is {r.tgt_dtype} in the target, {r.ref_dtype} in the reference"
+            for r in inputs.itertuples()
+            if r.ref_dtype != r.tgt_dtype
+        ]
+        message = f"{where}: raised — {call['raised']}, from matching inputs" + (
+            f" (equal values, but {'; '.join(recast)})" if recast else ""
+        )
+        return Divergence(
+            str(call["submodel"]),
+            int(call["step"]),
+            int(call["call"]),
+            "outputs",
+            "",
+            RAISED,
+            message,
+            int(call["seq"]),
+            {"raised": call["raised"]},
+        )
     io = "outputs" if call["kind"] == LOCAL_ERROR else "inputs"
     rows = table[(table["seq"] == call["seq"]) & (table["io"] == io) & table["status"].isin(BAD)]
     row = rows.iloc[0]
     evidence = _evidence(row)
     cause = explain(row) if explain is not None and call["kind"] == INPUT_MISMATCH else None
     message = _message(call, row, evidence, cause)
-    return Divergence(str(call["submodel"]), int(call["step"]), int(call["call"]), io, str(row["tensor"]), str(call["kind"]), message, int(call["seq"]), evidence)
+    return Divergence(
+        str(call["submodel"]),
+        int(call["step"]),
+        int(call["call"]),
+        io,
+        str(row["tensor"]),
+        str(call["kind"]),
+        message,
+        int(call["seq"]),
+        evidence,
+    )
 
 
 def _evidence(row: pd.Series) -> dict[str, Any]:
-    keys = ["ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "ref_value", "tgt_value", "l1", "rel_l1", "max_abs", "cos", "cos_dist", "floor_ratio", "floor_dtype", "status"]
+    keys = [
+        "ref_dtype",
+        "tgt_dtype",
+        "ref_shape",
+        "tgt_shape",
+        "ref_value",
+        "tgt_value",
+        "l1",
+        "rel_l1",
+        "max_abs",
+        "cos",
+        "cos_dist",
+        "floor_ratio",
+        "floor_dtype",
+        "status",
+    ]
     return {k: _plain(row.get(k)) for k in keys if k in row and not _missing(row.get(k))}
 
 
@@ -111,22 +156,38 @@ def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any], cause: str | N
     where = _where(call)
     tensor = row["tensor"]
     if call["kind"] == LOCAL_ERROR:
-        message = f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the port of {call['submodel']} itself is off"
+        message = (
+            f"{where}: local error — the inputs match but output `{tensor}` differs ({_metrics_text(ev)}); the "
+            f"port of {call['submodel']} itself is off"
+        )
     elif call["kind"] == INPUT_MISMATCH and cause:
         message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; {cause}"
     elif call["kind"] == INPUT_MISMATCH and _independent_draws(row, ev):
-        message = (f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the two are uncorrelated but alike "
-                   "in size, as two draws of random noise are: the runs start from different noise (another seed or generator, or noise drawn "
-                   "on another device or in another dtype)")
+        message = (
+            f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the two are "
+            "uncorrelated but alike "
+            "in size, as two draws of random noise are: the runs start from different noise (another seed or "
+            "generator, or noise drawn "
+            "on another device or in another dtype)"
+        )
     elif call["kind"] == INPUT_MISMATCH:
-        message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the glue code that feeds {call['submodel']} differs"
+        message = (
+            f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the "
+            f"glue code that feeds {call['submodel']} differs"
+        )
         if math.isfinite(ev.get("floor_ratio", math.inf)):
-            message += (f", or computes in {ev['tgt_dtype']} what the reference computes in {ev['ref_dtype']} and amplifies its rounding "
-                        "(as classifier-free guidance does, by about its guidance scale)")
+            message += (
+                f", or computes in {ev['tgt_dtype']} what the reference computes in {ev['ref_dtype']} and amplifies "
+                "its rounding "
+                "(as classifier-free guidance does, by about its guidance scale)"
+            )
     else:
         message = f"{where}: propagated — {_values_text(tensor, ev)}"
     if not _missing(row.get("swapped_with")):
-        message += f" (target `{row['tgt_tensor']}`, matched to it by position, holds the reference's `{row['swapped_with']}`: see the warning on swapped tensors)"
+        message += (
+            f" (target `{row['tgt_tensor']}`, matched to it by position, holds the reference's "
+            f"`{row['swapped_with']}`: see the warning on swapped tensors)"
+        )
     return message
 
 
@@ -134,8 +195,12 @@ def _independent_draws(row: pd.Series, ev: dict[str, Any]) -> bool:
     """Whether two tensors look like independent draws of one distribution: no correlation,
     and a relative L1 near that of two such draws (√2 for Gaussian noise, 4/3 for uniform,
     3/2 for Laplace). Judged only on tensors large enough for the figures to settle."""
-    return (ev.get("status") == "mismatch" and int(row.get("numel") or 0) >= NOISE_MIN_ELEMENTS
-            and abs(ev.get("cos", 1.0)) <= NOISE_MAX_COS and NOISE_REL_L1[0] <= ev.get("rel_l1", 0.0) <= NOISE_REL_L1[1])
+    return (
+        ev.get("status") == "mismatch"
+        and int(row.get("numel") or 0) >= NOISE_MIN_ELEMENTS
+        and abs(ev.get("cos", 1.0)) <= NOISE_MAX_COS
+        and NOISE_REL_L1[0] <= ev.get("rel_l1", 0.0) <= NOISE_REL_L1[1]
+    )
 
 
 def _values_text(tensor: str, ev: dict[str, Any]) -> str:
@@ -175,9 +240,19 @@ def growth(per_call: pd.DataFrame, first: Divergence) -> dict[str, Any]:
     enders = after.groupby("step").tail(1)
     carrier = enders["submodel"].mode().iloc[0]
     curve = enders[enders["submodel"] == carrier]
-    out: dict[str, Any] = {"submodel": str(carrier), "steps": [int(s) for s in curve["step"]], "l1": [float(v) for v in curve["out_l1"]]}
+    out: dict[str, Any] = {
+        "submodel": str(carrier),
+        "steps": [int(s) for s in curve["step"]],
+        "l1": [float(v) for v in curve["out_l1"]],
+    }
     last = after.iloc[-1]
-    out["final"] = {"submodel": str(last["submodel"]), "step": int(last["step"]), "l1": float(last["out_l1"]), "rel_l1": float(last["out_rel_l1"]), "cos": float(last["out_cos"])}
+    out["final"] = {
+        "submodel": str(last["submodel"]),
+        "step": int(last["step"]),
+        "l1": float(last["out_l1"]),
+        "rel_l1": float(last["out_rel_l1"]),
+        "cos": float(last["out_cos"]),
+    }
     start = next((v for v in out["l1"] if v > 0), None)
     out["factor"] = max(out["l1"]) / start if start else None
     return out
@@ -200,7 +275,10 @@ def growth_text(g: dict[str, Any]) -> str:
         if factor and math.isfinite(factor) and factor > 1.05:
             text += f", ×{factor:.3g} the first divergent step's"
     if final and (final["submodel"] != g["submodel"] or final["step"] != steps[-1]):
-        text += f"; the final output ({final['submodel']}, step {final['step']}) has rel_l1 {final['rel_l1']:.3g}, cos {final['cos']:.6f}"
+        text += (
+            f"; the final output ({final['submodel']}, step {final['step']}) has rel_l1 {final['rel_l1']:.3g}, "
+            f"cos {final['cos']:.6f}"
+        )
     return text
 
 
@@ -220,20 +298,35 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     amplified = table["glue"].notna()
     precision = table[(table["status"] == "precision") & ~amplified]
     if len(precision):
-        out.append(f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's lower-precision dtype: expected precision loss, not a divergence")
+        out.append(
+            f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's "
+            "lower-precision dtype: expected precision loss, not a divergence"
+        )
     for (sub, io, tensor, glue), group in table[amplified].groupby(["submodel", "io", "tensor", "glue"], sort=False):
-        past = f"{sub} {io[:-1]} `{tensor}` is past {floor_factor:g}× its noise floor at {count(group['step'].nunique(), 'step')} (up to {group['floor_ratio'].max():.3g}×)"
+        past = (
+            f"{sub} {io[:-1]} `{tensor}` is past {floor_factor:g}× its noise floor at "
+            f"{count(group['step'].nunique(), 'step')} (up to {group['floor_ratio'].max():.3g}×)"
+        )
         if io == "inputs":
-            out.append(f"{past}, but is {glue} in both runs, of outputs within theirs: their precision loss, amplified by the glue, not a divergence")
+            out.append(
+                f"{past}, but is {glue} in both runs, of outputs within theirs: their precision loss, amplified by "
+                "the glue, not a divergence"
+            )
         else:
-            out.append(f"{past}, but is {glue}, which the glue took past its own: its relative error is no more than that input's plus {floor_factor:g}× its floor, precision loss carried on, not a divergence")
+            out.append(
+                f"{past}, but is {glue}, which the glue took past its own: its relative error is no more than that "
+                f"input's plus {floor_factor:g}× its floor, precision loss carried on, not a divergence"
+            )
     mismatched = table[table["nonfinite_mismatch"].fillna(0) > 0]
     nonfinite = {side: mismatched[f"nan_{side}"] + mismatched[f"inf_{side}"] for side in ("ref", "tgt")}
     for side, other, who in (("tgt", "ref", "target"), ("ref", "tgt", "reference")):
         nf = mismatched[nonfinite[side] > nonfinite[other]]
         if len(nf):
             row = nf.iloc[0]
-            out.append(f"NaN/Inf first appear in the {who} only at {row['submodel']} step {row['step']} {row['io'][:-1]} `{row['tensor']}` ({int(row[f'nan_{side}'])} NaN, {int(row[f'inf_{side}'])} Inf)")
+            out.append(
+                f"NaN/Inf first appear in the {who} only at {row['submodel']} step {row['step']} {row['io'][:-1]} "
+                f"`{row['tensor']}` ({int(row[f'nan_{side}'])} NaN, {int(row[f'inf_{side}'])} Inf)"
+            )
     return out
 
 
@@ -244,16 +337,26 @@ def _dtype_warnings(table: pd.DataFrame) -> list[str]:
     another dtype, values equal in spite of the dtype) are not lost among them."""
     both = table.dropna(subset=["ref_dtype", "tgt_dtype"])
     diff = both[both["ref_dtype"] != both["tgt_dtype"]].assign(equal=lambda d: d["max_abs"] == 0)
-    tensors = diff.groupby(["submodel", "io", "tensor", "ref_dtype", "tgt_dtype"], sort=False).agg(equal=("equal", "all"), steps=("step", "nunique")).reset_index()
+    tensors = (
+        diff.groupby(["submodel", "io", "tensor", "ref_dtype", "tgt_dtype"], sort=False)
+        .agg(equal=("equal", "all"), steps=("step", "nunique"))
+        .reset_index()
+    )
     out = []
     for (rd, td), group in tensors[~tensors["equal"]].groupby(["ref_dtype", "tgt_dtype"], sort=False):
         if len(group) >= WHOLESALE_DTYPE_CHANGE:
             subs = ", ".join(dict.fromkeys(group["submodel"]))
-            out.append(f"{len(group)} tensors are {rd} in the reference and {td} in the target, with values that differ ({subs}): the target computes in {td}")
+            out.append(
+                f"{len(group)} tensors are {rd} in the reference and {td} in the target, with values that differ "
+                f"({subs}): the target computes in {td}"
+            )
             tensors = tensors.drop(group.index)
     for row in tensors.itertuples(index=False):
         note = "values equal" if row.equal else "values differ"
-        out.append(f"{row.submodel} {row.io[:-1]} `{row.tensor}`: reference {row.ref_dtype}, target {row.tgt_dtype} ({note}) at {count(row.steps, 'step')}")
+        out.append(
+            f"{row.submodel} {row.io[:-1]} `{row.tensor}`: reference {row.ref_dtype}, target {row.tgt_dtype} ({note}) "
+            f"at {count(row.steps, 'step')}"
+        )
     return out
 
 
@@ -270,7 +373,8 @@ def _swap_warnings(table: pd.DataFrame) -> list[str]:
         a, b = targets[sub, io, tensor], targets.get((sub, io, other), "?")
         steps = len(set(group["step"]))
         out.append(
-            f"{sub} {io}: target `{a}` and `{b}`, matched by position to `{tensor}` and `{other}`, hold each other's values "
+            f"{sub} {io}: target `{a}` and `{b}`, matched by position to `{tensor}` and `{other}`, hold each other's "
+            "values "
             f"at {count(steps, 'step')}: if the engine takes them in this order, map the names "
             f"(--map {a}={other} --map {b}={tensor}); if not, they are fed to it swapped"
         )
@@ -284,7 +388,10 @@ def _broadcast_warnings(table: pd.DataFrame) -> list[str]:
     for (sub, tensor, rs, ts), group in spread.groupby(["submodel", "tensor", "ref_shape", "tgt_shape"], sort=False):
         steps = len(set(group["step"]))
         agree = "the values agree" if (group["status"] == "ok").all() else "the values differ"
-        out.append(f"{sub} input `{tensor}`: reference shape {rs}, target {ts}: one value compared with each of the other's at {count(steps, 'step')} ({agree})")
+        out.append(
+            f"{sub} input `{tensor}`: reference shape {rs}, target {ts}: one value compared with each of the other's "
+            f"at {count(steps, 'step')} ({agree})"
+        )
     return out
 
 
@@ -294,4 +401,3 @@ def _missing(v: Any) -> bool:
 
 def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
-

@@ -67,10 +67,15 @@ class Glue:
     def text(self) -> str:
         if not self.same:
             how = "in the other order (the batch halves are swapped)" if self.swapped else "with other weights"
-            return (f"`{self.tensor}` is {self.formula} in the reference but {self.target_formula} in the target: "
-                    f"the glue code that feeds {self.submodel} combines the same outputs {how}")
-        return (f"`{self.tensor}` is {self.formula} in both runs: the glue is the same, and the difference is that of "
-                f"the outputs it combines (rel_l1 up to {self.inputs_rel_l1:.3g}), amplified ×{self.amplified:.3g} by the combination")
+            return (
+                f"`{self.tensor}` is {self.formula} in the reference but {self.target_formula} in the target: "
+                f"the glue code that feeds {self.submodel} combines the same outputs {how}"
+            )
+        return (
+            f"`{self.tensor}` is {self.formula} in both runs: the glue is the same, and the difference is that of "
+            f"the outputs it combines (rel_l1 up to {self.inputs_rel_l1:.3g}), amplified ×{self.amplified:.3g} by the "
+            "combination"
+        )
 
 
 class Explainer:
@@ -102,7 +107,10 @@ class Explainer:
         tgt_seq = self._tgt_seqs.get(int(row["seq"]))
         if tgt_seq is None:
             return None
-        y_ref, y_tgt = _input(self._ref, int(row["seq"]), str(row["tensor"])), _input(self._tgt, tgt_seq, str(row["tgt_tensor"]))
+        y_ref, y_tgt = (
+            _input(self._ref, int(row["seq"]), str(row["tensor"])),
+            _input(self._tgt, tgt_seq, str(row["tgt_tensor"])),
+        )
         return (y_ref, y_tgt) if y_ref is not None and y_tgt is not None and y_ref.shape == y_tgt.shape else None
 
     def settle(self, first: Divergence, floor_factor: float) -> bool:
@@ -116,7 +124,9 @@ class Explainer:
         table = self._table
         if first.kind not in (INPUT_MISMATCH, LOCAL_ERROR):
             return False
-        index = table.index[(table["seq"] == first.seq) & (table["io"] == first.io) & (table["tensor"] == first.tensor)][0]
+        index = table.index[
+            (table["seq"] == first.seq) & (table["io"] == first.io) & (table["tensor"] == first.tensor)
+        ][0]
         row = table.loc[index]
         if not math.isfinite(row["floor_ratio"]):
             return False
@@ -134,8 +144,14 @@ class Explainer:
         return True
 
 
-def explain(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame, row: pd.Series,
-            inputs: Callable[[], tuple[np.ndarray, np.ndarray] | None]) -> Glue | None:
+def explain(
+    ref: Dump,
+    tgt: Dump,
+    tgt_seqs: dict[int, int],
+    table: pd.DataFrame,
+    row: pd.Series,
+    inputs: Callable[[], tuple[np.ndarray, np.ndarray] | None],
+) -> Glue | None:
     """How the input ``row`` (a table row) is made, when it is a fixed combination of earlier
     outputs of its step in the reference; None when it is not one. ``tgt_seqs`` maps each
     matched reference call to its target call; ``inputs`` reads the input in both runs."""
@@ -178,8 +194,12 @@ def reordered(row: pd.Series, y_ref: np.ndarray, y_tgt: np.ndarray) -> str | Non
     in_order = _rel_l1(np.sort(y_tgt.astype(np.float64), axis=None), np.sort(y_ref.astype(np.float64), axis=None))
     if not in_order <= REORDERED_AGREE or row["rel_l1"] <= REORDERED_APART * in_order:
         return None
-    return (f"`{row['tensor']}` holds the reference's values in another order (sorted, they agree to rel_l1 {in_order:.2g}): the glue "
-            f"code that feeds {row['submodel']} lays it out otherwise (a reshape or view where a transpose was meant, NHWC for NCHW)")
+    return (
+        f"`{row['tensor']}` holds the reference's values in another order (sorted, they agree to rel_l1 "
+        f"{in_order:.2g}): the glue "
+        f"code that feeds {row['submodel']} lays it out otherwise (a reshape or view where a transpose was meant, "
+        "NHWC for NCHW)"
+    )
 
 
 def rounded(row: pd.Series, y_ref: np.ndarray, y_tgt: np.ndarray) -> str | None:
@@ -194,9 +214,13 @@ def rounded(row: pd.Series, y_ref: np.ndarray, y_tgt: np.ndarray) -> str | None:
     ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(r), np.finfo(np.float64).tiny))) - mantissa)
     if not np.all(np.abs(t - r) <= ROUNDING_ULPS * ulp):
         return None
-    return (f"`{row['tensor']}` differs from the reference's by no more than {row['tgt_dtype']} rounding ({ROUNDING_ULPS:g} units in the "
-            f"last place): the glue that feeds {row['submodel']} computes it in {row['tgt_dtype']}, which a control input does not "
-            "survive unchanged (a timestep moves its embedding): keep it in float32")
+    return (
+        f"`{row['tensor']}` differs from the reference's by no more than {row['tgt_dtype']} rounding "
+        f"({ROUNDING_ULPS:g} units in the "
+        f"last place): the glue that feeds {row['submodel']} computes it in {row['tgt_dtype']}, which a control input "
+        "does not "
+        "survive unchanged (a timestep moves its embedding): keep it in float32"
+    )
 
 
 def _explain_by_channels(row: pd.Series, parts: list[_Part], y_ref: np.ndarray, y_tgt: np.ndarray) -> Glue | None:
@@ -222,8 +246,16 @@ def _explain_by_channels(row: pd.Series, parts: list[_Part], y_ref: np.ndarray, 
 def _glue(row: pd.Series, formula: str, used: list[_Part], y_ref: np.ndarray, y_tgt: np.ndarray) -> Glue:
     inputs = max(_rel_l1(p.tgt, p.ref) for p in used)
     difference = _rel_l1(y_tgt, y_ref)
-    return Glue(str(row["tensor"]), str(row["submodel"]), formula, None, False, inputs,
-                difference / inputs if inputs > 0 else float("inf"), all(p.within for p in used))
+    return Glue(
+        str(row["tensor"]),
+        str(row["submodel"]),
+        formula,
+        None,
+        False,
+        inputs,
+        difference / inputs if inputs > 0 else float("inf"),
+        all(p.within for p in used),
+    )
 
 
 def _made_alike(y_tgt: np.ndarray, expected: np.ndarray, y_ref: np.ndarray) -> bool:
@@ -240,8 +272,11 @@ def _parts(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame, 
     if not shape:
         return []
     earlier = table[
-        (table["io"] == "outputs") & table["step"].isin([row["step"], row["step"] - 1]) & (table["seq"] < row["seq"])
-        & (table["ref_shape"] == table["tgt_shape"]) & table["status"].isin(["ok", "precision", "mismatch"])
+        (table["io"] == "outputs")
+        & table["step"].isin([row["step"], row["step"] - 1])
+        & (table["seq"] < row["seq"])
+        & (table["ref_shape"] == table["tgt_shape"])
+        & table["status"].isin(["ok", "precision", "mismatch"])
     ].sort_values("seq", ascending=False, kind="stable")
     parts: list[_Part] = []
     for out in earlier.itertuples(index=False):
@@ -303,8 +338,10 @@ def _channels_formula(label: str, fits: np.ndarray) -> str:
     scales, shifts = fits[:, 0], fits[:, 1]
     if np.ptp(scales) <= 1e-4 * np.abs(scales).max() and np.ptp(shifts) <= 1e-4 * max(np.abs(shifts).max(), 1e-12):
         return f"{scales[0]:.3g}·{label} + {shifts[0]:.3g}".replace("+ -", "- ")
-    return (f"{label} scaled and shifted per channel (scales {scales.min():.3g} to {scales.max():.3g}, "
-            f"shifts {shifts.min():.3g} to {shifts.max():.3g})")
+    return (
+        f"{label} scaled and shifted per channel (scales {scales.min():.3g} to {scales.max():.3g}, "
+        f"shifts {shifts.min():.3g} to {shifts.max():.3g})"
+    )
 
 
 def _formula(labels: list[str], w: np.ndarray) -> str:

@@ -30,7 +30,9 @@ def drill_down(table: pd.DataFrame, first: Divergence) -> dict[str, Any]:
         out["first_layer"] = str(bad["tensor"].iloc[0])
     for side in ("tgt", "ref"):
         other = "ref" if side == "tgt" else "tgt"
-        nf = layers[(layers[f"nan_{side}"] + layers[f"inf_{side}"] > 0) & (layers[f"nan_{other}"] + layers[f"inf_{other}"] == 0)]
+        nf = layers[
+            (layers[f"nan_{side}"] + layers[f"inf_{side}"] > 0) & (layers[f"nan_{other}"] + layers[f"inf_{other}"] == 0)
+        ]
         if len(nf):
             out[f"first_nonfinite_{side}"] = str(nf["tensor"].iloc[0])
     err = layers["rel_l1"].replace(float("inf"), 1e300).to_numpy()

@@ -45,7 +45,9 @@ class NameMap:
             for item in mapping:
                 tgt, sep, ref = str(item).partition("=")
                 if not sep or not tgt or not ref:
-                    raise UsageError(f"name map entry {item!r} is not of the form target=reference{_file_hint(str(item))}")
+                    raise UsageError(
+                        f"name map entry {item!r} is not of the form target=reference{_file_hint(str(item))}"
+                    )
                 entries[tgt] = ref
         return cls(entries)
 
@@ -161,14 +163,20 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
             f"(reference: {', '.join(ref.submodels) or 'none'}; target: {', '.join(tgt.submodels) or 'none'}); "
             "map target names with --map target=reference"
         )
-    notes = [f"{tgt_name} (target) is compared with {ref_name} (reference): the names diffusers' ONNX export and a torch "
-             f"pipeline give the same VAE half" for tgt_name, ref_name in aliases.items()]
+    notes = [
+        f"{tgt_name} (target) is compared with {ref_name} (reference): the names diffusers' ONNX export and a torch "
+        f"pipeline give the same VAE half"
+        for tgt_name, ref_name in aliases.items()
+    ]
     for sub in sorted(shared):
         parts = _batch_split(ref, tgt, r[r["submodel"] == sub], t[t["submodel"] == sub])
         if parts:
             t = _merge_split_calls(t, sub)
-            notes.append(f"{sub}: the target splits each call into {parts} along the batch (as classifier-free guidance at batch 1 does); "
-                         "compared with the reference's call as one, concatenated")
+            notes.append(
+                f"{sub}: the target splits each call into {parts} along the batch (as classifier-free guidance at "
+                "batch 1 does); "
+                "compared with the reference's call as one, concatenated"
+            )
     columns = ["submodel", "step", "call", "tgt_seq"] + (["tgt_parts"] if "tgt_parts" in t else [])
     joined = r.merge(t[columns], on=["submodel", "step", "call"], how="outer")
     joined = joined.sort_values(["ref_seq", "tgt_seq"], kind="stable").reset_index(drop=True)
@@ -187,7 +195,9 @@ def shortfalls(dump: Dump, who: str = "the run") -> list[str]:
     if meta.get("error"):
         notes.append(f"{who} ended early, with {meta['error']}")
     elif not meta.get("complete", True):
-        notes.append(f"{who} was killed before its recording ended: the dump holds its calls up to its last completed steps")
+        notes.append(
+            f"{who} was killed before its recording ended: the dump holds its calls up to its last completed steps"
+        )
     if meta.get("stopped"):
         notes.append(f"recording of {who} stopped early: {meta['stopped']}")
     if isinstance(filters := meta.get("filters"), dict) and filters:
@@ -273,8 +283,10 @@ def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> l
         else:
             notes.extend(_calls_per_step_note(sub, r[r["submodel"] == sub], t[t["submodel"] == sub]))
     if len(only_ref) == 1 and len(only_tgt) == 1 and only_ref[0][1] == only_tgt[0][1]:  # one submodel under two names
-        notes.append(f"{only_tgt[0][0]} looks like the target's name for {only_ref[0][0]} (the same steps): "
-                     f"compare them with --map {only_tgt[0][0]}={only_ref[0][0]}")
+        notes.append(
+            f"{only_tgt[0][0]} looks like the target's name for {only_ref[0][0]} (the same steps): "
+            f"compare them with --map {only_tgt[0][0]}={only_ref[0][0]}"
+        )
     one_side = int((joined["tgt_seq"].isna() | joined["ref_seq"].isna()).sum())
     if one_side and not notes:
         notes.append(f"{one_side} calls are on one side only (the same steps hold a different number of calls)")
@@ -304,13 +316,21 @@ def pair_reordered_calls(calls: pd.DataFrame, agree: Callable[[int, int], bool])
         if all(agree(r, t) for r, t in zip(refs, tgts)):
             continue
         fits = [[agree(r, t) for t in tgts] for r in refs]
-        order = next((p for p in itertools.permutations(range(len(tgts))) if all(fits[i][j] for i, j in enumerate(p))), None)
+        order = next(
+            (p for p in itertools.permutations(range(len(tgts))) if all(fits[i][j] for i, j in enumerate(p))), None
+        )
         if order is None:
             continue
         calls.loc[group.index, "tgt_seq"] = [tgts[j] for j in order]
-        pairs = ", ".join(f"{int(c)} with {int(group['call'].iloc[j])}" for c, j in zip(group["call"], order) if c != group["call"].iloc[j])
-        notes.append(f"{submodel} step {step}: the target makes these calls in another order; paired by their inputs "
-                     f"(the reference's call {pairs} of the target's)")
+        pairs = ", ".join(
+            f"{int(c)} with {int(group['call'].iloc[j])}"
+            for c, j in zip(group["call"], order)
+            if c != group["call"].iloc[j]
+        )
+        notes.append(
+            f"{submodel} step {step}: the target makes these calls in another order; paired by their inputs "
+            f"(the reference's call {pairs} of the target's)"
+        )
     return calls, notes
 
 
@@ -322,9 +342,14 @@ def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str
         return []
     if per_r.nunique() == 1 and per_t.nunique() == 1:
         nr, nt = int(per_r.iloc[0]), int(per_t.iloc[0])
-        return [f"{sub}: the reference calls it {count(nr, 'time')} a step, the target {nt}; calls are paired by their "
-                f"index within the step (the target's do not split one batch between them)"]
-    return [f"{sub}: the two runs call it a different number of times in some steps; calls are paired by their index within the step"]
+        return [
+            f"{sub}: the reference calls it {count(nr, 'time')} a step, the target {nt}; calls are paired by their "
+            f"index within the step (the target's do not split one batch between them)"
+        ]
+    return [
+        f"{sub}: the two runs call it a different number of times in some steps; calls are paired by their index "
+        "within the step"
+    ]
 
 
 def _span(steps: list[int]) -> str:
@@ -349,7 +374,9 @@ def nests(a: str, b: str) -> bool:
     return a.endswith("." + b) or b.endswith("." + a)
 
 
-def _match_nested(io: str, refs: list[TensorInfo], tgts: list[TensorInfo]) -> tuple[list[TensorPair], list[TensorInfo], list[TensorInfo]]:
+def _match_nested(
+    io: str, refs: list[TensorInfo], tgts: list[TensorInfo]
+) -> tuple[list[TensorPair], list[TensorInfo], list[TensorInfo]]:
     """Pair names where one is the other's dotted tail (:func:`nests`), each the only candidate
     of the other. Returns the pairs and what is left on each side."""
     pairs = []
@@ -361,7 +388,9 @@ def _match_nested(io: str, refs: list[TensorInfo], tgts: list[TensorInfo]) -> tu
     return pairs, [r for r in refs if id(r) not in paired_r], [t for t in tgts if id(t) not in paired_t]
 
 
-def _match_io(io: str, refs: list[TensorInfo], tgts: list[TensorInfo], tgt_submodel: str, names: NameMap) -> list[TensorPair]:
+def _match_io(
+    io: str, refs: list[TensorInfo], tgts: list[TensorInfo], tgt_submodel: str, names: NameMap
+) -> list[TensorPair]:
     by_name = {r.name: r for r in refs}
     pairs, left_t = [], []
     taken: set[str] = set()

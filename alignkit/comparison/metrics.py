@@ -197,7 +197,10 @@ def floor_dtype_for(ref_dtype: str, tgt_dtype: str, carried: str | None = None) 
     upcast to float32 decodes latents that carry float16's rounding). None when neither."""
     if tgt_dtype in _LOW_PRECISION and _FLOAT_BITS.get(ref_dtype, 0) > _LOW_PRECISION[tgt_dtype]:
         return tgt_dtype
-    if carried is not None and min(_FLOAT_BITS.get(ref_dtype, 0), _FLOAT_BITS.get(tgt_dtype, 0)) > _LOW_PRECISION[carried]:
+    if (
+        carried is not None
+        and min(_FLOAT_BITS.get(ref_dtype, 0), _FLOAT_BITS.get(tgt_dtype, 0)) > _LOW_PRECISION[carried]
+    ):
         return carried
     return None
 

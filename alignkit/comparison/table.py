@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from alignkit.comparison.matching import MergedCall, MergedTensor, NameMap, TensorPair, match_tensors
-from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics, floor_dtype_for, least_precise, lower_precision
+from alignkit.comparison.metrics import (
+    BLOCK_ELEMENTS,
+    array_metrics,
+    dataset_metrics,
+    floor_dtype_for,
+    least_precise,
+    lower_precision,
+)
 from alignkit.errors import DumpCorruptError, UsageError
 from alignkit.phrasing import count
 from alignkit.storage.reader import Call, Dump, TensorInfo
@@ -35,11 +42,42 @@ SWAP_CHECK_MAX = 8  # position-matched mismatches per call and side tried pairwi
 BAD = ("mismatch", "nonfinite", "shape")
 
 COLUMNS = [
-    "seq", "submodel", "step", "call", "io", "tensor", "tgt_tensor", "matched_by", "swapped_with", "broadcast",
-    "ref_dtype", "tgt_dtype", "ref_shape", "tgt_shape", "numel", "exact",
-    "l1", "rel_l1", "max_abs", "cos", "cos_dist", "rmse", "sqnr_db",
-    "nan_ref", "nan_tgt", "inf_ref", "inf_tgt", "nonfinite_mismatch",
-    "floor_rel_l1", "floor_cos_dist", "floor_ratio", "floor_dtype", "status", "ref_value", "tgt_value", "glue",
+    "seq",
+    "submodel",
+    "step",
+    "call",
+    "io",
+    "tensor",
+    "tgt_tensor",
+    "matched_by",
+    "swapped_with",
+    "broadcast",
+    "ref_dtype",
+    "tgt_dtype",
+    "ref_shape",
+    "tgt_shape",
+    "numel",
+    "exact",
+    "l1",
+    "rel_l1",
+    "max_abs",
+    "cos",
+    "cos_dist",
+    "rmse",
+    "sqnr_db",
+    "nan_ref",
+    "nan_tgt",
+    "inf_ref",
+    "inf_tgt",
+    "nonfinite_mismatch",
+    "floor_rel_l1",
+    "floor_cos_dist",
+    "floor_ratio",
+    "floor_dtype",
+    "status",
+    "ref_value",
+    "tgt_value",
+    "glue",
 ]
 
 
@@ -74,7 +112,11 @@ def build_table(
     for i, (row, split) in enumerate(zip(calls.itertuples(index=False), parts)):
         if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
             rc = ref.call_at(int(row.ref_seq))
-            tc = MergedCall([tgt.call_at(int(s)) for s in split]) if isinstance(split, tuple) else tgt.call_at(int(row.tgt_seq))
+            tc = (
+                MergedCall([tgt.call_at(int(s)) for s in split])
+                if isinstance(split, tuple)
+                else tgt.call_at(int(row.tgt_seq))
+            )
             pairs = match_tensors(rc, tc, names)
             call_rows = [_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc)) for pair in pairs]
             _mark_swaps(ref, tgt, rc, tc, pairs, call_rows, limits)
@@ -109,7 +151,9 @@ def raised_calls(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[int, str]:
         returned = bool(rc.info("outputs")), bool(tc.info("outputs"))
         if returned[0] == returned[1]:
             continue
-        (who, call), other = (("the target", tc), "the reference") if returned[0] else (("the reference", rc), "the target")
+        (who, call), other = (
+            (("the target", tc), "the reference") if returned[0] else (("the reference", rc), "the target")
+        )
         error = call.error
         if error is not None and not error.startswith("alignkit "):  # not alignkit's own trouble copying the outputs
             out[rc.seq] = f"{who} raised {error}, where {other} returned"
@@ -127,10 +171,14 @@ def one_side_notes(table: pd.DataFrame) -> list[str]:
     return notes
 
 
-def inputs_agree(ref: Dump, tgt: Dump, rc: Call, tc: Call, names: NameMap, limits: Thresholds, carried: tuple[str, int] | None = None) -> bool:
+def inputs_agree(
+    ref: Dump, tgt: Dump, rc: Call, tc: Call, names: NameMap, limits: Thresholds, carried: tuple[str, int] | None = None
+) -> bool:
     """Whether two calls were fed the same inputs, as the table would judge them."""
     pairs = [p for p in match_tensors(rc, tc, names) if p.io == "inputs"]
-    return bool(pairs) and all(_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc))["status"] not in BAD for pair in pairs)
+    return bool(pairs) and all(
+        _row(ref, tgt, rc, tc, pair, limits, _since(carried, tc))["status"] not in BAD for pair in pairs
+    )
 
 
 def _since(carried: tuple[str, int] | None, tc: Call | MergedCall) -> str | None:
@@ -138,7 +186,9 @@ def _since(carried: tuple[str, int] | None, tc: Call | MergedCall) -> str | None
     return carried[0] if carried is not None and tc.seq >= carried[1] else None
 
 
-def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: list[TensorPair], rows: list[dict], limits: Thresholds) -> None:
+def _mark_swaps(
+    ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: list[TensorPair], rows: list[dict], limits: Thresholds
+) -> None:
     """Say which position-matched tensors hold each other's values (``swapped_with``: the
     reference tensor the target's holds). Position matching trusts the order an engine
     records its inputs in; when two tensors of one shape come in the other order, both
@@ -146,22 +196,46 @@ def _mark_swaps(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pairs: li
     order (map the names) or the glue code feeds them swapped (a bug) only the user knows,
     so the pairing stands and the finding is reported."""
     for io in ("inputs", "outputs"):
-        bad = [i for i, (p, row) in enumerate(zip(pairs, rows)) if p.io == io and p.how == "position" and row["status"] in BAD][:SWAP_CHECK_MAX]
+        bad = [
+            i
+            for i, (p, row) in enumerate(zip(pairs, rows))
+            if p.io == io and p.how == "position" and row["status"] in BAD
+        ][:SWAP_CHECK_MAX]
         for i, j in itertools.combinations(bad, 2):
             a, b = pairs[i], pairs[j]
             if a.ref.shape != b.ref.shape or rows[i]["swapped_with"] is not None or rows[j]["swapped_with"] is not None:
                 continue
-            if all(_row(ref, tgt, rc, tc, TensorPair(io, r, t, "position"), limits)["status"] not in BAD for r, t in ((a.ref, b.tgt), (b.ref, a.tgt))):
+            if all(
+                _row(ref, tgt, rc, tc, TensorPair(io, r, t, "position"), limits)["status"] not in BAD
+                for r, t in ((a.ref, b.tgt), (b.ref, a.tgt))
+            ):
                 rows[i]["swapped_with"], rows[j]["swapped_with"] = b.ref.name, a.ref.name
 
 
-def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair, limits: Thresholds, carried: str | None = None) -> dict:
+def _row(
+    ref: Dump,
+    tgt: Dump,
+    rc: Call,
+    tc: Call | MergedCall,
+    pair: TensorPair,
+    limits: Thresholds,
+    carried: str | None = None,
+) -> dict:
     r, t = pair.ref, pair.tgt
     base = {
-        "seq": rc.seq, "submodel": rc.submodel, "step": rc.step, "call": rc.call, "io": pair.io,
-        "tensor": r.name if r else t.name, "tgt_tensor": t.name if t else None, "matched_by": pair.how, "swapped_with": None,
-        "ref_dtype": r.dtype if r else None, "tgt_dtype": t.dtype if t else None,
-        "ref_shape": shape_text(r.shape) if r else None, "tgt_shape": shape_text(t.shape) if t else None,
+        "seq": rc.seq,
+        "submodel": rc.submodel,
+        "step": rc.step,
+        "call": rc.call,
+        "io": pair.io,
+        "tensor": r.name if r else t.name,
+        "tgt_tensor": t.name if t else None,
+        "matched_by": pair.how,
+        "swapped_with": None,
+        "ref_dtype": r.dtype if r else None,
+        "tgt_dtype": t.dtype if t else None,
+        "ref_shape": shape_text(r.shape) if r else None,
+        "tgt_shape": shape_text(t.shape) if t else None,
     }
     if r is None or t is None:
         return {**base, "status": "tgt only" if r is None else "ref only"}
@@ -179,10 +253,15 @@ def _row(ref: Dump, tgt: Dump, rc: Call, tc: Call | MergedCall, pair: TensorPair
         else:
             m = dataset_metrics(ref.dataset(r.path), tgt.dataset(t.path), floor)
     except (OSError, KeyError, ValueError) as exc:
-        raise DumpCorruptError(f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` ({exc})") from exc
+        raise DumpCorruptError(
+            f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` "
+            f"({exc})"
+        ) from exc
     if floor:
         m["floor_ratio"], m["floor_dtype"] = _floor_ratio(m), floor
-    exact = pair.io == "inputs" and (_discrete(r.dtype) or _discrete(t.dtype) or (numel <= EXACT_NUMEL and _controls(r.shape, values[0])))
+    exact = pair.io == "inputs" and (
+        _discrete(r.dtype) or _discrete(t.dtype) or (numel <= EXACT_NUMEL and _controls(r.shape, values[0]))
+    )
     status = _status(m, exact, limits)
     out = {**base, **m, "exact": exact, "broadcast": broadcast, "status": status}
     if values is not None and numel <= 8:

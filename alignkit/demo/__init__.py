@@ -32,7 +32,9 @@ def record_demo_pair(bug: str, steps: int, dumps: Path) -> tuple[Path, Path]:
     return paths
 
 
-def run_demo(bug: str = "timestep", steps: int = 12, dumps: Path = Path("dumps"), console: Console | None = None) -> Comparison:
+def run_demo(
+    bug: str = "timestep", steps: int = 12, dumps: Path = Path("dumps"), console: Console | None = None
+) -> Comparison:
     """Record both runs and compare them."""
     console = console or Console(stderr=True)
     console.print(f"alignkit demo: planted bug '{bug}': {BUGS.get(bug, '?')}", highlight=False)

@@ -6,14 +6,21 @@ from collections.abc import Callable
 from typing import Any
 
 BUGS: dict[str, str] = {
-    "timestep": "the glue truncates the scheduler's fractional timesteps to integers before the UNet (accumulating drift)",
-    "timestep-dtype": "the glue feeds the timestep as int64 where the reference feeds float32, with equal values (aligned, with a warning)",
+    "timestep": "the glue truncates the scheduler's fractional timesteps to integers before the UNet (accumulating "
+    "drift)",
+    "timestep-dtype": "the glue feeds the timestep as int64 where the reference feeds float32, with equal values "
+    "(aligned, with a warning)",
     "weights": "the ported UNet's weights are off by about 1% (a local error in the UNet itself)",
     "none": "no bug: the target is the reference run again",
 }
 
 
-EXPECTED_VERDICT: dict[str, str] = {"timestep": "diverged", "timestep-dtype": "aligned", "weights": "diverged", "none": "aligned"}
+EXPECTED_VERDICT: dict[str, str] = {
+    "timestep": "diverged",
+    "timestep-dtype": "aligned",
+    "weights": "diverged",
+    "none": "aligned",
+}
 
 
 def scheduler_for(bug: str) -> str:

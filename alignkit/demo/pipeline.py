@@ -57,26 +57,57 @@ def tiny_pipeline(seed: int = 0, scheduler: str = "euler") -> Any:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=2, attention_head_dim=2,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=2,
+        attention_head_dim=2,
     )
     with torch.no_grad():
         for p in unet.time_embedding.parameters():
             p.mul_(TIME_EMBEDDING_SCALE)
     vae = AutoencoderKL(
-        block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2, sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=16, intermediate_size=37, num_attention_heads=2,
-        num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77, layer_norm_eps=1e-5,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+            hidden_size=16,
+            intermediate_size=37,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            layer_norm_eps=1e-5,
+        )
+    )
     spacing = "linspace" if scheduler == "euler" else "leading"
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing=spacing)
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing=spacing
+    )
     pipe = StableDiffusionPipeline(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -87,4 +118,12 @@ def generate(pipe: Any, steps: int, seed: int = 0, prompt: str = "a red fox in t
     import torch
 
     with torch.no_grad():
-        return pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed), output_type="np", height=size, width=size).images
+        return pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+            height=size,
+            width=size,
+        ).images

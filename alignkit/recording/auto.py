@@ -21,8 +21,8 @@ from typing import Any
 
 from alignkit.errors import UsageError
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
-from alignkit.recording.recorder import Recorder
 from alignkit.recording.ort_runs import PREBOUND, RUN_METHODS, BindingMemory, session_runs
+from alignkit.recording.recorder import Recorder
 from alignkit.recording.targets import ObjectNames, is_torch_module_class, name_from_path, ort_session_name, path_of
 
 
@@ -32,11 +32,13 @@ class AutoWatch:
     def __init__(self, recorder: Recorder, hooks: list[str] = (), step_on: list[str] = ()):
         self.recorder = recorder
         self._patches: list[Hook] = []
-        self._finder = _PostImportFinder({
-            "diffusers.pipelines.pipeline_utils": self._patch_pipelines,
-            "diffusers.schedulers.scheduling_utils": self._patch_schedulers,
-            "onnxruntime": self._patch_onnxruntime,
-        })
+        self._finder = _PostImportFinder(
+            {
+                "diffusers.pipelines.pipeline_utils": self._patch_pipelines,
+                "diffusers.schedulers.scheduling_utils": self._patch_schedulers,
+                "onnxruntime": self._patch_onnxruntime,
+            }
+        )
         self._hook_specs, self._step_specs = list(hooks), list(step_on)
         self._instance_names = ObjectNames()
         self._running_pipelines = threading.local()  # depth: how many watched pipeline calls this thread is in
@@ -113,7 +115,10 @@ class AutoWatch:
                 name = names.name_for(session, ort_session_name(session), recorder._unique)
                 recorder._describe(name, session)
                 prebound = functools.partial(recorder._not_recorded, name, PREBOUND)
-                watches[name] = {method: Watch(recorder, name, bind, outputs) for method, (bind, outputs) in session_runs(session, prebound).items()}
+                watches[name] = {
+                    method: Watch(recorder, name, bind, outputs)
+                    for method, (bind, outputs) in session_runs(session, prebound).items()
+                }
             return watches[name]
 
         def recorded(method: str) -> Callable[..., Any]:
@@ -148,7 +153,9 @@ class AutoWatch:
         name = self._instance_names.get(obj)
         if name is None:
             path = path_of(obj)
-            name = self._instance_names.name_for(obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique)
+            name = self._instance_names.name_for(
+                obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique
+            )
             self.recorder._describe(name, obj)
         return name
 
@@ -189,7 +196,10 @@ def _instance_method(spec: str, cls: type) -> str:
         return "forward"
     if any("__call__" in c.__dict__ for c in cls.__mro__[:-1]):
         return "__call__"
-    raise UsageError(f"{spec!r}: {cls.__qualname__} instances are not callable; name the method that runs the model, e.g. {spec}.infer")
+    raise UsageError(
+        f"{spec!r}: {cls.__qualname__} instances are not callable; name the method that runs the model, e.g. "
+        f"{spec}.infer"
+    )
 
 
 class _Restore(Hook):

@@ -58,7 +58,12 @@ def record_command(
                 console.print(f"alignkit: error: {exc}", markup=False, highlight=False, soft_wrap=True)
                 code = code or 2
         for w in caught:
-            console.print(f"alignkit: warning: {str(w.message).removeprefix('alignkit: ')}", markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                f"alignkit: warning: {str(w.message).removeprefix('alignkit: ')}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     n = recorder.calls_recorded
     console.print(f"alignkit: recorded {count(n, 'call')} to {output}", markup=False, highlight=False, soft_wrap=True)
     if n == 0 and code == 0:

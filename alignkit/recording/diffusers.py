@@ -104,4 +104,9 @@ def watch_scheduler(recorder: Recorder, scheduler: Any, name: str = "scheduler")
 
 
 def _is_autoencoder(module: Any) -> bool:
-    return hasattr(module, "decode") and hasattr(module, "encode") and "Autoencoder" in type(module).__name__ or type(module).__name__ == "VQModel"
+    return (
+        hasattr(module, "decode")
+        and hasattr(module, "encode")
+        and "Autoencoder" in type(module).__name__
+        or type(module).__name__ == "VQModel"
+    )

@@ -77,11 +77,17 @@ def kv_cache_tensors(value: Any) -> list[tuple[str, Any]]:
     if not is_kv_cache(value):
         return []
     if hasattr(value, "self_attention_cache") and hasattr(value, "cross_attention_cache"):
-        sides = [("decoder", _cache_layers(value.self_attention_cache)), ("encoder", _cache_layers(value.cross_attention_cache))]
+        sides = [
+            ("decoder", _cache_layers(value.self_attention_cache)),
+            ("encoder", _cache_layers(value.cross_attention_cache)),
+        ]
         depth = max(len(layers) for _, layers in sides)
         return [
             (f"{i}.{side}.{kind}", tensor)
-            for i in range(depth) for side, layers in sides if i < len(layers) for kind, tensor in layers[i].items()
+            for i in range(depth)
+            for side, layers in sides
+            if i < len(layers)
+            for kind, tensor in layers[i].items()
         ]
     return [(f"{i}.{kind}", tensor) for i, layer in enumerate(_cache_layers(value)) for kind, tensor in layer.items()]
 
@@ -99,7 +105,11 @@ def _cache_layers(cache: Any) -> list[dict[str, Any]]:
     layers = getattr(cache, "layers", None)
     if isinstance(layers, list):
         return [
-            {_KV_NAMES.get(k, k): v for k, v in getattr(layer, "__dict__", {}).items() if not k.startswith("_") and isinstance(v, tensor_type)}
+            {
+                _KV_NAMES.get(k, k): v
+                for k, v in getattr(layer, "__dict__", {}).items()
+                if not k.startswith("_") and isinstance(v, tensor_type)
+            }
             for layer in layers
         ]
     keys, values = getattr(cache, "key_cache", None), getattr(cache, "value_cache", None)
@@ -125,7 +135,11 @@ def _holds_tensor(value: Any) -> bool:
         return any(_holds_tensor(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return any(_holds_tensor(v) for v in value)
-    return (dataclasses.is_dataclass(value) and not isinstance(value, type)) or bool(kv_cache_tensors(value)) or distribution_parameters(value) is not None
+    return (
+        (dataclasses.is_dataclass(value) and not isinstance(value, type))
+        or bool(kv_cache_tensors(value))
+        or distribution_parameters(value) is not None
+    )
 
 
 def _join(prefix: str, key: str) -> str:
@@ -171,7 +185,9 @@ def name_outputs(result: Any) -> Named:
     return [("output", result)]
 
 
-def split(named: Named, *, stage: Stage | None = None, keep: Callable[[str], Any] | None = None) -> tuple[list[Tensor], dict[str, str]]:
+def split(
+    named: Named, *, stage: Stage | None = None, keep: Callable[[str], Any] | None = None
+) -> tuple[list[Tensor], dict[str, str]]:
     """Copy out every tensor leaf (only those whose name ``keep`` accepts, when given; large
     ones written straight into the dump through ``stage``); describe every other leaf as JSON."""
     tensors: list[Tensor] = []
@@ -185,7 +201,11 @@ def split(named: Named, *, stage: Stage | None = None, keep: Callable[[str], Any
             elif keep is None or keep(name):
                 try:
                     tensors.append(capture(name, leaf, stage))
-                except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a quantized torch tensor: keep the rest of the call
+                except (
+                    RuntimeError,
+                    TypeError,
+                    ValueError,
+                ) as exc:  # e.g. a quantized torch tensor: keep the rest of the call
                     values[name] = describe_value(f"<{type(leaf).__name__} not recorded: {exc}>")
     return tensors, values
 

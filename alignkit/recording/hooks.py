@@ -147,7 +147,9 @@ class _Shadow:
     copy stepped the original; this one gives the copy its own method back, unwatched."""
 
     def __init__(self, hook: MethodHook, obj: Any, watch: Watch, method: Callable[..., Any]):
-        functools.update_wrapper(self, method)  # the method's name, doc and signature (this first: it copies the method's __dict__)
+        functools.update_wrapper(
+            self, method
+        )  # the method's name, doc and signature (this first: it copies the method's __dict__)
         self.__alignkit_hook__, self._obj, self._watch, self._original = hook, obj, watch, method
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -170,7 +172,14 @@ class CallHook(Hook):
     removal as for :class:`MethodHook`). ``around``, when given, is called instead of
     recording a call, as ``around(call, args, kwargs)`` (a pipeline notes its arguments)."""
 
-    def __init__(self, recorder: Recorder, obj: Any, name: str, *, around: Callable[[Callable[..., Any], tuple, dict], Any] | None = None):
+    def __init__(
+        self,
+        recorder: Recorder,
+        obj: Any,
+        name: str,
+        *,
+        around: Callable[[Callable[..., Any], tuple, dict], Any] | None = None,
+    ):
         self.name, self._obj, self._cls = name, obj, type(obj)
         self.removed = False
         original_call = self._cls.__call__
@@ -184,7 +193,12 @@ class CallHook(Hook):
                 return original_call(this, *args, **kwargs)
             return around(functools.partial(original_call, this), args, kwargs)
 
-        namespace = {"__call__": __call__, "__module__": self._cls.__module__, "__qualname__": self._cls.__qualname__, "__alignkit_hook__": self}
+        namespace = {
+            "__call__": __call__,
+            "__module__": self._cls.__module__,
+            "__qualname__": self._cls.__qualname__,
+            "__alignkit_hook__": self,
+        }
         self._subclass = type(self._cls.__name__, (self._cls,), namespace)
         obj.__class__ = self._subclass
 
@@ -238,7 +252,16 @@ class ModuleHook(Hook):
 class ClassHook(Hook):
     """Record calls of a method defined on a class, for every instance (``--hook``)."""
 
-    def __init__(self, recorder: Recorder, owner: type, method: str, namer: Callable[[Any], str], *, after: Callable[[], None] | None = None, record: bool = True):
+    def __init__(
+        self,
+        recorder: Recorder,
+        owner: type,
+        method: str,
+        namer: Callable[[Any], str],
+        *,
+        after: Callable[[], None] | None = None,
+        record: bool = True,
+    ):
         self.name = f"{owner.__qualname__}.{method}"
         self._owner, self._method = owner, method
         self._had_own = method in owner.__dict__
@@ -260,7 +283,9 @@ class ClassHook(Hook):
         try:
             setattr(owner, method, wrapper)
         except TypeError as exc:  # a built-in class: its methods cannot be replaced
-            raise UsageError(f"cannot hook {owner.__qualname__}.{method}: {exc}; hook the Python function or class that calls it") from exc
+            raise UsageError(
+                f"cannot hook {owner.__qualname__}.{method}: {exc}; hook the Python function or class that calls it"
+            ) from exc
 
     def remove(self) -> None:
         if self._owner is None:
@@ -275,7 +300,16 @@ class ClassHook(Hook):
 class FunctionHook(Hook):
     """Record calls of a module-level function by replacing the module's attribute."""
 
-    def __init__(self, recorder: Recorder, module: Any, attr: str, name: str, *, after: Callable[[], None] | None = None, record: bool = True):
+    def __init__(
+        self,
+        recorder: Recorder,
+        module: Any,
+        attr: str,
+        name: str,
+        *,
+        after: Callable[[], None] | None = None,
+        record: bool = True,
+    ):
         self.name, self._module, self._attr = name, module, attr
         self._original = getattr(module, attr)
         wrapped = wrap_function(recorder, self._original, name, after=after, record=record)
@@ -287,7 +321,14 @@ class FunctionHook(Hook):
             self._module = None
 
 
-def wrap_function(recorder: Recorder, fn: Callable[..., Any], name: str, *, after: Callable[[], None] | None = None, record: bool = True) -> Callable[..., Any]:
+def wrap_function(
+    recorder: Recorder,
+    fn: Callable[..., Any],
+    name: str,
+    *,
+    after: Callable[[], None] | None = None,
+    record: bool = True,
+) -> Callable[..., Any]:
     """A wrapper of ``fn`` that records each call under ``name``."""
     watch = Watch(recorder, name, signature_binder(fn), after=after, record=record)
 

@@ -31,7 +31,9 @@ class LayerHooks(Hook):
 
     def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None, capture: Capture = split):
         self.name = name
-        self._handles = [sub.register_forward_hook(_hook(path, sub, sink, capture)) for path, sub in leaf_modules(module, pattern)]
+        self._handles = [
+            sub.register_forward_hook(_hook(path, sub, sink, capture)) for path, sub in leaf_modules(module, pattern)
+        ]
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -29,7 +29,9 @@ class ExposedModel:
         """Run the copy: (graph outputs, layer outputs), each as (name, array)."""
         names = self.graph_outputs + [onnx_name for _, onnx_name in self.layers if onnx_name not in self.graph_outputs]
         values = dict(zip(names, self.session.run(names, feed)))
-        return [(n, values[n]) for n in self.graph_outputs], [(layer, values[onnx_name]) for layer, onnx_name in self.layers]
+        return [(n, values[n]) for n in self.graph_outputs], [
+            (layer, values[onnx_name]) for layer, onnx_name in self.layers
+        ]
 
 
 def expose(model_path: str, pattern: re.Pattern | None = None, providers: list[str] | None = None) -> ExposedModel:

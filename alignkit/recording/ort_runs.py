@@ -25,8 +25,20 @@ import numpy as np
 from alignkit.recording.hooks import Binder, Hook, OutputNamer
 from alignkit.recording.targets import reference
 
-_ONNX_TYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-               10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}  # TensorProto's element types numpy holds
+_ONNX_TYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+}  # TensorProto's element types numpy holds
 
 Named = list[tuple[str, Any]]
 RUN_METHODS = ("run", "run_with_iobinding", "run_with_ort_values")
@@ -63,7 +75,11 @@ class _Pointer:
     def read(self) -> Any:
         dtype = _numpy_dtype(self.element_type)
         if self.device.lower() != "cpu" or dtype is None:
-            return f"<{self.device} pointer>" if dtype is not None else f"<{self.device} pointer to element type {self.element_type}>"
+            return (
+                f"<{self.device} pointer>"
+                if dtype is not None
+                else f"<{self.device} pointer to element type {self.element_type}>"
+            )
         nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
         buffer = (ctypes.c_char * nbytes).from_address(self.address) if nbytes else b""
         return np.frombuffer(buffer, dtype).reshape(self.shape)  # a view: the call's capture copies it
@@ -170,7 +186,9 @@ def _remember_input(state: dict, name: str, value: Any) -> None:
     state["inputs"][name] = value
 
 
-def _remember_pointer(state: dict, name: str, device_type: str, device_id: int, element_type: Any, shape: Any, buffer_ptr: int) -> None:
+def _remember_pointer(
+    state: dict, name: str, device_type: str, device_id: int, element_type: Any, shape: Any, buffer_ptr: int
+) -> None:
     state["inputs"][name] = _Pointer(str(device_type), element_type, tuple(int(d) for d in shape), int(buffer_ptr))
 
 

@@ -21,10 +21,18 @@ from alignkit.phrasing import count
 from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
-from alignkit.recording.tensors import Tensor
 from alignkit.recording.targets import (
-    ObjectNames, description, is_diffusers_scheduler, is_function, is_ort_session, is_pipeline, is_torch_module, ort_session_name, uncompiled,
+    ObjectNames,
+    description,
+    is_diffusers_scheduler,
+    is_function,
+    is_ort_session,
+    is_pipeline,
+    is_torch_module,
+    ort_session_name,
+    uncompiled,
 )
+from alignkit.recording.tensors import Tensor
 from alignkit.storage.writer import CallRecord, DumpWriter
 
 _ACTIVE: list[Recorder] = []
@@ -75,7 +83,9 @@ class Recorder:
         self._step_source: str | None = None
         self._calls: collections.Counter = collections.Counter()
         self._ordinals: collections.Counter = collections.Counter()
-        self._unrecorded: collections.Counter = collections.Counter()  # (submodel, how) → calls that could not be recorded whole
+        self._unrecorded: collections.Counter = (
+            collections.Counter()
+        )  # (submodel, how) → calls that could not be recorded whole
         self._writer: DumpWriter | None = None
         self._written = 0
 
@@ -129,9 +139,12 @@ class Recorder:
         """What only the end of the run knows (docs/format.md): how many calls each recorded
         submodel made, the filters that left some out, and the exception that ended the run."""
         filters = {
-            "include": self._include and self._include.pattern, "exclude": self._exclude and self._exclude.pattern,
-            "tensors": self._tensors and self._tensors.pattern, "steps": sorted(self._steps) if self._steps is not None else None,
-            "layers": self._layers or None, "layer_filter": self._layer_filter and self._layer_filter.pattern,
+            "include": self._include and self._include.pattern,
+            "exclude": self._exclude and self._exclude.pattern,
+            "tensors": self._tensors and self._tensors.pattern,
+            "steps": sorted(self._steps) if self._steps is not None else None,
+            "layers": self._layers or None,
+            "layer_filter": self._layer_filter and self._layer_filter.pattern,
         }
         facts = {"calls_run": json.dumps(dict(self._ordinals))}
         if given := {key: value for key, value in filters.items() if value is not None}:
@@ -147,13 +160,27 @@ class Recorder:
         watched = ", ".join(names) or "none"
         out = []
         if self._include is not None and not any(self._include.search(n) for n in names):
-            out.append(f"include {self._include.pattern!r} matched none of the watched submodels ({watched}), so none was recorded")
-        out += [f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it" for layer in self._layers if layer not in self._names]
-        out += [f"{name!r} could not be watched in place (its class is built in), and the recording wrapper that watch() returned "
-                "for it was never called: call that instead" for name in self._wrapped if not self._ordinals[name]]
+            out.append(
+                f"include {self._include.pattern!r} matched none of the watched submodels ({watched}), so none was "
+                "recorded"
+            )
+        out += [
+            f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it"
+            for layer in self._layers
+            if layer not in self._names
+        ]
+        out += [
+            f"{name!r} could not be watched in place (its class is built in), and the recording wrapper that watch() "
+            "returned "
+            "for it was never called: call that instead"
+            for name in self._wrapped
+            if not self._ordinals[name]
+        ]
         out += [f"{name} ran {count(n, 'time')} {how}" for (name, how), n in self._unrecorded.items()]
         if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
-            out.append(f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded")
+            out.append(
+                f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded"
+            )
         return out
 
     @property
@@ -177,10 +204,10 @@ class Recorder:
         """Record calls of ``obj`` under the submodel ``name``; returns what to call.
 
         A pipeline, module, session or engine object is watched in place and returned (a
-        diffusers scheduler on its ``step``, which then ends each step); a plain function cannot be, nor an object of a built-in class (a C-extension engine,
-        ``functools.partial``), so a recording wrapper of it is returned instead. Watching
-        an object again does nothing (each call is recorded once); asking for another name
-        for it is an error.
+        diffusers scheduler on its ``step``, which then ends each step); a plain function cannot
+        be, nor an object of a built-in class (a C-extension engine, ``functools.partial``), so a
+        recording wrapper of it is returned instead. Watching an object again does nothing (each
+        call is recorded once); asking for another name for it is an error.
         """
         if method is not None:
             if not self._watched_already(self._methods.get(obj, method), obj, name):
@@ -224,13 +251,17 @@ class Recorder:
                 self._describe(submodel, obj)
                 return wrap_function(self, obj, submodel)
             return obj
-        raise UsageError(f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record")
+        raise UsageError(
+            f"cannot watch {type(obj).__name__}: it is not callable; pass method= to name the method to record"
+        )
 
     def _watched_already(self, submodel: str | None, obj: Any, name: str | None) -> bool:
         if submodel is None:
             return False
         if name is not None and name != submodel:
-            raise UsageError(f"this {type(obj).__name__} is already watched as {submodel!r}; it cannot also be {name!r}")
+            raise UsageError(
+                f"this {type(obj).__name__} is already watched as {submodel!r}; it cannot also be {name!r}"
+            )
         return True
 
     def _records_layers(self, submodel: str) -> bool:
@@ -254,7 +285,9 @@ class Recorder:
 
         prebound = functools.partial(self._not_recorded, submodel, PREBOUND)
         for method, (bind, outputs) in session_runs(session, prebound).items():
-            hook = MethodHook(self, session, method, submodel, bind=bind, outputs=outputs, layers=layers if method == "run" else None)
+            hook = MethodHook(
+                self, session, method, submodel, bind=bind, outputs=outputs, layers=layers if method == "run" else None
+            )
             self._add(session, hook, whole=method == "run")
         self._add(None, BindingMemory())
 
@@ -360,7 +393,9 @@ class Recorder:
         try:
             tensors, values = self._capture(named())
         except Exception as exc:  # never break the user's run over a value we cannot copy
-            warnings.warn(f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3
+            )
             return None
         record = CallRecord(seq, submodel, step, call, ordinal, inputs=tensors, values=values)
         _CURRENT.__dict__.setdefault("stack", []).append(record)

@@ -10,7 +10,18 @@ from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any
 
-_GENERIC_STEMS = {"model", "compilation", "compiled", "engine", "graph", "net", "network", "main", "model_fp16", "model_fp32"}
+_GENERIC_STEMS = {
+    "model",
+    "compilation",
+    "compiled",
+    "engine",
+    "graph",
+    "net",
+    "network",
+    "main",
+    "model_fp16",
+    "model_fp32",
+}
 _PATH_ATTRS = ("model_path", "_model_path", "path", "model_file", "onnx_path", "engine_path")
 
 

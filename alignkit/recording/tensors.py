@@ -14,8 +14,8 @@ import json
 import sys
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -169,7 +169,9 @@ def _capture_cuda(name: str, t: Any, dtype: str, device: str) -> Tensor | None:
         data = host.view(torch.int16 if dtype == "bfloat16" else torch.uint8).numpy().view(BIT_STORED[dtype])
     else:
         data = host.numpy()
-    return Tensor(name, data, dtype, "torch", device, ready=event.synchronize, release=lambda: POOL.give(key, host, nbytes))
+    return Tensor(
+        name, data, dtype, "torch", device, ready=event.synchronize, release=lambda: POOL.give(key, host, nbytes)
+    )
 
 
 def describe_value(value: Any) -> str:

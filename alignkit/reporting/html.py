@@ -21,17 +21,37 @@ if TYPE_CHECKING:
 
     from alignkit.comparison.result import Comparison
 
-_CALL_COLUMNS = ["seq", "submodel", "step", "call", "io", "tensor", "status", "ref_dtype", "tgt_dtype", "ref_shape", "rel_l1", "cos", "max_abs", "sqnr_db", "floor_ratio", "matched_by"]
+_CALL_COLUMNS = [
+    "seq",
+    "submodel",
+    "step",
+    "call",
+    "io",
+    "tensor",
+    "status",
+    "ref_dtype",
+    "tgt_dtype",
+    "ref_shape",
+    "rel_l1",
+    "cos",
+    "max_abs",
+    "sqnr_db",
+    "floor_ratio",
+    "matched_by",
+]
 CALL_ROWS = 1000  # rows of the calls table in the report; the CSV and JSON have every row
 _SEVERITY = {"nonfinite": 0, "shape": 1, "mismatch": 2, "precision": 3, "ref only": 4, "tgt only": 4, "ok": 5}
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:1.2em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
+  padding:1.2em;color:#222}
 h1{font-size:1.5em;margin:.2em 0} h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .verdict{padding:.8em 1em;border-radius:6px;font-size:1.05em;margin:.6em 0}
 .diverged{background:#fdecea;border-left:6px solid #c0392b}.aligned{background:#eafaf1;border-left:6px solid #1e8449}
-.evidence{font-family:ui-monospace,monospace;background:#f7f7f7;padding:.5em .8em;border-radius:4px;white-space:pre-wrap}
-table{border-collapse:collapse;font-size:.82em;width:100%} th,td{border-bottom:1px solid #eee;padding:.25em .5em;text-align:left}
+.evidence{font-family:ui-monospace,monospace;background:#f7f7f7;padding:.5em .8em;border-radius:4px;
+  white-space:pre-wrap}
+table{border-collapse:collapse;font-size:.82em;width:100%}
+th,td{border-bottom:1px solid #eee;padding:.25em .5em;text-align:left}
 th{background:#fafafa;cursor:pointer;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.bad td{background:#fff1f0} tr.warn td{background:#fffbea} .diff td{background:#fff7d6}
 .muted{color:#777;font-size:.9em} img{max-width:100%} .warn-list li{margin:.2em 0}
@@ -64,7 +84,8 @@ def render_html(result: Comparison) -> str:
     title = f"alignkit: {result.ref_label} vs {result.tgt_label}"
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">",
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src "
+        "'unsafe-inline'; script-src 'unsafe-inline'\">",
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
         f"<p class='muted'>reference <code>{e(result.reference)}</code> · target <code>{e(result.target)}</code></p>",
@@ -84,7 +105,10 @@ def _verdict(result: Comparison) -> str:
     e = html.escape
     fd = result.first_divergence
     cls = "aligned" if fd is None else "diverged"
-    out = [f"<div class='verdict {cls}' id='verdict'><b>{e(result.verdict.upper())}</b> — {e(_verdict_sentence(result))}</div>"]
+    out = [
+        f"<div class='verdict {cls}' id='verdict'><b>{e(result.verdict.upper())}</b> — "
+        f"{e(_verdict_sentence(result))}</div>"
+    ]
     if fd is not None:
         ev = fd.evidence
         place = f"{fd.io[:-1]} `{fd.tensor}`" if fd.tensor else "the call itself"
@@ -95,7 +119,10 @@ def _verdict(result: Comparison) -> str:
             lines.append(f"reference: {ev.get('ref_dtype')} {ev.get('ref_value')}")
             lines.append(f"target:    {ev.get('tgt_dtype')} {ev.get('tgt_value')}")
         else:
-            lines.append(f"reference: {ev.get('ref_dtype')} {ev.get('ref_shape')}   target: {ev.get('tgt_dtype')} {ev.get('tgt_shape')}")
+            lines.append(
+                f"reference: {ev.get('ref_dtype')} {ev.get('ref_shape')}   target: {ev.get('tgt_dtype')} "
+                f"{ev.get('tgt_shape')}"
+            )
         for key in ("rel_l1", "cos", "max_abs"):
             if key in ev:
                 lines.append(f"{key + ':':10}{_num(ev[key])}")
@@ -113,9 +140,16 @@ def _verdict(result: Comparison) -> str:
         tol = result.tolerance
         exact = exact_mismatches(result)
         note = f"; control inputs must match exactly, and these do not: {', '.join(exact)}" if exact else ""
-        out.append(f"<p class='muted'>Loosest tolerance the measured tensors need: cos ≥ {tol['cos_min']:.9f}, rel_l1 ≤ {tol['rel_l1_max']:.3g} (current: cos ≥ {result.thresholds.cos_min}, rel_l1 ≤ {result.thresholds.rel_l1_max:g}){e(note)}</p>")
+        out.append(
+            f"<p class='muted'>Loosest tolerance the measured tensors need: cos ≥ {tol['cos_min']:.9f}, rel_l1 ≤ "
+            f"{tol['rel_l1_max']:.3g} (current: cos ≥ {result.thresholds.cos_min}, rel_l1 ≤ "
+            f"{result.thresholds.rel_l1_max:g}){e(note)}</p>"
+        )
     if result.replay is not None:
-        out.append(f"<p><b>Replay</b> (reference inputs fed to the target submodel, no accumulation): {e(result.replay.headline())}</p>")
+        out.append(
+            "<p><b>Replay</b> (reference inputs fed to the target submodel, no accumulation): "
+            f"{e(result.replay.headline())}</p>"
+        )
     if result.warnings or result.notes:
         items = [f"<li>⚠ {e(w)}</li>" for w in result.warnings] + [f"<li>ℹ {e(n)}</li>" for n in result.notes]
         out.append(f"<ul class='warn-list'>{''.join(items)}</ul>")
@@ -129,11 +163,14 @@ def _verdict_sentence(result: Comparison) -> str:
 
 def _advice(kind: str) -> str:
     return {
-        "input mismatch": "An input differs although every earlier call matched: look at the glue code that prepares this input (dtype casts, timestep handling, scaling, normalisation).",
-        "local error": "The inputs match but the outputs differ: the port of this submodel itself is off. Replay it (alignkit replay) and drill down to its layers.",
+        "input mismatch": "An input differs although every earlier call matched: look at the glue code that prepares "
+        "this input (dtype casts, timestep handling, scaling, normalisation).",
+        "local error": "The inputs match but the outputs differ: the port of this submodel itself is off. Replay it "
+        "(alignkit replay) and drill down to its layers.",
         "propagated": "The inputs differ because an earlier output already differed: look at the earlier call.",
-        "raised": "One run's call raised where the other's returned, from matching inputs: the port refuses what the reference takes "
-                  "(an input's dtype or shape, a missing input); the inputs' dtypes are in the table and the warnings.",
+        "raised": "One run's call raised where the other's returned, from matching inputs: the port refuses what the "
+        "reference takes "
+        "(an input's dtype or shape, a missing input); the inputs' dtypes are in the table and the warnings.",
     }.get(kind, "")
 
 
@@ -145,7 +182,11 @@ def _curves(result: Comparison) -> str:
     uri = plots.error_curves(result)
     if not uri:
         return ""
-    note = "Red: the pipeline comparison (errors accumulate over the steps). Blue: the replay (local error only)." if result.replay is not None else "Output error of each submodel per step; a rising line is accumulated drift."
+    note = (
+        "Red: the pipeline comparison (errors accumulate over the steps). Blue: the replay (local error only)."
+        if result.replay is not None
+        else "Output error of each submodel per step; a rising line is accumulated drift."
+    )
     return _section("Error per step", f"<p class='muted'>{note}</p><img alt='error per step' src='{uri}'>")
 
 
@@ -168,7 +209,10 @@ def _images(result: Comparison) -> str:
             panels = plots.image_panels(result, r, t)
     except Exception:  # the dumps moved since the comparison: the report goes on without images
         return ""
-    body = "".join(f"<h3 style='font-size:.95em'>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='{uri}'>" for title, uri in panels)
+    body = "".join(
+        f"<h3 style='font-size:.95em'>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='{uri}'>"
+        for title, uri in panels
+    )
     return _section("Images: reference | target | difference", body)
 
 
@@ -179,9 +223,14 @@ def _calls_table(result: Comparison) -> str:
     ordered = t.assign(_sev=t["status"].map(_SEVERITY).fillna(9)).sort_values(["_sev", "seq"], kind="stable")
     note = ""
     if len(ordered) > CALL_ROWS:
-        note = f"<p class='muted'>The first {CALL_ROWS} of {len(ordered)} rows, mismatches first; <code>--csv</code> or <code>--json</code> writes them all.</p>"
+        note = (
+            f"<p class='muted'>The first {CALL_ROWS} of {len(ordered)} rows, mismatches first; <code>--csv</code> "
+            "or <code>--json</code> writes them all.</p>"
+        )
         ordered = ordered.head(CALL_ROWS)
-    return note + "<div class='scroll'>" + _frame_table(ordered[_call_columns(t)], sortable=True, status=True) + "</div>"
+    return (
+        note + "<div class='scroll'>" + _frame_table(ordered[_call_columns(t)], sortable=True, status=True) + "</div>"
+    )
 
 
 def _call_columns(t: pd.DataFrame) -> list[str]:
@@ -202,10 +251,15 @@ def _frame_table(frame, *, sortable: bool, status: bool = False) -> str:
     rows = []
     for rec in frame.to_dict("records"):
         st = str(rec.get("status", ""))
-        cls = " class='bad'" if status and st in ("mismatch", "nonfinite", "shape") else (" class='warn'" if status and st == "precision" else "")
+        cls = (
+            " class='bad'"
+            if status and st in ("mismatch", "nonfinite", "shape")
+            else (" class='warn'" if status and st == "precision" else "")
+        )
         cells = "".join(_cell(v) for v in rec.values())
         rows.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table class='{'sortable' if sortable else ''}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    cls = "sortable" if sortable else ""
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _cell(value: Any) -> str:
@@ -236,7 +290,8 @@ def _metadata(result: Comparison) -> str:
         r, t = _meta_value(result.ref_meta.get(key)), _meta_value(result.tgt_meta.get(key))
         cls = " class='diff'" if r != t and key not in ("created", "command") else ""
         rows.append(f"<tr{cls}><td><b>{e(key)}</b></td><td>{e(r)}</td><td>{e(t)}</td></tr>")
-    return f"<table><thead><tr><th></th><th>reference</th><th>target</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    head = "<thead><tr><th></th><th>reference</th><th>target</th></tr></thead>"
+    return f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"
 
 
 def _meta_value(value: Any) -> str:

@@ -16,7 +16,6 @@ from alignkit.comparison.table import shape_text
 from alignkit.storage.reader import Dump
 from alignkit.storage.schema import IO_GROUPS
 
-
 SHAPES_SHOWN = 4  # distinct shapes listed in full; more (a KV cache growing each step) as first … last
 
 
@@ -29,12 +28,17 @@ def tensor_summary(dump: Dump) -> pd.DataFrame:
     tensors = tensors.sort_values(["_sub", "_io"], kind="stable")
     for (sub, io, name), group in tensors.groupby(["submodel", "io", "name"], sort=False):
         stats = _stats(dump, group)
-        rows.append({
-            "submodel": sub, "io": io, "tensor": name, "calls": len(group),
-            "dtype": ",".join(dict.fromkeys(group["dtype"])),
-            "shape": _shapes_text(list(dict.fromkeys(group["shape"]))),
-            **stats,
-        })
+        rows.append(
+            {
+                "submodel": sub,
+                "io": io,
+                "tensor": name,
+                "calls": len(group),
+                "dtype": ",".join(dict.fromkeys(group["dtype"])),
+                "shape": _shapes_text(list(dict.fromkeys(group["shape"]))),
+                **stats,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -59,19 +63,40 @@ def _stats(dump: Dump, group: pd.DataFrame) -> dict[str, float]:
                 sq += float(np.dot(finite, finite))
                 lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
     if not n:
-        return {"min": float("nan"), "max": float("nan"), "mean": float("nan"), "std": float("nan"), "nan/inf": nonfinite}
+        return {
+            "min": float("nan"),
+            "max": float("nan"),
+            "mean": float("nan"),
+            "std": float("nan"),
+            "nan/inf": nonfinite,
+        }
     mean = total / n
-    return {"min": lo, "max": hi, "mean": mean, "std": float(np.sqrt(max(sq / n - mean * mean, 0.0))), "nan/inf": nonfinite}
+    return {
+        "min": lo,
+        "max": hi,
+        "mean": mean,
+        "std": float(np.sqrt(max(sq / n - mean * mean, 0.0))),
+        "nan/inf": nonfinite,
+    }
 
 
 def print_inspection(dump: Dump, console: Console) -> None:
     meta = dump.metadata
-    console.print(f"[bold]{dump.path}[/] label={meta.get('label')!r} created={meta.get('created')} complete={meta.get('complete')}", highlight=False)
+    console.print(
+        f"[bold]{dump.path}[/] label={meta.get('label')!r} created={meta.get('created')} "
+        f"complete={meta.get('complete')}",
+        highlight=False,
+    )
     for note in shortfalls(dump):
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     for n, call in enumerate(dump.pipeline_calls):
         pipeline = call["class"].rsplit(".", 1)[-1]
-        console.print(f"pipeline call {n} ({pipeline}, from seq {call['seq']}): {given_arguments(call['arguments'])}", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"pipeline call {n} ({pipeline}, from seq {call['seq']}): {given_arguments(call['arguments'])}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     calls = dump.calls
     if calls.empty:
         console.print(_nothing_recorded(dump), highlight=False)
@@ -83,8 +108,13 @@ def print_inspection(dump: Dump, console: Console) -> None:
         rows = calls[calls["submodel"] == sub]
         steps = sorted(set(rows["step"]))
         recorded = str(len(rows)) if run.get(sub, len(rows)) == len(rows) else f"{len(rows)} of {run[sub]}"
-        overview.add_row(sub, recorded, f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0]), str(int(rows.groupby("step").size().max())),
-                         described.get(sub, {}).get("class", "").rsplit(".", 1)[-1])
+        overview.add_row(
+            sub,
+            recorded,
+            f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0]),
+            str(int(rows.groupby("step").size().max())),
+            described.get(sub, {}).get("class", "").rsplit(".", 1)[-1],
+        )
     console.print(overview)
     table = Table(box=None, header_style="bold")
     frame = tensor_summary(dump)

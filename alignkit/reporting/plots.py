@@ -49,10 +49,24 @@ def error_curves(result: Comparison) -> str | None:
         part = outs[outs["submodel"] == sub]
         for col, (metric, title) in enumerate((("l1", "L1 (mean |t − r|)"), ("cos_dist", "1 − cos"))):
             ax = axes[row][col]
-            ax.plot(part["step"], part[metric].clip(lower=_TINY), marker="o", ms=3, label="pipeline (accumulated)", color="#c0392b")
+            ax.plot(
+                part["step"],
+                part[metric].clip(lower=_TINY),
+                marker="o",
+                ms=3,
+                label="pipeline (accumulated)",
+                color="#c0392b",
+            )
             if replay is not None and sub in set(replay["submodel"]):
                 rp = replay[replay["submodel"] == sub]
-                ax.plot(rp["step"], rp[metric].clip(lower=_TINY), marker="s", ms=3, label="replay (local error)", color="#2471a3")
+                ax.plot(
+                    rp["step"],
+                    rp[metric].clip(lower=_TINY),
+                    marker="s",
+                    ms=3,
+                    label="replay (local error)",
+                    color="#2471a3",
+                )
                 ax.legend(fontsize=7)
             ax.set_yscale("log")
             ax.set_title(f"{sub}: {title}", fontsize=9)
@@ -66,7 +80,9 @@ def error_curves(result: Comparison) -> str | None:
 
 def _outputs_by_step(table: pd.DataFrame) -> pd.DataFrame:
     outs = table[(table["io"] == "outputs") & table["rel_l1"].notna()]
-    return outs.groupby(["submodel", "step"], sort=False).agg(l1=("l1", "max"), cos_dist=("cos_dist", "max")).reset_index()
+    return (
+        outs.groupby(["submodel", "step"], sort=False).agg(l1=("l1", "max"), cos_dist=("cos_dist", "max")).reset_index()
+    )
 
 
 HEATMAP_ROWS = 40  # tensors drawn at most: the ones that differ most
@@ -106,8 +122,12 @@ def image_panels(result: Comparison, ref_dump, tgt_dump, limit: int = 3) -> list
     video, the frame that differs most."""
     panels = []
     for row in _image_rows(result.table)[:limit]:
-        r = np.asarray(ref_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tensor), dtype=np.float64)[0]
-        t = np.asarray(tgt_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tgt_tensor), dtype=np.float64)[0]
+        r = np.asarray(
+            ref_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tensor), dtype=np.float64
+        )[0]
+        t = np.asarray(
+            tgt_dump[row.submodel, int(row.step), int(row.call)].tensor(row.io, row.tgt_tensor), dtype=np.float64
+        )[0]
         title = f"{row.submodel} step {int(row.step)} {row.io[:-1]} {row.tensor}"
         if r.ndim == 4:  # channels, frames, height, width
             frames = r.shape[1]
@@ -128,7 +148,13 @@ def _image_rows(table: pd.DataFrame) -> list:
     for row in cands.itertuples(index=False):
         dims = parse_shape(row.ref_shape)
         kv_cache = row.tensor.startswith(("past_key_values.", "present."))
-        if len(dims) in (4, 5) and dims[1] in (1, 3, 4) and min(dims[-2:]) >= 8 and row.submodel not in seen and not kv_cache:
+        if (
+            len(dims) in (4, 5)
+            and dims[1] in (1, 3, 4)
+            and min(dims[-2:]) >= 8
+            and row.submodel not in seen
+            and not kv_cache
+        ):
             picked.append(row)
             seen.add(row.submodel)
     return picked

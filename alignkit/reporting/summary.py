@@ -63,7 +63,13 @@ def render(result: Comparison) -> Group:
         tol = result.tolerance
         exact = exact_mismatches(result)
         note = f"; control inputs must match exactly ({', '.join(exact)})" if exact else ""
-        parts.append(Text(f"Loosest tolerance the measured tensors need: --cos-min {tol['cos_min']:.9f} --rel-l1-max {tol['rel_l1_max']:.3g}{note}", style="dim"))
+        parts.append(
+            Text(
+                f"Loosest tolerance the measured tensors need: --cos-min {tol['cos_min']:.9f} --rel-l1-max "
+                f"{tol['rel_l1_max']:.3g}{note}",
+                style="dim",
+            )
+        )
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     frame = submodel_table(result)
     for col in frame.columns:

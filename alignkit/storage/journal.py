@@ -114,7 +114,7 @@ class JournaledFile(io.RawIOBase):
                 self._held.append((start, bytes(view[: min(end, self._committed) - start])))
             if end > self._committed:
                 fresh = max(start, self._committed)
-                self._write_fresh(view[fresh - start:], fresh)
+                self._write_fresh(view[fresh - start :], fresh)
         self._pos = end
         return len(view)
 
@@ -216,14 +216,14 @@ def _read_journal(raw: bytes) -> tuple[list[tuple[int, bytes]], int | None] | No
     if len(raw) < _TRAILER.size:
         return None
     body = raw[: -_TRAILER.size]
-    magic, count, truncate_to, crc = _TRAILER.unpack(raw[-_TRAILER.size:])
+    magic, count, truncate_to, crc = _TRAILER.unpack(raw[-_TRAILER.size :])
     if magic != _MAGIC or zlib.crc32(body) != crc:
         return None
     records, at = [], 0
     for _ in range(count):
         offset, length = _RECORD.unpack_from(body, at)
         at += _RECORD.size
-        records.append((offset, body[at: at + length]))
+        records.append((offset, body[at : at + length]))
         at += length
     return records, None if truncate_to < 0 else truncate_to
 
@@ -247,7 +247,7 @@ def _overlay(view: memoryview, start: int, offset: int, data: bytes) -> None:
     """Copy the part of ``data`` (written at ``offset``) that falls in ``view`` (read at ``start``)."""
     lo, hi = max(start, offset), min(start + len(view), offset + len(data))
     if lo < hi:
-        view[lo - start: hi - start] = data[lo - offset: hi - offset]
+        view[lo - start : hi - start] = data[lo - offset : hi - offset]
 
 
 def _lock(fd: int, path: Path) -> None:

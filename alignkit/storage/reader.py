@@ -27,7 +27,20 @@ from alignkit.errors import CallNotFoundError, DumpCorruptError, FormatVersionEr
 from alignkit.phrasing import count, ranges
 from alignkit.storage.journal import finish_killed, journal_path
 from alignkit.storage.schema import (
-    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, IO_GROUPS, PIPELINE_CALLS, SUBMODELS, TENSORS, call_group_name, decode, logical_dtype, tensor_name, tensor_path, unescape_name,
+    CALLS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX,
+    IO_GROUPS,
+    PIPELINE_CALLS,
+    SUBMODELS,
+    TENSORS,
+    call_group_name,
+    decode,
+    logical_dtype,
+    tensor_name,
+    tensor_path,
+    unescape_name,
 )
 
 
@@ -163,7 +176,20 @@ class Dump:
         for call in self:
             for io in IO_GROUPS:
                 for t in call.info(io):
-                    rows.append((call.seq, call.submodel, call.step, call.call, io, t.name, t.dtype, t.shape, int(np.prod(t.shape)), t.path))
+                    rows.append(
+                        (
+                            call.seq,
+                            call.submodel,
+                            call.step,
+                            call.call,
+                            io,
+                            t.name,
+                            t.dtype,
+                            t.shape,
+                            int(np.prod(t.shape)),
+                            t.path,
+                        )
+                    )
         columns = ["seq", "submodel", "step", "call", "io", "name", "dtype", "shape", "numel", "path"]
         return pd.DataFrame(rows, columns=columns)
 
@@ -229,7 +255,13 @@ class Dump:
         out = []
         for link in sorted(group, key=lambda name: int(name) if name.isdigit() else -1):
             attrs = group[link].attrs
-            out.append({"class": _text(attrs.get("class", "")), "seq": int(attrs.get("seq", -1)), "arguments": _json(attrs, "arguments") or {}})
+            out.append(
+                {
+                    "class": _text(attrs.get("class", "")),
+                    "seq": int(attrs.get("seq", -1)),
+                    "arguments": _json(attrs, "arguments") or {},
+                }
+            )
         return out
 
     def steps(self, submodel: str) -> list[int]:
@@ -254,7 +286,9 @@ class Dump:
         submodel, step, call, by_ordinal = _parse_key(key)
         frame = self.calls
         if submodel not in set(frame["submodel"]):
-            raise CallNotFoundError(f"{self.path}: no submodel {submodel!r}; the dump has: {', '.join(self.submodels) or 'no calls'}")
+            raise CallNotFoundError(
+                f"{self.path}: no submodel {submodel!r}; the dump has: {', '.join(self.submodels) or 'no calls'}"
+            )
         rows = frame[frame["submodel"] == submodel]
         if by_ordinal:
             hit = rows[rows["ordinal"] == step]
@@ -323,7 +357,10 @@ def _check_format(path: Path, f: h5py.File) -> None:
         raise NotADumpError(f"{path}: an HDF5 file, but not an alignkit dump (no format={FORMAT_NAME!r} attribute)")
     version = int(f.attrs.get("format_version", 0))
     if version > FORMAT_VERSION:
-        raise FormatVersionError(f"{path}: dump format version {version} is newer than this alignkit reads ({FORMAT_VERSION}); upgrade alignkit")
+        raise FormatVersionError(
+            f"{path}: dump format version {version} is newer than this alignkit reads ({FORMAT_VERSION}); upgrade "
+            "alignkit"
+        )
 
 
 def _read_index(f: h5py.File) -> pd.DataFrame:
@@ -335,7 +372,10 @@ def _read_index(f: h5py.File) -> pd.DataFrame:
         frame = pd.DataFrame({name: table[name] for name in table.dtype.names})
         frame["submodel"] = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in frame["submodel"]]
     else:  # a run that stopped between a call and its index row: rebuild from the groups
-        rows = [{k: g.attrs[k] for k in ("seq", "submodel", "step", "call", "ordinal")} for g in (calls.values() if calls is not None else [])]
+        rows = [
+            {k: g.attrs[k] for k in ("seq", "submodel", "step", "call", "ordinal")}
+            for g in (calls.values() if calls is not None else [])
+        ]
         frame = pd.DataFrame(rows, columns=["seq", "submodel", "step", "call", "ordinal"])
         frame["submodel"] = frame["submodel"].astype(str)
     for col in ("seq", "step", "call", "ordinal"):
@@ -350,8 +390,12 @@ def _read_tensor_table(f: h5py.File, n_calls: int) -> dict[tuple[int, str], list
         return None
     out: dict[tuple[int, str], list[TensorInfo]] = {}
     rows = table[()]
-    for seq, io, name, dtype, shape in zip(rows["seq"].tolist(), _strings(rows["io"]), _strings(rows["name"]), _strings(rows["dtype"]), rows["shape"]):
-        out.setdefault((seq, io), []).append(TensorInfo(io, name, dtype, tuple(shape.tolist()), tensor_path(seq, io, name)))
+    for seq, io, name, dtype, shape in zip(
+        rows["seq"].tolist(), _strings(rows["io"]), _strings(rows["name"]), _strings(rows["dtype"]), rows["shape"]
+    ):
+        out.setdefault((seq, io), []).append(
+            TensorInfo(io, name, dtype, tuple(shape.tolist()), tensor_path(seq, io, name))
+        )
     return out
 
 
@@ -386,7 +430,11 @@ _KEY = re.compile(r"^(?P<sub>.+?)(?:(?P<at>@step)(?P<step>\d+)(?::(?P<call>\d+))
 
 def _parse_key(key: Any) -> tuple[str, int, int, bool]:
     """(submodel, step, call, by_ordinal) from ``("unet", 3[, 0])``, ``"unet@step3"`` or ``"unet:12"``."""
-    if isinstance(key, tuple) and len(key) in (2, 3) and all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in key[1:]):
+    if (
+        isinstance(key, tuple)
+        and len(key) in (2, 3)
+        and all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in key[1:])
+    ):
         return str(key[0]), int(key[1]), int(key[2]) if len(key) == 3 else 0, False
     if isinstance(key, str):
         m = _KEY.match(key)

@@ -49,7 +49,17 @@ from alignkit.recording.tensors import Tensor
 from alignkit.storage.journal import DumpLockedError, JournaledFile
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
 from alignkit.storage.schema import (
-    CALLS, FORMAT_NAME, FORMAT_VERSION, INDEX, INDEX_DTYPE, PIPELINE_CALLS, STAGING, SUBMODELS, TENSORS, TENSORS_DTYPE, call_group_name,
+    CALLS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX,
+    INDEX_DTYPE,
+    PIPELINE_CALLS,
+    STAGING,
+    SUBMODELS,
+    TENSORS,
+    TENSORS_DTYPE,
+    call_group_name,
     escape_name,
 )
 
@@ -243,7 +253,10 @@ class DumpWriter:
             return
         shortage = self._room.claim(record.nbytes)
         if shortage:
-            self._stopped_reason = f"recording stopped at call {record.seq} ({record.submodel}): {shortage}; {self.path} holds the {self.calls_written} calls before it"
+            self._stopped_reason = (
+                f"recording stopped at call {record.seq} ({record.submodel}): {shortage}; "
+                f"{self.path} holds the {self.calls_written} calls before it"
+            )
             self._finish({"stopped": shortage})
             return
         for tensor in record.tensors():
@@ -251,7 +264,9 @@ class DumpWriter:
                 tensor.ready()  # an asynchronous device copy must land before it is written
         _write_call(self._file, record)
         self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
-        self._tensor_rows.extend((record.seq, io, t.name, t.dtype, t.data.shape) for io, tensors, _ in record.sides() for t in tensors)
+        self._tensor_rows.extend(
+            (record.seq, io, t.name, t.dtype, t.data.shape) for io, tensors, _ in record.sides() for t in tensors
+        )
         self.calls_written += 1
 
     def _step_ended(self) -> None:
@@ -390,7 +405,10 @@ def _create(disk: JournaledFile, metadata: dict[str, Any]) -> h5py.File:
     config.flash_incr_mode = 0
     config.decr_mode = 0
     f.id.set_mdc_config(config)
-    plain = {key: value if isinstance(value, (str, int, float, bool)) else json.dumps(value) for key, value in metadata.items()}
+    plain = {
+        key: value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+        for key, value in metadata.items()
+    }
     set_attrs(f.id, {**plain, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step_source": "none"})
     f.attrs["complete"] = False
     create_group(f.id, CALLS)
@@ -401,7 +419,13 @@ def _create(disk: JournaledFile, metadata: dict[str, Any]) -> h5py.File:
 
 def _write_call(f: h5py.File, record: CallRecord) -> None:
     group = create_group(f.id, call_group_name(record.seq))
-    head = {"seq": record.seq, "submodel": record.submodel, "step": record.step, "call": record.call, "ordinal": record.ordinal}
+    head = {
+        "seq": record.seq,
+        "submodel": record.submodel,
+        "step": record.step,
+        "call": record.call,
+        "ordinal": record.ordinal,
+    }
     set_attrs(group, head if record.error is None else {**head, "error": record.error})
     for io, tensors, values in record.sides():
         sub = create_group(group, io)

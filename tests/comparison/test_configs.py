@@ -50,15 +50,23 @@ def test_a_scheduler_of_another_class_is_named_in_the_glue_mismatch_it_makes(run
     result = ak.compare(runs["ref"], runs["dpm"])
     fd = result.first_divergence
     assert (fd.submodel, fd.step, fd.kind) == ("unet", 0, "input mismatch")
-    assert fd.message.endswith("scheduler is EulerDiscreteScheduler in the reference, DPMSolverMultistepScheduler in the target")
+    assert fd.message.endswith(
+        "scheduler is EulerDiscreteScheduler in the reference, DPMSolverMultistepScheduler in the target"
+    )
 
 
 def test_a_run_of_fewer_steps_is_named_where_its_scheduler_parts_ways(runs):
     result = ak.compare(runs["ref"], runs["fewer"])
     fd = result.first_divergence
     assert (fd.submodel, fd.step, fd.kind) == ("scheduler", 0, "local error")
-    assert fd.message.endswith(f"scheduler takes {STEPS} steps in the reference and {STEPS - 1} in the target, so its timesteps and sigmas differ")
-    assert f"vae.decode: the reference has step {STEPS}, the target step {STEPS - 1}; no step is in both; not compared" in result.notes
+    assert fd.message.endswith(
+        f"scheduler takes {STEPS} steps in the reference and {STEPS - 1} in the target, so its timesteps and sigmas "
+        "differ"
+    )
+    assert (
+        f"vae.decode: the reference has step {STEPS}, the target step {STEPS - 1}; no step is in both; not compared"
+        in result.notes
+    )
 
 
 def test_a_run_recorded_at_fewer_steps_is_no_run_of_fewer_steps(runs, tmp_path):
@@ -78,8 +86,16 @@ def test_a_run_cut_short_by_an_error_is_no_run_of_fewer_steps(runs, tmp_path):
 
     pipe = tiny_pipeline()
     with pytest.raises(RuntimeError), ak.record(tmp_path / "cut.h5", pipe):
-        pipe("a red fox in the snow", num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
-             output_type="np", height=32, width=32, callback_on_step_end=out_of_memory)
+        pipe(
+            "a red fox in the snow",
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            height=32,
+            width=32,
+            callback_on_step_end=out_of_memory,
+        )
     result = ak.compare(runs["ref"], tmp_path / "cut.h5")
     assert result.aligned and not any("takes" in w for w in result.warnings)
     assert result.notes[0] == "the target ended early, with RuntimeError: CUDA out of memory"
@@ -99,7 +115,9 @@ def test_a_key_that_another_library_version_lacks_is_no_setting(runs, tmp_path):
         del config["final_sigmas_type"]
         f["submodels/scheduler"].attrs["config"] = json.dumps(config)
     with ak.open_dump(runs["ref"]) as ref, ak.open_dump(older) as tgt:
-        assert configs.differences(ref, tgt) == {"scheduler": 'is configured otherwise: timestep_spacing "linspace" → "trailing"'}
+        assert configs.differences(ref, tgt) == {
+            "scheduler": 'is configured otherwise: timestep_spacing "linspace" → "trailing"'
+        }
 
 
 def test_where_a_model_was_loaded_from_and_in_which_dtype_are_no_setting(tmp_path):
@@ -123,7 +141,14 @@ def test_where_a_model_was_loaded_from_and_in_which_dtype_are_no_setting(tmp_pat
 
 
 def _call(pipe, path, **arguments):
-    call = {"num_inference_steps": STEPS, "guidance_scale": 7.5, "generator": torch.Generator().manual_seed(0), "output_type": "np", "height": 32, "width": 32}
+    call = {
+        "num_inference_steps": STEPS,
+        "guidance_scale": 7.5,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "np",
+        "height": 32,
+        "width": 32,
+    }
     with ak.record(path, pipe):
         pipe("a red fox in the snow", **{**call, **arguments})
     return path
@@ -140,7 +165,9 @@ def test_a_pipeline_called_with_another_guidance_scale_or_seed_is_named_in_the_g
     assert "pipeline is called with other arguments: guidance_scale 7.5 → 5.0" in result.warnings
     fd = ak.compare(ref, _call(pipe, tmp_path / "seed.h5", generator=torch.Generator().manual_seed(1))).first_divergence
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 0, "sample", "input mismatch")
-    assert fd.message.endswith("; pipeline is called with other arguments: generator <Generator seed=0> → <Generator seed=1>")
+    assert fd.message.endswith(
+        "; pipeline is called with other arguments: generator <Generator seed=0> → <Generator seed=1>"
+    )
 
 
 def test_how_a_pipeline_hands_back_its_result_is_no_setting(tmp_path):
@@ -156,19 +183,24 @@ def test_each_pipeline_call_is_paired_with_the_other_runs_in_order(tmp_path):
         for prompt in ("a red fox", "a blue jay"):
             pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="np")
     with ak.record(tmp_path / "tgt.h5", pipe):
-        for prompt in ("a red fox", "a blue jay in a long prompt that goes on well past what a warning should show of it"):
+        for prompt in (
+            "a red fox",
+            "a blue jay in a long prompt that goes on well past what a warning should show of it",
+        ):
             pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="np")
         pipe("a third", num_inference_steps=1, height=32, width=32, output_type="np")
     with ak.open_dump(tmp_path / "ref.h5") as ref, ak.open_dump(tmp_path / "tgt.h5") as tgt:
         text = configs.differences(ref, tgt)["pipeline"]
     assert text == (
-        'call 1 is given other arguments: prompt "a blue jay" → "a blue jay in a long prompt that goes on well past what a …; '
+        'call 1 is given other arguments: prompt "a blue jay" → "a blue jay in a long prompt that goes on well past '
+        "what a …; "
         "is called 2 times in the reference and 3 in the target"
     )
 
 
 def _upsampled(path, modes):
     """A hand-written loop whose ``upsample`` is given an interpolation mode per step."""
+
     def upsample(x, mode):
         return torch.nn.functional.interpolate(x, scale_factor=2, mode=mode)
 
@@ -181,10 +213,22 @@ def _upsampled(path, modes):
     return path
 
 
-@pytest.mark.parametrize(("modes", "step", "said"), [
-    (["bilinear", "bilinear"], 0, 'upsample is called with other arguments: mode "nearest" → "bilinear"'),  # a warning too
-    (["nearest", "bilinear"], 1, 'upsample is called with other arguments here: mode "nearest" → "bilinear"'),  # where it changes
-], ids=["from-the-first-call", "later"])
+@pytest.mark.parametrize(
+    ("modes", "step", "said"),
+    [
+        (
+            ["bilinear", "bilinear"],
+            0,
+            'upsample is called with other arguments: mode "nearest" → "bilinear"',
+        ),  # a warning too
+        (
+            ["nearest", "bilinear"],
+            1,
+            'upsample is called with other arguments here: mode "nearest" → "bilinear"',
+        ),  # where it changes
+    ],
+    ids=["from-the-first-call", "later"],
+)
 def test_a_call_given_another_mode_is_named_in_its_local_error(tmp_path, modes, step, said):
     ref = _upsampled(tmp_path / "ref.h5", ["nearest", "nearest"])
     result = ak.compare(ref, _upsampled(tmp_path / "tgt.h5", modes))
@@ -223,4 +267,6 @@ def test_an_argument_another_writer_left_as_bare_text_is_compared_as_that_text(t
         f["calls/00000000/inputs"].attrs["mode"] = "bilinear"  # not JSON text
     with ak.open_dump(tgt) as d:
         assert d["upsample", 0].values() == {"mode": "bilinear"}
-    assert ak.compare(ref, tgt).first_divergence.message.endswith('; upsample is called with other arguments: mode "nearest" → "bilinear"')
+    assert ak.compare(ref, tgt).first_divergence.message.endswith(
+        '; upsample is called with other arguments: mode "nearest" → "bilinear"'
+    )

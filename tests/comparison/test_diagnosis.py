@@ -33,7 +33,10 @@ def test_another_seed_is_named_as_different_starting_noise(tmp_path):
             generate(pipe, 2, seed=seed, size=32)
     fd = ak.compare(tmp_path / "seed0.h5", tmp_path / "seed1.h5").first_divergence
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 0, "sample", "input mismatch")
-    assert "uncorrelated but alike in size, as two draws of random noise are: the runs start from different noise" in fd.message
+    assert (
+        "uncorrelated but alike in size, as two draws of random noise are: the runs start from different noise"
+        in fd.message
+    )
     assert abs(fd.evidence["cos"]) < 0.1
 
 
@@ -55,7 +58,9 @@ def test_identical_rerun_is_aligned(demo_dumps):
     result = ak.compare(*demo_dumps["none"])
     assert result.verdict == "aligned" and result.exit_code == 0
     assert set(ak.compare(*demo_dumps["none"], submodels=["unet"]).table["submodel"]) == {"unet"}
-    with pytest.raises(UsageError, match=r"submodels 'unett': not in both dumps \(in both: text_encoder, unet, scheduler, vae.decode\)"):
+    with pytest.raises(
+        UsageError, match=r"submodels 'unett': not in both dumps \(in both: text_encoder, unet, scheduler, vae.decode\)"
+    ):
         ak.compare(*demo_dumps["none"], submodels=["unett"])  # not an empty "aligned"
     assert (result.table["status"] == "ok").all()
     assert (result.table["cos"] == 1.0).all()
@@ -110,7 +115,12 @@ def _record_pair(tmp_path, engine_feed):
 
 def test_engine_names_are_mapped_to_the_reference(tmp_path):
     ref, tgt = _record_pair(tmp_path, lambda x, t, e: {"input.1": x, "timesteps.1": t, "input0.1": e})
-    names = {"unet.input.1": "sample", "timesteps.1": "timestep", "input0.1": "encoder_hidden_states", "output": "output.0"}
+    names = {
+        "unet.input.1": "sample",
+        "timesteps.1": "timestep",
+        "input0.1": "encoder_hidden_states",
+        "output": "output.0",
+    }
     result = ak.compare(ref, tgt, name_map=names)
     assert result.verdict == "aligned"
     assert set(result.table["matched_by"]) == {"map"}
@@ -130,18 +140,31 @@ def test_nested_names_pair_with_an_exports_flat_names_in_any_order(tmp_path):
         return sample * 2
 
     rng = np.random.default_rng(0)
-    sample, text_embeds = rng.standard_normal((2, 4, 8, 8), dtype=np.float32), rng.standard_normal((2, 32), dtype=np.float32)
+    sample, text_embeds = (
+        rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        rng.standard_normal((2, 32), dtype=np.float32),
+    )
     time_ids = np.tile(np.float32([64, 64, 0, 0, 64, 64]), (2, 1))
     with ak.Recorder(tmp_path / "ref.h5") as rec:  # SDXL: diffusers nests the extra inputs
-        rec.watch(unet, "unet")(sample, np.float32(999), added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+        rec.watch(unet, "unet")(
+            sample, np.float32(999), added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}
+        )
     with ak.Recorder(tmp_path / "tgt.h5") as rec:  # the export takes them flat, in its own order
         rec.watch(lambda feed: {"out_sample": feed["sample"] * 2}, "unet")(
             {"time_ids": time_ids, "sample": sample, "timestep": np.float32(999), "text_embeds": text_embeds * 1.5}
         )
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
     inputs = result.table[result.table["io"] == "inputs"].set_index("tensor")
-    assert inputs.loc["added_cond_kwargs.time_ids", ["tgt_tensor", "matched_by", "status"]].tolist() == ["time_ids", "suffix", "ok"]
-    assert inputs.loc["added_cond_kwargs.text_embeds", ["tgt_tensor", "matched_by", "status"]].tolist() == ["text_embeds", "suffix", "mismatch"]
+    assert inputs.loc["added_cond_kwargs.time_ids", ["tgt_tensor", "matched_by", "status"]].tolist() == [
+        "time_ids",
+        "suffix",
+        "ok",
+    ]
+    assert inputs.loc["added_cond_kwargs.text_embeds", ["tgt_tensor", "matched_by", "status"]].tolist() == [
+        "text_embeds",
+        "suffix",
+        "mismatch",
+    ]
     first = result.first_divergence
     assert (first.tensor, first.kind) == ("added_cond_kwargs.text_embeds", "input mismatch")
 
@@ -152,7 +175,10 @@ def test_a_dotted_tail_with_two_candidates_is_left_to_position(tmp_path):
     with ak.Recorder(tmp_path / "tgt.h5") as rec:
         rec.watch(lambda x, y: None, "net")(np.zeros(2), np.ones(2))
     table = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").table
-    assert table[["tensor", "tgt_tensor", "matched_by"]].values.tolist() == [["a.x", "x", "position"], ["b.x", "y", "position"]]
+    assert table[["tensor", "tgt_tensor", "matched_by"]].values.tolist() == [
+        ["a.x", "x", "position"],
+        ["b.x", "y", "position"],
+    ]
 
 
 def _record_attention(tmp_path, feed):
@@ -174,7 +200,9 @@ def test_position_matched_tensors_in_the_other_order_are_said_to_be_swapped(tmp_
     assert dict(inputs["swapped_with"]) == {"query": "key", "key": "query"}
     assert result.first_divergence.kind == "input mismatch"
     assert "holds the reference's `key`" in result.first_divergence.message
-    assert result.growth_text() == "none — every output from there on matches exactly (L1 0)"  # the engine computes right
+    assert (
+        result.growth_text() == "none — every output from there on matches exactly (L1 0)"
+    )  # the engine computes right
     [warning] = [w for w in result.warnings if "hold each other's values" in w]
     assert "target `k.1` and `q.1`, matched by position to `query` and `key`" in warning
     assert "(--map k.1=key --map q.1=query)" in warning
@@ -210,10 +238,15 @@ def test_a_scalar_timestep_against_one_tiled_to_the_batch_compares_value_by_valu
     assert result.verdict == "aligned"
     timestep = result.table[result.table["tensor"] == "timestep"]
     assert list(timestep["broadcast"]) == [True, True] and list(timestep["status"]) == ["ok", "ok"]
-    assert "unet input `timestep`: reference shape [], target [2]: one value compared with each of the other's at 2 steps (the values agree)" in result.warnings
+    assert (
+        "unet input `timestep`: reference shape [], target [2]: one value compared with each of the other's at 2 "
+        "steps (the values agree)" in result.warnings
+    )
 
     truncated = _record_timesteps(tmp_path / "truncated.h5", [999.5, 979.5], as_engine=True)
-    fd = ak.compare(_record_timesteps(tmp_path / "ref2.h5", [999.5, 979.5], as_engine=False), truncated).first_divergence
+    fd = ak.compare(
+        _record_timesteps(tmp_path / "ref2.h5", [999.5, 979.5], as_engine=False), truncated
+    ).first_divergence
     assert (fd.step, fd.tensor, fd.kind) == (0, "timestep", "input mismatch")
     assert "reference float32 999.5, target int64 [999, 999]" in fd.message
 
@@ -244,8 +277,10 @@ def test_a_batch_split_into_calls_is_compared_joined_again(tmp_path):
     split = _record_unet_calls(tmp_path / "split.h5", lambda step: [x[:1], x[1:]])
     result = ak.compare(ref, split)
     assert result.verdict == "aligned", result.summary()
-    assert result.notes == ["unet: the target splits each call into 2 along the batch (as classifier-free guidance at batch 1 does); "
-                            "compared with the reference's call as one, concatenated"]
+    assert result.notes == [
+        "unet: the target splits each call into 2 along the batch (as classifier-free guidance at batch 1 does); "
+        "compared with the reference's call as one, concatenated"
+    ]
     sample = result.table[result.table["tensor"] == "sample"]
     assert list(sample["tgt_shape"]) == ["[2,4]"] * 3 and (sample["status"] == "ok").all()
 
@@ -259,9 +294,13 @@ def test_calls_that_do_not_split_the_batch_are_paired_by_index_and_said(tmp_path
     ref = _record_unet_calls(tmp_path / "ref.h5", lambda step: [x])
     twice = _record_unet_calls(tmp_path / "twice.h5", lambda step: [x, x])  # the whole batch twice: no split
     result = ak.compare(ref, twice)
-    assert result.notes == ["unet: the reference calls it 1 time a step, the target 2; calls are paired by their index within the step "
-                            "(the target's do not split one batch between them)"]
-    assert result.verdict == "aligned" and (result.table["status"] == "ok").all()  # call 0 with call 0; call 1 on one side
+    assert result.notes == [
+        "unet: the reference calls it 1 time a step, the target 2; calls are paired by their index within the step "
+        "(the target's do not split one batch between them)"
+    ]
+    assert (
+        result.verdict == "aligned" and (result.table["status"] == "ok").all()
+    )  # call 0 with call 0; call 1 on one side
 
 
 def _record_with_vae_named(tmp_path, ref_vae, tgt_vae):
@@ -281,7 +320,8 @@ def test_a_submodel_under_another_name_is_pointed_out_with_the_map_that_pairs_it
     assert result.notes == [
         "vae.decode: only in the reference (1 step); not compared",
         "decoder: only in the target (1 step); not compared",
-        "decoder looks like the target's name for vae.decode (the same steps): compare them with --map decoder=vae.decode",
+        "decoder looks like the target's name for vae.decode (the same steps): compare them with --map "
+        "decoder=vae.decode",
     ]
     assert set(ak.compare(ref, tgt, name_map=["decoder=vae.decode"]).table["submodel"]) == {"unet", "vae.decode"}
 
@@ -292,15 +332,20 @@ def test_the_vae_halves_of_an_onnx_export_pair_with_a_torch_pipelines(tmp_path, 
     ref, tgt = _record_with_vae_named(tmp_path, ref_vae, tgt_vae)
     result = ak.compare(ref, tgt)
     assert set(result.table["submodel"]) == {"unet", ref_vae} and result.verdict == "aligned"
-    assert result.notes == [f"{tgt_vae} (target) is compared with {ref_vae} (reference): the names diffusers' ONNX export "
-                            "and a torch pipeline give the same VAE half"]
+    assert result.notes == [
+        f"{tgt_vae} (target) is compared with {ref_vae} (reference): the names diffusers' ONNX export "
+        "and a torch pipeline give the same VAE half"
+    ]
     mapped = ak.compare(ref, tgt, name_map=[f"{tgt_vae}=unet"])  # a map entry of its own wins
     assert f"{ref_vae}: only in the reference (1 step); not compared" in mapped.notes
 
 
 def test_a_dtype_downcast_target_within_the_noise_floor_is_precision_not_divergence(tmp_path):
     r = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
-    for path, value in ((tmp_path / "ref.h5", torch.from_numpy(r)), (tmp_path / "tgt.h5", torch.from_numpy(r).to(torch.bfloat16))):
+    for path, value in (
+        (tmp_path / "ref.h5", torch.from_numpy(r)),
+        (tmp_path / "tgt.h5", torch.from_numpy(r).to(torch.bfloat16)),
+    ):
         with ak.Recorder(path) as rec:
             rec.watch(lambda x: x, "layer")(value)
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
@@ -349,7 +394,10 @@ def test_a_bf16_computation_is_precision_loss_not_a_divergence(tmp_path):
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
     x = torch.randn(16, 256)
-    for path, model, value in ((tmp_path / "ref.h5", layer, x), (tmp_path / "tgt.h5", copy.deepcopy(layer).to(torch.bfloat16), x.to(torch.bfloat16))):
+    for path, model, value in (
+        (tmp_path / "ref.h5", layer, x),
+        (tmp_path / "tgt.h5", copy.deepcopy(layer).to(torch.bfloat16), x.to(torch.bfloat16)),
+    ):
         with ak.Recorder(path) as rec, torch.no_grad():
             rec.watch(model, "mlp")
             model(value)
@@ -375,8 +423,10 @@ def test_calls_of_a_step_made_in_another_order_are_paired_by_their_inputs(tmp_pa
     _record_prompts(tmp_path / "tgt.h5", [negative, prompt])  # the negative prompt encoded first
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
     assert result.verdict == "aligned" and (result.table["status"] == "ok").all()
-    assert result.notes == ["text_encoder step 0: the target makes these calls in another order; paired by their inputs "
-                            "(the reference's call 0 with 1, 1 with 0 of the target's)"]
+    assert result.notes == [
+        "text_encoder step 0: the target makes these calls in another order; paired by their inputs "
+        "(the reference's call 0 with 1, 1 with 0 of the target's)"
+    ]
     _record_prompts(tmp_path / "bug.h5", [negative, [[5, 6, 8]]])  # no order makes every pair agree: left by index
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "bug.h5")
     assert result.verdict == "diverged" and not result.notes
@@ -433,9 +483,12 @@ def test_a_call_that_raises_on_one_side_only_is_the_divergence(tmp_path):
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
     fd = result.first_divergence
     assert result.verdict == "diverged" and (fd.submodel, fd.kind, fd.tensor) == ("text_encoder", "raised", "")
-    assert fd.message == ("text_encoder step 0: raised — the target raised ValueError: Unexpected input data type. Actual: (tensor(int32)), "
-                          "expected: (tensor(int64)), where the reference returned, from matching inputs "
-                          "(equal values, but `input_ids` is int32 in the target, int64 in the reference)")
+    assert fd.message == (
+        "text_encoder step 0: raised — the target raised ValueError: Unexpected input data type. Actual: "
+        "(tensor(int32)), "
+        "expected: (tensor(int64)), where the reference returned, from matching inputs "
+        "(equal values, but `input_ids` is int32 in the target, int64 in the reference)"
+    )
     report = result.to_html(tmp_path / "r.html").read_text()
     assert "raised:   the target raised ValueError" in report and "output ``" not in report
     both = ak.compare(tmp_path / "tgt.h5", tmp_path / "tgt.h5")  # raising alike is no divergence
@@ -447,10 +500,18 @@ def _record_sdxl_unet(path, text_embeds, time_ids, timestep):
         return sample * 2
 
     rng = np.random.default_rng(0)
-    sample, hidden = rng.standard_normal((2, 4, 8, 8), dtype=np.float32), rng.standard_normal((2, 7, 32), dtype=np.float32)
+    sample, hidden = (
+        rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        rng.standard_normal((2, 7, 32), dtype=np.float32),
+    )
     dtype = text_embeds.dtype
     with ak.Recorder(path) as rec:
-        rec.watch(unet, "unet")(sample.astype(dtype), timestep, hidden.astype(dtype), added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+        rec.watch(unet, "unet")(
+            sample.astype(dtype),
+            timestep,
+            hidden.astype(dtype),
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+        )
 
 
 def test_small_inputs_are_controls_when_scalars_vectors_or_whole_numbers_not_fractions(tmp_path):
@@ -459,7 +520,9 @@ def test_small_inputs_are_controls_when_scalars_vectors_or_whole_numbers_not_fra
     text_embeds = np.random.default_rng(1).standard_normal((2, 32), dtype=np.float32)
     time_ids = np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (2, 1))
     _record_sdxl_unet(tmp_path / "ref.h5", text_embeds, time_ids, np.float32(999.5))
-    _record_sdxl_unet(tmp_path / "fp16.h5", text_embeds.astype(np.float16), time_ids.astype(np.float16), np.float32(999.5))
+    _record_sdxl_unet(
+        tmp_path / "fp16.h5", text_embeds.astype(np.float16), time_ids.astype(np.float16), np.float32(999.5)
+    )
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "fp16.h5")
     rows = result.table[result.table["io"] == "inputs"].set_index("tensor")
     assert result.verdict == "aligned", result.summary()
@@ -481,7 +544,13 @@ def test_a_target_computing_in_another_precision_throughout_is_one_warning(tmp_p
     _record_sdxl_unet(tmp_path / "ref.h5", text_embeds, time_ids, np.float32(999))
     _record_sdxl_unet(tmp_path / "tgt.h5", text_embeds.astype(np.float16), time_ids.astype(np.float16), np.int64(999))
     warnings = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").warnings
-    assert "4 tensors are float32 in the reference and float16 in the target, with values that differ (unet): the target computes in float16" in warnings
-    assert "unet input `added_cond_kwargs.time_ids`: reference float32, target float16 (values equal) at 1 step" in warnings
+    assert (
+        "4 tensors are float32 in the reference and float16 in the target, with values that differ (unet): the target "
+        "computes in float16" in warnings
+    )
+    assert (
+        "unet input `added_cond_kwargs.time_ids`: reference float32, target float16 (values equal) at 1 step"
+        in warnings
+    )
     assert "unet input `timestep`: reference float32, target int64 (values equal) at 1 step" in warnings
     assert not any("`sample`" in w for w in warnings)

@@ -42,7 +42,10 @@ def test_another_guidance_scale_is_named_with_both_scales(tmp_path):
     result = ak.compare(_record(tmp_path / "ref.h5"), _record(tmp_path / "tgt.h5", scale=7.5))
     first = result.first_divergence
     assert (first.submodel, first.step, first.tensor, first.kind) == ("scheduler", 0, "model_output", "input mismatch")
-    assert "-4·unet `output`[0] + 5·unet `output`[1] (classifier-free guidance at scale 5) in the reference" in first.message
+    assert (
+        "-4·unet `output`[0] + 5·unet `output`[1] (classifier-free guidance at scale 5) in the reference"
+        in first.message
+    )
     assert "(classifier-free guidance at scale 7.5) in the target" in first.message
     assert "with other weights" in first.message
 
@@ -62,10 +65,19 @@ def test_a_lower_precision_run_amplified_by_the_glue_is_precision_loss_not_a_div
     table = result.table
     guided = table[(table["submodel"] == "scheduler") & (table["tensor"] == "model_output")]
     assert (guided["floor_ratio"] > 10).any()  # past the floor, and still not a divergence
-    assert set(guided.loc[guided["floor_ratio"] > 10, "glue"]) == {"-4·unet `output`[0] + 5·unet `output`[1] (classifier-free guidance at scale 5)"}
-    assert any("scheduler input `model_output` is past 10× its noise floor" in w and "amplified by the glue" in w for w in result.warnings)
+    assert set(guided.loc[guided["floor_ratio"] > 10, "glue"]) == {
+        "-4·unet `output`[0] + 5·unet `output`[1] (classifier-free guidance at scale 5)"
+    }
+    assert any(
+        "scheduler input `model_output` is past 10× its noise floor" in w and "amplified by the glue" in w
+        for w in result.warnings
+    )
     z = table[(table["submodel"] == "vae.decode") & (table["io"] == "inputs")].iloc[0]
-    assert (z["ref_dtype"], z["tgt_dtype"], z["floor_dtype"]) == ("float32", "float32", "float16")  # carried from the float16 run
+    assert (z["ref_dtype"], z["tgt_dtype"], z["floor_dtype"]) == (
+        "float32",
+        "float32",
+        "float16",
+    )  # carried from the float16 run
     assert z["status"] in ("ok", "precision")
 
 
@@ -86,7 +98,10 @@ def test_a_per_channel_normalisation_is_recognised_and_checked(tmp_path):
         z = table[(table["submodel"] == "vae.decode") & (table["io"] == "inputs")].iloc[0]
         found = glue.Explainer(r, t, calls, table)(z)
     assert found is not None and found.same
-    assert found.formula == "scheduler step 2 `output` scaled and shifted per channel (scales 0.5 to 1.25, shifts -0.2 to 0.5)"
+    assert (
+        found.formula
+        == "scheduler step 2 `output` scaled and shifted per channel (scales 0.5 to 1.25, shifts -0.2 to 0.5)"
+    )
 
 
 def test_latents_laid_out_otherwise_are_named_as_a_layout_not_as_other_noise(tmp_path):
@@ -128,6 +143,9 @@ def test_a_timestep_computed_in_bfloat16_is_named_as_rounding_and_a_wrong_one_is
     record(tmp_path / "wrong.h5", [1000.0, 700.0], torch.bfloat16)
     fd = ak.compare(tmp_path / "ref.h5", tmp_path / "bf16.h5").first_divergence
     assert (fd.step, fd.tensor, fd.kind) == (1, "timestep", "input mismatch")
-    assert "no more than bfloat16 rounding (2 units in the last place)" in fd.message and "keep it in float32" in fd.message
+    assert (
+        "no more than bfloat16 rounding (2 units in the last place)" in fd.message
+        and "keep it in float32" in fd.message
+    )
     fd = ak.compare(tmp_path / "ref.h5", tmp_path / "wrong.h5").first_divergence
     assert (fd.step, fd.tensor) == (1, "timestep") and "rounding" not in fd.message

@@ -44,7 +44,10 @@ def test_cos_resolves_nearly_identical_tensors():
     want = (np.dot(d, d) - (nr - nt) ** 2) / (2 * nr * nt)
     assert got > 0
     assert got == pytest.approx(want, rel=1e-3)
-    naive = 1 - float(np.dot(r.astype(np.float32), t.astype(np.float32)) / (np.linalg.norm(r.astype(np.float32)) * np.linalg.norm(t.astype(np.float32))))
+    naive = 1 - float(
+        np.dot(r.astype(np.float32), t.astype(np.float32))
+        / (np.linalg.norm(r.astype(np.float32)) * np.linalg.norm(t.astype(np.float32)))
+    )
     assert abs(naive - want) > abs(got - want)  # the float32 textbook formula is far off
 
 
@@ -74,7 +77,9 @@ finite = st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32)
 
 
 @settings(max_examples=200, deadline=None)
-@example(np.array([382.97772216796875]), np.array([2.0**-23]))  # norms 1e9 apart: the difference form of 1 − cos cancels
+@example(
+    np.array([382.97772216796875]), np.array([2.0**-23])
+)  # norms 1e9 apart: the difference form of 1 − cos cancels
 @given(arrays(np.float64, st.integers(1, 50), elements=finite), arrays(np.float64, st.integers(1, 50), elements=finite))
 def test_properties(a, b):
     n = min(a.size, b.size)

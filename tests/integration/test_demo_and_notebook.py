@@ -11,7 +11,11 @@ from tests.conftest import ROOT
 def test_demo_command_writes_a_report_that_names_the_bug(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "alignkit", "demo", "--steps", "6"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr  # the planted bug was found
     assert "unet step 1: input mismatch" in proc.stdout.replace("\n", " ")
@@ -22,7 +26,11 @@ def test_demo_command_writes_a_report_that_names_the_bug(tmp_path):
 def test_demo_without_a_bug_is_aligned(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "alignkit", "demo", "--bug", "none", "--steps", "3", "--out", "r.html"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "ALIGNED" in (tmp_path / "r.html").read_text()

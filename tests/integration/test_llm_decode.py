@@ -28,13 +28,23 @@ class ExportedDecoder:
         cache = DynamicCache()
         for i in range(LAYERS):
             if f"past_key_values.{i}.key" in feed:
-                cache.update(torch.from_numpy(feed[f"past_key_values.{i}.key"]), torch.from_numpy(feed[f"past_key_values.{i}.value"]), i)
+                cache.update(
+                    torch.from_numpy(feed[f"past_key_values.{i}.key"]),
+                    torch.from_numpy(feed[f"past_key_values.{i}.value"]),
+                    i,
+                )
         with torch.no_grad():
             out = self.model(
-                input_ids=torch.from_numpy(feed["input_ids"]), position_ids=torch.from_numpy(feed["position_ids"]),
-                past_key_values=cache, use_cache=True,
+                input_ids=torch.from_numpy(feed["input_ids"]),
+                position_ids=torch.from_numpy(feed["position_ids"]),
+                past_key_values=cache,
+                use_cache=True,
             )
-        present = {f"present.{i}.{kind}": getattr(layer, f"{kind}s").numpy().copy() for i, layer in enumerate(cache.layers) for kind in ("key", "value")}
+        present = {
+            f"present.{i}.{kind}": getattr(layer, f"{kind}s").numpy().copy()
+            for i, layer in enumerate(cache.layers)
+            for kind in ("key", "value")
+        }
         return {"logits": out.logits[:, -1:].numpy(), **present}
 
 
@@ -48,7 +58,11 @@ def greedy(engine: ExportedDecoder, position_shift: int = 0) -> list[int]:
         tokens.append(token)
         past = {k.replace("present.", "past_key_values.", 1): v for k, v in out.items() if k.startswith("present.")}
         position = int(feed["position_ids"][0, -1]) + 1 + position_shift
-        feed = {"input_ids": np.array([[token]], dtype=np.int64), "position_ids": np.array([[position]], dtype=np.int64), **past}
+        feed = {
+            "input_ids": np.array([[token]], dtype=np.int64),
+            "position_ids": np.array([[position]], dtype=np.int64),
+            **past,
+        }
     return tokens
 
 
@@ -59,7 +73,7 @@ def reference(tmp_path_factory):
     with ak.Recorder(path, label="transformers") as rec:
         rec.watch(model, "decoder")
         out = model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return path, out[0, len(PROMPT[0]):].tolist()
+    return path, out[0, len(PROMPT[0]) :].tolist()
 
 
 def record_port(path, position_shift: int = 0) -> list[int]:
@@ -100,7 +114,13 @@ def test_position_ids_off_by_one_in_the_loop_is_the_first_divergence(reference, 
     path, _ = reference
     record_port(tmp_path / "port.h5", position_shift=1)
     first = ak.compare(path, tmp_path / "port.h5").first_divergence
-    assert (first.submodel, first.step, first.io, first.tensor, first.kind) == ("decoder", 1, "inputs", "position_ids", "input mismatch")
+    assert (first.submodel, first.step, first.io, first.tensor, first.kind) == (
+        "decoder",
+        1,
+        "inputs",
+        "position_ids",
+        "input mismatch",
+    )
 
 
 def test_the_port_replayed_on_reference_inputs_is_aligned_at_every_step(reference, tmp_path):
@@ -114,9 +134,14 @@ def test_a_bf16_model_replayed_gets_the_reference_cache_rebuilt_in_its_dtype(ref
     path, _ = reference
     result = ak.replay(path, submodel="decoder", target=tiny_gpt2().to(torch.bfloat16), out=tmp_path / "replay.h5")
     casts = [w for w in result.warnings if w.startswith("replay cast")]
-    assert "replay cast input `past_key_values.0.key` from float32 (recorded) to bfloat16 (the module's parameters)" in casts
+    assert (
+        "replay cast input `past_key_values.0.key` from float32 (recorded) to bfloat16 (the module's parameters)"
+        in casts
+    )
     assert not any("position_ids" in w for w in casts)
     outputs = result.table[result.table["io"] == "outputs"]
     cache_out = outputs[outputs["tensor"] == "past_key_values.1.value"]
-    assert list(cache_out["tgt_shape"]) == [f"[1,4,{len(PROMPT[0]) + step},8]" for step in range(NEW_TOKENS)]  # prefill, then one more a step
+    assert list(cache_out["tgt_shape"]) == [
+        f"[1,4,{len(PROMPT[0]) + step},8]" for step in range(NEW_TOKENS)
+    ]  # prefill, then one more a step
     assert outputs["rel_l1"].max() < 0.05

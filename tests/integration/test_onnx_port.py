@@ -39,7 +39,8 @@ PORT = textwrap.dedent(
     for t in scheduler.timesteps:
         sample = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         timestep = np.array(int(t) if bug == "int-timestep" else t, dtype=np.float32)
-        noise = torch.from_numpy(unet.run(None, {{"sample": sample.numpy(), "timestep": timestep, "encoder_hidden_states": embeddings}})[0])
+        feed = {{"sample": sample.numpy(), "timestep": timestep, "encoder_hidden_states": embeddings}}
+        noise = torch.from_numpy(unet.run(None, feed)[0])
         uncond, cond = noise.chunk(2)
         latents = scheduler.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
     image = vae_decoder.run(None, {{"latent_sample": (latents / 0.18215).numpy()}})[0]
@@ -77,15 +78,26 @@ class _TextEncoder(torch.nn.Module):
 def _export(pipe, folder):
     """The pipeline's models in diffusers' ONNX layout, and its scheduler's config."""
     exports = {
-        "text_encoder": (_TextEncoder(pipe.text_encoder), (torch.zeros(1, 77, dtype=torch.int64),), ["input_ids"], ["last_hidden_state"]),
-        "unet": (_Unet(pipe.unet), (torch.randn(2, 4, 16, 16), torch.tensor(999.0), torch.randn(2, 77, 16)),
-                 ["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
+        "text_encoder": (
+            _TextEncoder(pipe.text_encoder),
+            (torch.zeros(1, 77, dtype=torch.int64),),
+            ["input_ids"],
+            ["last_hidden_state"],
+        ),
+        "unet": (
+            _Unet(pipe.unet),
+            (torch.randn(2, 4, 16, 16), torch.tensor(999.0), torch.randn(2, 77, 16)),
+            ["sample", "timestep", "encoder_hidden_states"],
+            ["out_sample"],
+        ),
         "vae_decoder": (_Decoder(pipe.vae), (torch.randn(1, 4, 16, 16),), ["latent_sample"], ["sample"]),
     }
     with torch.no_grad():
         for name, (module, args, inputs, outputs) in exports.items():
             (folder / name).mkdir(parents=True)
-            torch.onnx.export(module, args, str(folder / name / "model.onnx"), input_names=inputs, output_names=outputs, dynamo=False)
+            torch.onnx.export(
+                module, args, str(folder / name / "model.onnx"), input_names=inputs, output_names=outputs, dynamo=False
+            )
     pipe.scheduler.save_config(folder / "scheduler")
 
 

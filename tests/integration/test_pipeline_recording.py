@@ -54,15 +54,35 @@ def test_each_pipeline_call_notes_its_arguments_with_the_defaults_filled_in(tmp_
     latents, width = torch.randn(1, 4, 4, 4), pipe.unet.config.cross_attention_dim
     with ak.record(tmp_path / "ref.h5", pipe):
         generate(pipe, 2, seed=3, size=32)
-        pipe(prompt_embeds=torch.zeros(1, 77, width), negative_prompt_embeds=torch.ones(1, 77, width), num_inference_steps=1, latents=latents, height=32, width=32, output_type="latent")
+        pipe(
+            prompt_embeds=torch.zeros(1, 77, width),
+            negative_prompt_embeds=torch.ones(1, 77, width),
+            num_inference_steps=1,
+            latents=latents,
+            height=32,
+            width=32,
+            output_type="latent",
+        )
     with ak.open_dump(tmp_path / "ref.h5") as d:
         first, second = d.pipeline_calls
         calls = d.calls
-    assert first["class"] == second["class"] == "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline"
+    assert (
+        first["class"]
+        == second["class"]
+        == "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline"
+    )
     assert first["seq"] == 0 and second["seq"] == len(calls[calls["seq"] < second["seq"]]) > 0  # where each began
-    assert calls.loc[calls["seq"] == second["seq"], "submodel"].item() == "unet"  # no text encoder: embeddings were given
-    assert {k: first["arguments"][k] for k in ("prompt", "num_inference_steps", "guidance_scale", "generator", "eta")} == {
-        "prompt": "a red fox in the snow", "num_inference_steps": 2, "guidance_scale": 7.5, "generator": "<Generator seed=3>", "eta": 0.0,
+    assert (
+        calls.loc[calls["seq"] == second["seq"], "submodel"].item() == "unet"
+    )  # no text encoder: embeddings were given
+    assert {
+        k: first["arguments"][k] for k in ("prompt", "num_inference_steps", "guidance_scale", "generator", "eta")
+    } == {
+        "prompt": "a red fox in the snow",
+        "num_inference_steps": 2,
+        "guidance_scale": 7.5,
+        "generator": "<Generator seed=3>",
+        "eta": 0.0,
     }
     assert second["arguments"]["prompt"] is None and second["arguments"]["guidance_scale"] == 7.5  # left to its default
     assert second["arguments"]["latents"] == "<tensor float32 [1, 4, 4, 4]>"
@@ -82,8 +102,24 @@ def test_record_cli_on_an_unmodified_script_matches_the_api(tmp_path):
     script.write_text(SCRIPT)
     cli_dump, api_dump = tmp_path / "cli.h5", tmp_path / "api.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "alignkit", "record", "-o", str(cli_dump), "--label", "cli", "--", "python", str(script)],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "record",
+            "-o",
+            str(cli_dump),
+            "--label",
+            "cli",
+            "--",
+            "python",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     pipe = tiny_pipeline()
@@ -106,8 +142,27 @@ def test_record_cli_filters_steps_and_layers(tmp_path):
     script.write_text(SCRIPT)
     dump = tmp_path / "layers.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "alignkit", "record", "-o", str(dump), "--layers", "unet", "--layer-filter", "^conv", "--steps", "1", "--", str(script)],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "record",
+            "-o",
+            str(dump),
+            "--layers",
+            "unet",
+            "--layer-filter",
+            "^conv",
+            "--steps",
+            "1",
+            "--",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     with ak.open_dump(dump) as d:
@@ -126,8 +181,15 @@ def test_prompt_embeds_without_a_tokenizer(tmp_path):
 
     def run():
         with torch.no_grad():
-            return pipe(prompt_embeds=embeds, negative_prompt_embeds=-embeds, num_inference_steps=STEPS, height=32, width=32,
-                        generator=torch.Generator().manual_seed(0), output_type="np").images
+            return pipe(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=-embeds,
+                num_inference_steps=STEPS,
+                height=32,
+                width=32,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images
 
     unwatched = run()
     with ak.record(tmp_path / "embeds.h5", pipe):
@@ -150,7 +212,9 @@ def test_a_controlnet_pipeline_records_the_residuals_that_reach_the_unet(tmp_pat
     torch.manual_seed(1)
     controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8)).eval()
     parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionControlNetPipeline(
+        **parts, controlnet=controlnet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     hint = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

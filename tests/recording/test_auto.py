@@ -49,14 +49,19 @@ def test_a_class_named_alone_records_its_instances_calls_not_its_constructor(tmp
     assert (Engine.__dict__["__call__"], Net.__dict__["forward"]) == originals  # and no trace is left
     with ak.open_dump(tmp_path / "x.h5") as dump:
         assert dump.submodels == ["Engine", "Net"]
-        assert {name: d["class"] for name, d in dump.descriptions.items()} == {"Engine": f"{__name__}.Engine", "Net": f"{__name__}.Net"}
+        assert {name: d["class"] for name, d in dump.descriptions.items()} == {
+            "Engine": f"{__name__}.Engine",
+            "Net": f"{__name__}.Net",
+        }
         assert list(dump["Net", 0].inputs) == ["sample", "timestep"]  # bound to forward's parameters
         np.testing.assert_array_equal(dump["Engine", 0].outputs["out"], np.full(3, 2, np.float32))
 
 
 def test_a_class_whose_instances_cannot_be_called_asks_for_the_method(tmp_path, engines):
     with ak.Recorder(tmp_path / "x.h5") as rec:
-        with pytest.raises(UsageError, match=r"Tokenizer instances are not callable; name the method .* engines:Tokenizer\.infer"):
+        with pytest.raises(
+            UsageError, match=r"Tokenizer instances are not callable; name the method .* engines:Tokenizer\.infer"
+        ):
             AutoWatch(rec, hooks=["engines:Tokenizer"]).install()
 
 
@@ -108,7 +113,9 @@ def test_a_scripts_session_runs_through_an_io_binding_are_recorded(tmp_path, tin
     assert dict(vars(ort.IOBinding)) == binding_methods
     with ak.open_dump(tmp_path / "x.h5") as dump:
         assert dump.submodels == ["unet"] and dump.steps("unet") == [0, 1, 2]
-        assert dump.descriptions == {"unet": {"class": "onnxruntime.capi.onnxruntime_inference_collection.InferenceSession"}}
+        assert dump.descriptions == {
+            "unet": {"class": "onnxruntime.capi.onnxruntime_inference_collection.InferenceSession"}
+        }
         assert [float(dump["unet", s].inputs["x"].mean()) for s in range(3)] == [0.0, 1.0, 2.0]
         assert list(dump["unet", 2].outputs) == ["y"]
 

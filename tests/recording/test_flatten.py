@@ -54,7 +54,11 @@ def test_diffusers_and_transformers_outputs_are_named_by_their_fields():
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     unet_out = UNet2DConditionOutput(sample=torch.zeros(1, 4, 8, 8))
-    text_out = BaseModelOutputWithPooling(last_hidden_state=torch.ones(1, 7, 32), pooler_output=torch.ones(1, 32), hidden_states=(torch.zeros(1, 7, 32), torch.ones(1, 7, 32)))
+    text_out = BaseModelOutputWithPooling(
+        last_hidden_state=torch.ones(1, 7, 32),
+        pooler_output=torch.ones(1, 32),
+        hidden_states=(torch.zeros(1, 7, 32), torch.ones(1, 7, 32)),
+    )
     assert [t.name for t in split(name_outputs(unet_out))[0]] == ["sample"]
     tensors, values = split(name_outputs(text_out))
     assert [t.name for t in tensors] == ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1"]
@@ -63,18 +67,29 @@ def test_diffusers_and_transformers_outputs_are_named_by_their_fields():
 
 
 def test_non_tensor_arguments_are_kept_as_json_values():
-    tensors, values = split([("sample", np.zeros(1)), ("return_dict", False), ("mode", "fast"), ("cfg", None), ("gen", object())])
+    tensors, values = split(
+        [("sample", np.zeros(1)), ("return_dict", False), ("mode", "fast"), ("cfg", None), ("gen", object())]
+    )
     assert values == {"return_dict": "false", "mode": '"fast"', "cfg": "null", "gen": '"<object>"'}
 
 
 def test_python_numbers_are_values_stored_as_tensors():
     tensors, values = split([("timestep", 999), ("scale", 7.5), ("flag", True)])
-    assert [(t.name, t.dtype, t.source) for t in tensors] == [("timestep", "int64", "python"), ("scale", "float64", "python")]
+    assert [(t.name, t.dtype, t.source) for t in tensors] == [
+        ("timestep", "int64", "python"),
+        ("scale", "float64", "python"),
+    ]
     assert values == {"flag": "true"}
 
 
 leaves = st.one_of(st.integers(-5, 5).map(lambda n: np.full(2, n)), st.none(), st.text(max_size=3), st.booleans())
-nested = st.recursive(leaves, lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text("abc", min_size=1, max_size=2), children, max_size=3)), max_leaves=12)
+nested = st.recursive(
+    leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text("abc", min_size=1, max_size=2), children, max_size=3)
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -100,12 +115,20 @@ def test_kv_caches_are_named_per_layer_as_onnx_exports_name_them():
         return cache
 
     tensors, values = split([("past_key_values", filled(2, 1.0))])
-    assert [t.name for t in tensors] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert [t.name for t in tensors] == [
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
     assert [float(t.data.flat[0]) for t in tensors] == [1.0, -1.0, 2.0, -2.0]
 
     tensors, _ = split([("past_key_values", EncoderDecoderCache(filled(1, 1.0), filled(1, 5.0)))])
     assert [t.name for t in tensors] == [
-        "past_key_values.0.decoder.key", "past_key_values.0.decoder.value", "past_key_values.0.encoder.key", "past_key_values.0.encoder.value",
+        "past_key_values.0.decoder.key",
+        "past_key_values.0.decoder.value",
+        "past_key_values.0.encoder.key",
+        "past_key_values.0.encoder.value",
     ]
     tensors, values = split([("past_key_values", DynamicCache())])
     assert not tensors and values == {"past_key_values": '"<DynamicCache>"'}  # empty: still visible as a value
@@ -135,7 +158,12 @@ def test_kv_caches_of_older_transformers_are_read_from_their_lists():
     cache.key_cache, cache.value_cache = [torch.ones(1, 2), torch.ones(1, 3)], [torch.zeros(1, 2), torch.zeros(1, 3)]
     tensors, _ = split([("past_key_values", cache)])
     assert [(t.name, t.data.shape) for t in tensors] == [
-        ("past_key_values.0.key", (1, 2)), ("past_key_values.0.value", (1, 2)), ("past_key_values.1.key", (1, 3)), ("past_key_values.1.value", (1, 3)),
+        ("past_key_values.0.key", (1, 2)),
+        ("past_key_values.0.value", (1, 2)),
+        ("past_key_values.1.key", (1, 3)),
+        ("past_key_values.1.value", (1, 3)),
     ]
-    lookalike = type("DynamicCache", (), {"key_cache": [torch.ones(1)], "value_cache": [torch.ones(1)]})()  # not transformers'
+    lookalike = type(
+        "DynamicCache", (), {"key_cache": [torch.ones(1)], "value_cache": [torch.ones(1)]}
+    )()  # not transformers'
     assert split([("x", lookalike)])[0] == []

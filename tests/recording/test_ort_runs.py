@@ -18,7 +18,9 @@ def test_every_way_a_session_runs_is_recorded_with_its_feed_and_output_names(tmp
     early.bind_cpu_input("x", np.full((2, 4), 9, np.float32))
     early.bind_output("y")
     xs = [np.full((2, 4), i, np.float32) for i in range(5)]
-    with pytest.warns(RuntimeWarning, match="unet ran 1 time through run_with_iobinding with inputs bound before the recording began"):
+    with pytest.warns(
+        RuntimeWarning, match="unet ran 1 time through run_with_iobinding with inputs bound before the recording began"
+    ):
         with ak.record(tmp_path / "s.h5", session):
             session.run(None, {"x": xs[0]})
             binding = session.io_binding()
@@ -40,7 +42,9 @@ def test_every_way_a_session_runs_is_recorded_with_its_feed_and_output_names(tmp
             call = dump["unet", i]
             np.testing.assert_array_equal(call.inputs["x"], x)
             np.testing.assert_array_equal(call.outputs["y"], session.run(None, {"x": x})[0])
-        assert list(dump["unet", 5].inputs) == [] and list(dump["unet", 5].outputs) == ["output.0"]  # its binding's names unknown too
+        assert list(dump["unet", 5].inputs) == [] and list(dump["unet", 5].outputs) == [
+            "output.0"
+        ]  # its binding's names unknown too
 
 
 def test_an_input_bound_by_host_pointer_is_read(tmp_path, tiny_onnx):

@@ -9,8 +9,16 @@ from alignkit.recording import script
 def test_the_python_word_and_module_form_are_understood(tmp_path):
     path = tmp_path / "run.py"
     path.write_text("")
-    assert script.split_command(["python", str(path), "--seed", "0"]) == ("script", str(path), [str(path), "--seed", "0"])
-    assert script.split_command(["python3", "-m", "pkg.run", "--seed", "0"]) == ("module", "pkg.run", ["pkg.run", "--seed", "0"])
+    assert script.split_command(["python", str(path), "--seed", "0"]) == (
+        "script",
+        str(path),
+        [str(path), "--seed", "0"],
+    )
+    assert script.split_command(["python3", "-m", "pkg.run", "--seed", "0"]) == (
+        "module",
+        "pkg.run",
+        ["pkg.run", "--seed", "0"],
+    )
 
 
 def test_pythons_own_options_are_refused_with_where_to_put_them(tmp_path):

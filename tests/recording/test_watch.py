@@ -42,7 +42,7 @@ class EngineOV:
 def test_torch_module_positional_and_keyword_calls_record_the_same(tmp_path):
     net = Net()
     x, t = torch.ones(2, 4), torch.tensor(3)
-    with ak.record(tmp_path / "d.h5", net, label="x") as rec:
+    with ak.record(tmp_path / "d.h5", net, label="x"):
         net(x, t)
         ak.step()
         net(sample=x, timestep=t)
@@ -237,9 +237,15 @@ def test_filters_that_match_nothing_are_warned_about(tmp_path):
                     ak.step()
         return [str(w.message) for w in caught]
 
-    assert run(include="unett") == ["alignkit: include 'unett' matched none of the watched submodels (unet), so none was recorded"]
-    assert run(layers=["vae"]) == ["alignkit: layers: 'vae' is not a watched submodel (unet), so no layers were recorded for it"]
-    assert run(steps=[7]) == ["alignkit: steps: none of the steps asked for ran (the run had steps 0–3), so no calls were recorded"]
+    assert run(include="unett") == [
+        "alignkit: include 'unett' matched none of the watched submodels (unet), so none was recorded"
+    ]
+    assert run(layers=["vae"]) == [
+        "alignkit: layers: 'vae' is not a watched submodel (unet), so no layers were recorded for it"
+    ]
+    assert run(steps=[7]) == [
+        "alignkit: steps: none of the steps asked for ran (the run had steps 0–3), so no calls were recorded"
+    ]
 
 
 @pytest.mark.parametrize("first_stopped", ["outer", "inner"])
@@ -271,7 +277,9 @@ def test_an_object_of_a_built_in_class_is_recorded_through_the_wrapper_returned(
         np.testing.assert_array_equal(watched(np.ones(2)), [2.0, 2.0])
     with ak.open_dump(tmp_path / "d.h5") as d:
         np.testing.assert_array_equal(d["scaled", 0].outputs["output"], [2.0, 2.0])
-    with pytest.warns(RuntimeWarning, match="'scaled' could not be watched in place .* never called: call that instead"):
+    with pytest.warns(
+        RuntimeWarning, match="'scaled' could not be watched in place .* never called: call that instead"
+    ):
         with ak.Recorder(tmp_path / "unused.h5") as rec:
             rec.watch(scaled, "scaled")
             scaled(np.ones(2))  # the original, not the wrapper: nothing is recorded, and that is said
@@ -280,9 +288,11 @@ def test_an_object_of_a_built_in_class_is_recorded_through_the_wrapper_returned(
 def test_calls_from_several_threads_are_all_recorded(tmp_path):
     net = Net()
     with ak.record(tmp_path / "d.h5", net):
+
         def work(i):
             for _ in range(10):
                 net(torch.full((1, 4), float(i)), torch.tensor(i))
+
         threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()

@@ -14,7 +14,18 @@ def test_report_is_self_contained_and_reads_top_down(demo_dumps, tmp_path):
     result = ak.compare(*demo_dumps["timestep"])
     html = result.to_html(tmp_path / "r.html").read_text()
     assert "http://" not in html and "https://" not in html
-    order = [html.index(s) for s in ("id='verdict'", "Error per step", "Submodels", "Tensors × steps", "Calls and tensors", "Images", "Runs")]
+    order = [
+        html.index(s)
+        for s in (
+            "id='verdict'",
+            "Error per step",
+            "Submodels",
+            "Tensors × steps",
+            "Calls and tensors",
+            "Images",
+            "Runs",
+        )
+    ]
     assert order == sorted(order)
     assert "input mismatch" in html and "unet step 1" in html and "timestep" in html
     assert html.count("data:image/png;base64,") >= 4  # curves, heatmap, image panels
@@ -55,7 +66,16 @@ def chromium_driver():
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,1600"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1600",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
@@ -102,12 +122,18 @@ def test_a_large_comparison_shows_its_worst_rows_and_says_so(tmp_path, monkeypat
     monkeypatch.setattr(plots, "HEATMAP_ROWS", 3)
     figures = []
     data_uri = plots._data_uri
-    monkeypatch.setattr(plots, "_data_uri", lambda fig: figures.append([t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]) or data_uri(fig))
+    monkeypatch.setattr(
+        plots,
+        "_data_uri",
+        lambda fig: figures.append([t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]) or data_uri(fig),
+    )
     html = result.to_html(tmp_path / "r.html").read_text()
     assert "The first 10 of 24 rows, mismatches first" in html
     assert html.count("<tr class='bad'>") == 10
     assert "the 3 of 12 tensors that differ most" in html
-    assert any(labels[:3] == ["net input t9", "net input t10", "net input t11"] for labels in figures)  # the largest noise
+    assert any(
+        labels[:3] == ["net input t9", "net input t10", "net input t11"] for labels in figures
+    )  # the largest noise
 
 
 def _drawn(tmp_path, monkeypatch, steps: int) -> list:
@@ -141,7 +167,9 @@ def test_many_steps_are_labelled_sparsely_on_the_heatmap(tmp_path, monkeypatch):
 def test_a_decoded_video_is_shown_at_the_frame_that_differs_most(tmp_path):
     from alignkit.reporting import plots
 
-    video = np.random.default_rng(0).uniform(-1, 1, (1, 3, 5, 16, 16)).astype(np.float32)  # batch, channels, frames, h, w
+    video = (
+        np.random.default_rng(0).uniform(-1, 1, (1, 3, 5, 16, 16)).astype(np.float32)
+    )  # batch, channels, frames, h, w
     port = video.copy()
     port[:, :, 3] += 0.5  # one frame off
     for path, value in ((tmp_path / "ref.h5", video), (tmp_path / "tgt.h5", port)):

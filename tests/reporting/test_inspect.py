@@ -35,5 +35,8 @@ def test_inspect_says_how_a_run_ended_early_and_what_it_left_out(tmp_path):
     with ak.open_dump(tmp_path / "cut.h5") as dump:
         print_inspection(dump, Console(file=out, width=200))
     lines = out.getvalue().splitlines()
-    assert lines[1:3] == ["note: the run ended early, with KeyboardInterrupt", "note: the run was recorded with filters (steps 0–1)"]
+    assert lines[1:3] == [
+        "note: the run ended early, with KeyboardInterrupt",
+        "note: the run was recorded with filters (steps 0–1)",
+    ]
     assert lines[4].split()[:4] == ["unet", "2", "of", "3"]  # calls recorded, of those the run made

@@ -34,7 +34,12 @@ LOOP = textwrap.dedent(
 def test_kill_9_leaves_every_completed_step(tmp_path, rows):
     script, dump = tmp_path / "loop.py", tmp_path / "killed.h5"
     script.write_text(LOOP)
-    proc = subprocess.Popen([sys.executable, str(script), str(dump), str(rows)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(dump), str(rows)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     for line in proc.stdout:
         if line.strip() == "step 8":
             break
@@ -52,7 +57,9 @@ def test_kill_9_leaves_every_completed_step(tmp_path, rows):
                 np.testing.assert_array_equal(x, np.full((rows, 64), float(step), np.float32))
     assert not journal_path(dump).exists()
     with h5py.File(dump) as f:
-        assert "index" not in f and "tensors" not in f  # written when recording ends; the reader lists the calls instead
+        assert (
+            "index" not in f and "tensors" not in f
+        )  # written when recording ends; the reader lists the calls instead
 
 
 FULL = textwrap.dedent(
@@ -76,7 +83,13 @@ FULL = textwrap.dedent(
 def test_a_full_disk_stops_recording_but_not_the_run(tmp_path):
     script, dump = tmp_path / "full.py", tmp_path / "full.h5"
     script.write_text(FULL)
-    proc = subprocess.run([sys.executable, str(script), str(dump)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(dump)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "finished" in proc.stdout and "warned True" in proc.stdout
     with ak.open_dump(dump) as d:
@@ -122,7 +135,13 @@ FORGOTTEN = textwrap.dedent(
 def test_a_recorder_never_stopped_is_stopped_when_the_script_exits(tmp_path, ending, error):
     script, dump = tmp_path / "forgot.py", tmp_path / "forgot.h5"
     script.write_text(FORGOTTEN + ending)
-    done = subprocess.run([sys.executable, str(script), str(dump)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script), str(dump)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert done.returncode == (1 if error else 0), done.stderr
     with ak.open_dump(dump) as d:
         assert d.metadata["complete"] and d.metadata.get("error") == error

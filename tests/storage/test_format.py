@@ -83,10 +83,22 @@ def test_each_submodel_is_described_by_its_class_and_its_diffusers_config(tmp_pa
     with h5py.File(tmp_path / "run.h5", "r") as f:  # plain h5py, as docs/format.md says
         described = f["submodels"]
         assert list(described) == ["scheduler", "proj", "negate"]
-        assert described["scheduler"].attrs["class"] == "diffusers.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler"
+        assert (
+            described["scheduler"].attrs["class"]
+            == "diffusers.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler"
+        )
         assert json.loads(described["scheduler"].attrs["config"])["timestep_spacing"] == "trailing"
-        assert described["proj"].attrs["class"] == "torch.nn.modules.linear.Linear" and "config" not in described["proj"].attrs
-        assert described["negate"].attrs["class"].endswith("test_format.test_each_submodel_is_described_by_its_class_and_its_diffusers_config.<locals>.negate")
+        assert (
+            described["proj"].attrs["class"] == "torch.nn.modules.linear.Linear"
+            and "config" not in described["proj"].attrs
+        )
+        assert (
+            described["negate"]
+            .attrs["class"]
+            .endswith(
+                "test_format.test_each_submodel_is_described_by_its_class_and_its_diffusers_config.<locals>.negate"
+            )
+        )
     with ak.open_dump(tmp_path / "run.h5") as d:
         assert d.descriptions["scheduler"]["config"]["timestep_spacing"] == "trailing"
         assert d.descriptions["proj"] == {"class": "torch.nn.modules.linear.Linear"}
@@ -100,10 +112,17 @@ def test_each_pipeline_call_keeps_its_arguments(tmp_path):
         generate(pipe, 1, seed=5, size=32)
     with h5py.File(tmp_path / "run.h5", "r") as f:  # plain h5py, as docs/format.md says
         call = f["pipeline_calls/0"]
-        assert call.attrs["class"] == "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline"
+        assert (
+            call.attrs["class"]
+            == "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline"
+        )
         assert call.attrs["seq"] == 0
         arguments = json.loads(call.attrs["arguments"])
-        assert (arguments["num_inference_steps"], arguments["generator"], arguments["negative_prompt"]) == (1, "<Generator seed=5>", None)
+        assert (arguments["num_inference_steps"], arguments["generator"], arguments["negative_prompt"]) == (
+            1,
+            "<Generator seed=5>",
+            None,
+        )
     with ak.Recorder(tmp_path / "plain.h5") as rec:
         rec.watch(torch.nn.Linear(2, 2), "proj")
     with h5py.File(tmp_path / "plain.h5", "r") as f, ak.open_dump(tmp_path / "plain.h5") as d:

@@ -29,7 +29,9 @@ def test_bytes_over_the_committed_file_wait_for_commit_and_read_back_at_once(tmp
 def test_a_second_recorder_to_the_same_dump_is_refused_in_one_line(tmp_path):
     path = tmp_path / "busy.h5"
     with ak.Recorder(path):
-        with pytest.raises(ak.UsageError, match="is being written by another recording: give this one another file name"):
+        with pytest.raises(
+            ak.UsageError, match="is being written by another recording: give this one another file name"
+        ):
             with ak.Recorder(path):
                 pass
     with ak.open_dump(path) as d:
@@ -84,7 +86,10 @@ def test_a_kill_at_any_write_leaves_a_dump_that_opens_with_its_flushed_calls(tmp
             counts.append(len(d))
             for row in d.calls.itertuples():  # by seq: a step boundary not yet flushed keys calls by count
                 same = full.calls.set_index("seq").loc[row.seq]
-                np.testing.assert_array_equal(d[row.submodel, row.step, row.call].inputs["x"], full[same.submodel, same.step, same.call].inputs["x"])
+                np.testing.assert_array_equal(
+                    d[row.submodel, row.step, row.call].inputs["x"],
+                    full[same.submodel, same.step, same.call].inputs["x"],
+                )
     assert counts == sorted(counts) and counts[-1] == len(full) == 10  # never fewer calls for a later kill
     assert finished > 0  # some kills fell between a whole journal and the end of its commit
 
@@ -129,5 +134,7 @@ def test_a_killed_dump_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(journal.os, "open", refuse)  # a read-only folder, without being root
-    with pytest.raises(ak.DumpCorruptError, match=r"killed while it flushed.*remove ro\.h5\.journal \(Permission denied\)"):
+    with pytest.raises(
+        ak.DumpCorruptError, match=r"killed while it flushed.*remove ro\.h5\.journal \(Permission denied\)"
+    ):
         ak.open_dump(path)

@@ -10,7 +10,9 @@ import alignkit as ak
 
 DTYPES = [np.float32, np.float16, np.float64, np.int64, np.int32, np.uint8, np.bool_]
 names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=12)
-tensors = st.sampled_from(DTYPES).flatmap(lambda dt: arrays(dt, array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+tensors = st.sampled_from(DTYPES).flatmap(
+    lambda dt: arrays(dt, array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

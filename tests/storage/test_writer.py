@@ -12,6 +12,7 @@ import alignkit as ak
 from alignkit.storage import writer
 from alignkit.storage.writer import WRITER_NICENESS
 
+
 @pytest.fixture()
 def failing_writer(monkeypatch):
     """The writer fails on any call whose input ``x`` is negative (as a full device or a
@@ -29,7 +30,9 @@ def failing_writer(monkeypatch):
 def test_a_writer_failure_surfaces_when_recording_ends(tmp_path, failing_writer):
     path = tmp_path / "failed.h5"
     returned = []
-    with pytest.raises(ak.RecordingError, match=r"recording failed at call 1 \(f, step 1, call 0\): the device said no"):
+    with pytest.raises(
+        ak.RecordingError, match=r"recording failed at call 1 \(f, step 1, call 0\): the device said no"
+    ):
         with ak.Recorder(path) as rec:
             f = rec.watch(lambda x: x * 2, "f")
             f(np.zeros(3))
