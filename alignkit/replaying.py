@@ -28,8 +28,9 @@ from alignkit.recording.metadata import run_metadata
 from alignkit.recording.ort_runs import ort_outputs_for
 from alignkit.recording.targets import is_ort_session, is_torch_module, uncompiled
 from alignkit.storage.reader import Call, open_dump
+from alignkit.storage.records import CallRecord
 from alignkit.storage.schema import stands_in
-from alignkit.storage.writer import CallRecord, DumpWriter
+from alignkit.storage.writer import DumpWriter
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,

@@ -68,9 +68,9 @@ class AutoWatch:
         def around(original: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(original)
             def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-                hooked = recorder._methods.get(pipe, "__call__") is not None
+                hooked = recorder.method_watched_as(pipe, "__call__") is not None
                 recorder.watch(pipe)  # again on each call: a component may have been swapped since
-                if not hooked and recorder._methods.get(pipe, "__call__") is not None:
+                if not hooked and recorder.method_watched_as(pipe, "__call__") is not None:
                     return pipe(*args, **kwargs)  # through the hook just installed, which notes the arguments
                 running.depth = getattr(running, "depth", 0) + 1
                 try:
@@ -92,9 +92,9 @@ class AutoWatch:
         def around(original: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(original)
             def step(scheduler: Any, *args: Any, **kwargs: Any) -> Any:
-                if not getattr(running, "depth", 0) and not recorder._is_watched(scheduler):
+                if not getattr(running, "depth", 0) and not recorder.is_watched(scheduler):
                     recorder.watch(scheduler)
-                    if recorder._is_watched(scheduler):
+                    if recorder.is_watched(scheduler):
                         return scheduler.step(*args, **kwargs)  # through the hook just installed
                 return original(scheduler, *args, **kwargs)
 
@@ -112,9 +112,9 @@ class AutoWatch:
         def watches_of(session: Any) -> dict[str, Watch]:
             name = names.get(session)
             if name is None:  # first sight (its name may be a freed session's: the watches are made anew)
-                name = names.name_for(session, ort_session_name(session), recorder._unique)
-                recorder._describe(name, session)
-                prebound = functools.partial(recorder._not_recorded, name, PREBOUND)
+                name = names.name_for(session, ort_session_name(session), recorder.unique_name)
+                recorder.describe(name, session)
+                prebound = functools.partial(recorder.not_recorded, name, PREBOUND)
                 watches[name] = {
                     method: Watch(recorder, name, bind, outputs)
                     for method, (bind, outputs) in session_runs(session, prebound).items()
@@ -126,7 +126,7 @@ class AutoWatch:
 
             @functools.wraps(original)
             def run(session: Any, *args: Any, **kwargs: Any) -> Any:
-                if recorder._is_watched(session):  # a watched pipeline's component: recorded under its name
+                if recorder.is_watched(session):  # a watched pipeline's component: recorded under its name
                     return original(session, *args, **kwargs)
                 return watches_of(session)[method].call(functools.partial(original, session), args, kwargs)
 
@@ -144,7 +144,7 @@ class AutoWatch:
             self._patches.append(ClassHook(self.recorder, owner, attr, self._instance_name, after=after, record=record))
         else:
             if record:
-                self.recorder._describe(attr, getattr(owner, attr))
+                self.recorder.describe(attr, getattr(owner, attr))
             self._patches.append(FunctionHook(self.recorder, owner, attr, attr, after=after, record=record))
 
     def _instance_name(self, obj: Any) -> str:
@@ -154,9 +154,9 @@ class AutoWatch:
         if name is None:
             path = path_of(obj)
             name = self._instance_names.name_for(
-                obj, name_from_path(path) if path else type(obj).__name__, self.recorder._unique
+                obj, name_from_path(path) if path else type(obj).__name__, self.recorder.unique_name
             )
-            self.recorder._describe(name, obj)
+            self.recorder.describe(name, obj)
         return name
 
 

@@ -11,6 +11,7 @@ once, under ``/pipeline_calls`` (docs/format.md).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,23 +32,23 @@ def is_submodel_name(name: str) -> bool:
 
 def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
     """Watch every submodel of ``pipe`` that is not watched yet, and note its calls' arguments."""
-    if recorder._methods.get(pipe, "__call__") is None:
+    if recorder.method_watched_as(pipe, "__call__") is None:
         _note_calls(recorder, pipe)
     for name, component in pipe.components.items():
-        if component is None or not is_submodel_name(name) or recorder._is_watched(component):
+        if component is None or not is_submodel_name(name) or recorder.is_watched(component):
             continue
         if name.startswith("scheduler") or is_diffusers_scheduler(component):
             watch_scheduler(recorder, component, name)
         elif is_torch_module(component) and _is_autoencoder(component):
             for method in ("decode", "encode"):
                 if hasattr(component, method):
-                    recorder._watch_method(component, method, f"{name}.{method}")
-            recorder._mark_watched(component, name)
+                    recorder.watch_method(component, method, f"{name}.{method}")
+            recorder.mark_watched(component, name)
         elif is_torch_module(component):
             recorder.watch(component, name)
         elif is_ort_session(getattr(component, "model", None)):  # diffusers' OnnxRuntimeModel
             recorder.watch(component.model, name)
-            recorder._mark_watched(component, name)
+            recorder.mark_watched(component, name)
         elif callable(component):
             recorder.watch(component, name)
 
@@ -67,15 +68,15 @@ def _note_calls(recorder: Recorder, pipe: Any) -> None:
         except Exception:  # an argument that cannot be described is no reason to stop the run
             arguments = None
         if arguments is not None:
-            recorder._pipeline_called(pipeline, arguments)
+            recorder.note_pipeline_call(pipeline, arguments)
         return call(*args, **kwargs)
 
     try:
         hook = CallHook(recorder, pipe, "pipeline", around=around)
     except TypeError:  # a class whose instances cannot change class: the calls go unnoted
         return
-    recorder._methods.add(pipe, hook.name, "__call__")
-    recorder._add(None, hook)
+    recorder.mark_method_watched(pipe, "__call__", hook.name)
+    recorder.add_hook(None, hook)
 
 
 def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -99,8 +100,8 @@ def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> d
 
 def watch_scheduler(recorder: Recorder, scheduler: Any, name: str = "scheduler") -> None:
     """Record the scheduler's ``step`` calls as the submodel ``name``, each ending a step."""
-    submodel = recorder._watch_method(scheduler, "step", name, after=recorder._scheduler_step)
-    recorder._mark_watched(scheduler, submodel)
+    submodel = recorder.watch_method(scheduler, "step", name, after=functools.partial(recorder.step, "scheduler"))
+    recorder.mark_watched(scheduler, submodel)
 
 
 def _is_autoencoder(module: Any) -> bool:

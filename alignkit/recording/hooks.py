@@ -63,15 +63,15 @@ class Watch:
                 self.after()
             return result
         recorder = self.recorder
-        pending = recorder._begin(self.submodel, lambda: self.bind(args, kwargs))
+        pending = recorder.begin_call(self.submodel, lambda: self.bind(args, kwargs))
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
-            recorder._end(pending, lambda: [], error=exc)
+            recorder.end_call(pending, lambda: [], error=exc)
             raise
         if self.layers is not None and pending is not None:
-            pending.layers.extend(recorder._capture(self.layers(args, kwargs), layers=True)[0])
-        recorder._end(pending, lambda: self.outputs(result, args, kwargs))
+            pending.layers.extend(recorder.capture(self.layers(args, kwargs), layers=True)[0])
+        recorder.end_call(pending, lambda: self.outputs(result, args, kwargs))
         if self.after is not None:
             self.after()
         return result
@@ -229,14 +229,14 @@ class ModuleHook(Hook):
             if mod is not module:
                 return
             stack = local.__dict__.setdefault("stack", [])
-            stack.append(recorder._begin(name, lambda: bind(args, kwargs)))
+            stack.append(recorder.begin_call(name, lambda: bind(args, kwargs)))
 
         def post(mod: Any, args: tuple, kwargs: dict, result: Any) -> None:
             if mod is not module:
                 return
             stack = local.__dict__.get("stack") or [None]
             raised = sys.exc_info()[1] if result is None else None  # always_call runs it on errors
-            recorder._end(stack.pop(), lambda: name_outputs(result), error=raised)
+            recorder.end_call(stack.pop(), lambda: name_outputs(result), error=raised)
 
         self._handles = [
             module.register_forward_pre_hook(pre, with_kwargs=True),
@@ -274,7 +274,7 @@ class ClassHook(Hook):
         def wrapper(this: Any, *args: Any, **kwargs: Any) -> Any:
             if not record:
                 return watch.call(functools.partial(original, this), args, kwargs)
-            if recorder._is_watched(this):  # watched itself (a pipeline's component): recorded there
+            if recorder.is_watched(this):  # watched itself (a pipeline's component): recorded there
                 return original(this, *args, **kwargs)
             name = namer(this)
             named = by_name.get(name) or by_name.setdefault(name, replace(watch, submodel=name))

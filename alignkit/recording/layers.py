@@ -49,7 +49,7 @@ def recorder_layers(recorder: Recorder, module: Any, submodel: str, pattern: re.
         record = current_call()
         return record.layers if record is not None and record.submodel == submodel else None
 
-    return LayerHooks(module, f"{submodel} layers", sink, pattern, lambda named: recorder._capture(named, layers=True))
+    return LayerHooks(module, f"{submodel} layers", sink, pattern, lambda named: recorder.capture(named, layers=True))
 
 
 @contextmanager

@@ -33,7 +33,8 @@ from alignkit.recording.targets import (
     uncompiled,
 )
 from alignkit.recording.tensors import Tensor
-from alignkit.storage.writer import CallRecord, DumpWriter
+from alignkit.storage.records import CallRecord
+from alignkit.storage.writer import DumpWriter
 
 _ACTIVE: list[Recorder] = []
 
@@ -211,7 +212,7 @@ class Recorder:
         """
         if method is not None:
             if not self._watched_already(self._methods.get(obj, method), obj, name):
-                self._watch_method(obj, method, name or f"{type(obj).__name__}.{method}")
+                self.watch_method(obj, method, name or f"{type(obj).__name__}.{method}")
             return obj
         if is_pipeline(obj):
             from alignkit.recording.diffusers import watch_pipeline
@@ -226,29 +227,29 @@ class Recorder:
             watch_scheduler(self, obj, name or "scheduler")
             return obj
         if is_torch_module(obj):
-            submodel = self._unique(name or type(uncompiled(obj)).__name__)
-            self._add(obj, ModuleHook(self, obj, submodel))
+            submodel = self.unique_name(name or type(uncompiled(obj)).__name__)
+            self.add_hook(obj, ModuleHook(self, obj, submodel))
             if self._records_layers(submodel):
                 from alignkit.recording.layers import recorder_layers
 
-                self._add(None, recorder_layers(self, obj, submodel, self._layer_filter))
+                self.add_hook(None, recorder_layers(self, obj, submodel, self._layer_filter))
             return obj
         if is_ort_session(obj):
-            submodel = self._unique(name or ort_session_name(obj))
+            submodel = self.unique_name(name or ort_session_name(obj))
             layers = self._onnx_layers(obj) if self._records_layers(submodel) else None
             self._watch_session(obj, submodel, layers)
             return obj
         if is_function(obj):
-            submodel = self._unique(name or obj.__name__)
-            self._describe(submodel, obj)
+            submodel = self.unique_name(name or obj.__name__)
+            self.describe(submodel, obj)
             return wrap_function(self, obj, submodel)
         if callable(obj):
-            submodel = self._unique(name or type(obj).__name__)
+            submodel = self.unique_name(name or type(obj).__name__)
             try:
-                self._add(obj, CallHook(self, obj, submodel))
+                self.add_hook(obj, CallHook(self, obj, submodel))
             except TypeError:  # a built-in class (a C-extension engine, functools.partial): wrap it
                 self._wrapped.append(submodel)
-                self._describe(submodel, obj)
+                self.describe(submodel, obj)
                 return wrap_function(self, obj, submodel)
             return obj
         raise UsageError(
@@ -283,32 +284,32 @@ class Recorder:
         """Every way the session runs, recorded as ``submodel`` (layers through ``run`` only)."""
         from alignkit.recording.ort_runs import PREBOUND, BindingMemory, session_runs
 
-        prebound = functools.partial(self._not_recorded, submodel, PREBOUND)
+        prebound = functools.partial(self.not_recorded, submodel, PREBOUND)
         for method, (bind, outputs) in session_runs(session, prebound).items():
             hook = MethodHook(
                 self, session, method, submodel, bind=bind, outputs=outputs, layers=layers if method == "run" else None
             )
-            self._add(session, hook, whole=method == "run")
-        self._add(None, BindingMemory())
+            self.add_hook(session, hook, whole=method == "run")
+        self.add_hook(None, BindingMemory())
 
-    def _watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> str:
+    def watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> str:
         """Watch ``obj.<method>``; returns the submodel it is recorded as."""
         if not callable(getattr(obj, method, None)):
             raise UsageError(f"{type(obj).__name__} has no method {method!r} to watch")
-        hook = MethodHook(self, obj, method, self._unique(name), after=after)
+        hook = MethodHook(self, obj, method, self.unique_name(name), after=after)
         self._methods.add(obj, hook.name, method)
-        self._add(obj, hook, whole=False)
+        self.add_hook(obj, hook, whole=False)
         return hook.name
 
-    def _add(self, obj: Any, hook: Hook, *, whole: bool = True) -> None:
+    def add_hook(self, obj: Any, hook: Hook, *, whole: bool = True) -> None:
         """Keep ``hook``; ``whole``: it records calls of ``obj`` itself, not of one of its methods."""
         self._hooks.append(hook)
         if obj is not None:
-            self._describe(hook.name, obj)
+            self.describe(hook.name, obj)
         if obj is not None and whole:
-            self._mark_watched(obj, hook.name)
+            self.mark_watched(obj, hook.name)
 
-    def _describe(self, submodel: str, obj: Any) -> None:
+    def describe(self, submodel: str, obj: Any) -> None:
         """Store what ``submodel`` is (its class, its config) once, so a comparison can say
         that a scheduler differs, not only that its numbers do."""
         if self._writer is None or submodel in self._described:
@@ -320,7 +321,7 @@ class Recorder:
             return
         self._writer.describe(submodel, attrs)
 
-    def _pipeline_called(self, pipeline: str, arguments: dict[str, Any]) -> None:
+    def note_pipeline_call(self, pipeline: str, arguments: dict[str, Any]) -> None:
         """Note a pipeline call's arguments, and where in the run it began (the ``seq`` its
         first submodel call will have)."""
         if self._writer is None or self._writer.stopped_reason is not None:
@@ -334,13 +335,20 @@ class Recorder:
             return
         self._writer.note_pipeline_call(index, {"class": pipeline, "seq": seq, "arguments": text})
 
-    def _mark_watched(self, obj: Any, submodel: str) -> None:
+    def method_watched_as(self, obj: Any, method: str) -> str | None:
+        """The submodel that ``obj.<method>`` is recorded as, if it is watched."""
+        return self._methods.get(obj, method)
+
+    def mark_method_watched(self, obj: Any, method: str, submodel: str) -> None:
+        self._methods.add(obj, submodel, method)
+
+    def mark_watched(self, obj: Any, submodel: str) -> None:
         self._watched.add(obj, submodel)
 
-    def _is_watched(self, obj: Any) -> bool:
+    def is_watched(self, obj: Any) -> bool:
         return self._watched.get(obj) is not None
 
-    def _unique(self, name: str) -> str:
+    def unique_name(self, name: str) -> str:
         candidate, n = name, 2
         while candidate in self._names:
             candidate, n = f"{name}#{n}", n + 1
@@ -361,14 +369,11 @@ class Recorder:
             else:
                 self._writer.flush()
 
-    def _not_recorded(self, submodel: str, how: str) -> None:
+    def not_recorded(self, submodel: str, how: str) -> None:
         """Count a call that could not be recorded whole, to say so at the end: ``how`` it ran,
         and what is missing."""
         with self._lock:
             self._unrecorded[(submodel, how)] += 1
-
-    def _scheduler_step(self) -> None:
-        self.step("scheduler")
 
     # -- called by hooks -------------------------------------------------------------------
     def _wants(self, submodel: str) -> bool:
@@ -378,7 +383,7 @@ class Recorder:
             return False
         return not (self._exclude is not None and self._exclude.search(submodel))
 
-    def _begin(self, submodel: str, named: Callable[[], Named]) -> CallRecord | None:
+    def begin_call(self, submodel: str, named: Callable[[], Named]) -> CallRecord | None:
         if not self._wants(submodel):
             return None
         with self._lock:
@@ -391,7 +396,7 @@ class Recorder:
         if self._steps is not None and step not in self._steps:
             return None
         try:
-            tensors, values = self._capture(named())
+            tensors, values = self.capture(named())
         except Exception as exc:  # never break the user's run over a value we cannot copy
             warnings.warn(
                 f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3
@@ -401,7 +406,9 @@ class Recorder:
         _CURRENT.__dict__.setdefault("stack", []).append(record)
         return record
 
-    def _end(self, record: CallRecord | None, named: Callable[[], Named], error: BaseException | None = None) -> None:
+    def end_call(
+        self, record: CallRecord | None, named: Callable[[], Named], error: BaseException | None = None
+    ) -> None:
         if record is None:
             return
         stack = _CURRENT.__dict__.get("stack", [])
@@ -411,7 +418,7 @@ class Recorder:
             record.error = f"{type(error).__name__}: {error}"
         else:
             try:
-                tensors, values = self._capture(named())
+                tensors, values = self.capture(named())
             except Exception as exc:  # never break the user's run over a value we cannot copy
                 tensors, values = [], {}
                 record.error = f"alignkit could not record the outputs: {exc}"
@@ -420,7 +427,7 @@ class Recorder:
         if self._writer is not None:
             self._writer.put(record)
 
-    def _capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
+    def capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
         """Take a call's values now: tensors the ``tensors`` filter keeps (layers are filtered
         by module path instead), large host tensors written straight into the dump."""
         writer = self._writer

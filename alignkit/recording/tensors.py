@@ -15,31 +15,12 @@ import sys
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from alignkit.storage.records import Tensor
 from alignkit.storage.schema import BIT_STORED
-
-
-@dataclass
-class Tensor:
-    """One captured tensor: the stored bits, its logical dtype, and where it came from."""
-
-    name: str
-    data: np.ndarray
-    dtype: str
-    source: str  # "torch", "numpy" or "python"
-    device: str = "cpu"
-    ready: Callable[[], None] | None = None  # wait for an asynchronous device copy to land
-    release: Callable[[], None] | None = None  # give a recycled buffer back once written
-    staged: str | None = None  # already in the dump at this path; ``data`` is then a stand-in
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held in memory until written (none for a staged tensor)."""
-        return 0 if self.staged is not None else int(self.data.nbytes)
 
 
 class BufferPool:

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,9 @@ import h5py
 import numpy as np
 
 from alignkit.errors import RecordingError, UsageError, os_reason
-from alignkit.recording.tensors import Tensor
 from alignkit.storage.journal import DumpLockedError, JournaledFile
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
+from alignkit.storage.records import CallRecord, Tensor
 from alignkit.storage.schema import (
     CALLS,
     FORMAT_NAME,
@@ -67,36 +67,6 @@ _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
 _CALL_METADATA = 64 * 1024  # more than the headers, links and attributes of one call take
 FLUSH_INTERVAL = 0.5  # seconds: at most two step-boundary flushes a second
 WRITER_NICENESS = 10  # how much nicer the writer thread is than the pipeline: it yields the CPU, and is not starved
-
-
-@dataclass(eq=False)  # identity: records hold arrays
-class CallRecord:
-    """Everything recorded about one submodel call."""
-
-    seq: int
-    submodel: str
-    step: int
-    call: int
-    ordinal: int
-    inputs: list[Tensor] = field(default_factory=list)
-    outputs: list[Tensor] = field(default_factory=list)
-    layers: list[Tensor] = field(default_factory=list)
-    values: dict[str, str] = field(default_factory=dict)
-    output_values: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
-
-    def sides(self) -> list[tuple[str, list[Tensor], dict[str, str]]]:
-        """(io, tensors, non-tensor values) of each stored side; ``layers`` only when there
-        are layers (docs/format.md)."""
-        sides = [("inputs", self.inputs, self.values), ("outputs", self.outputs, self.output_values)]
-        return sides + [("layers", self.layers, {})] if self.layers else sides
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.inputs, *self.outputs, *self.layers]
 
 
 _FLUSH = object()

@@ -1,0 +1,58 @@
+"""What recording hands to storage: one captured tensor, and everything recorded about one
+submodel call. Recording fills them in; the writer stores them (docs/format.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Tensor:
+    """One captured tensor: the stored bits, its logical dtype, and where it came from."""
+
+    name: str
+    data: np.ndarray
+    dtype: str
+    source: str  # "torch", "numpy" or "python"
+    device: str = "cpu"
+    ready: Callable[[], None] | None = None  # wait for an asynchronous device copy to land
+    release: Callable[[], None] | None = None  # give a recycled buffer back once written
+    staged: str | None = None  # already in the dump at this path; ``data`` is then a stand-in
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory until written (none for a staged tensor)."""
+        return 0 if self.staged is not None else int(self.data.nbytes)
+
+
+@dataclass(eq=False)  # identity: records hold arrays
+class CallRecord:
+    """Everything recorded about one submodel call."""
+
+    seq: int
+    submodel: str
+    step: int
+    call: int
+    ordinal: int
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    layers: list[Tensor] = field(default_factory=list)
+    values: dict[str, str] = field(default_factory=dict)
+    output_values: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def sides(self) -> list[tuple[str, list[Tensor], dict[str, str]]]:
+        """(io, tensors, non-tensor values) of each stored side; ``layers`` only when there
+        are layers (docs/format.md)."""
+        sides = [("inputs", self.inputs, self.values), ("outputs", self.outputs, self.output_values)]
+        return sides + [("layers", self.layers, {})] if self.layers else sides
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.inputs, *self.outputs, *self.layers]
