@@ -203,6 +203,8 @@ def shortfalls(dump: Dump, who: str = "the run") -> list[str]:
     if isinstance(filters := meta.get("filters"), dict) and filters:
         given = ", ".join(f"{key} {_filter_text(value)}" for key, value in filters.items())
         notes.append(f"{who} was recorded with filters ({given})")
+    if isinstance(filter_notes := meta.get("filter_notes"), list):
+        notes += [f"recording {who}: {note}" for note in filter_notes]
     return notes
 
 

@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -23,7 +24,14 @@ from alignkit.errors import UsageError
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.ort_runs import PREBOUND, RUN_METHODS, BindingMemory, session_runs
 from alignkit.recording.recorder import Recorder
-from alignkit.recording.targets import ObjectNames, is_torch_module_class, name_from_path, ort_session_name, path_of
+from alignkit.recording.targets import (
+    ObjectNames,
+    is_torch_module,
+    is_torch_module_class,
+    name_from_path,
+    ort_session_name,
+    path_of,
+)
 
 
 class AutoWatch:
@@ -115,8 +123,9 @@ class AutoWatch:
                 name = names.name_for(session, ort_session_name(session), recorder.unique_name)
                 recorder.describe(name, session)
                 prebound = functools.partial(recorder.not_recorded, name, PREBOUND)
+                layers = recorder.session_layers(session, name)
                 watches[name] = {
-                    method: Watch(recorder, name, bind, outputs)
+                    method: Watch(recorder, name, bind, outputs, layers=layers if method == "run" else None)
                     for method, (bind, outputs) in session_runs(session, prebound).items()
                 }
             return watches[name]
@@ -153,11 +162,39 @@ class AutoWatch:
         name = self._instance_names.get(obj)
         if name is None:
             path = path_of(obj)
-            name = self._instance_names.name_for(
-                obj, name_from_path(path) if path else type(obj).__name__, self.recorder.unique_name
-            )
+            given = name_from_path(path) if path else (name_in_caller(obj) or type(obj).__name__)
+            name = self._instance_names.name_for(obj, given, self.recorder.unique_name)
             self.recorder.describe(name, obj)
+            if is_torch_module(obj):
+                self.recorder.watch_layers(obj, name)
         return name
+
+
+_GENERIC_NAMES = {"self", "engine", "model", "module", "net", "session", "m", "fn", "func"}
+
+
+def name_in_caller(obj: Any) -> str | None:
+    """What the code that calls ``obj`` calls it: the attribute of the calling object that
+    holds it (``self.unet(...)``, ``pipe.unet = EngineOV(...)``), else a variable of the calling
+    frame bound to it (``controlnet = EngineOV(...)``). An engine that replaces a pipeline's
+    component is then named after that component, not after its class."""
+    frame = sys._getframe(1)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    while frame is not None:
+        if (
+            not os.path.abspath(frame.f_code.co_filename).startswith(package)
+            and "functools" not in frame.f_code.co_filename
+        ):
+            local = frame.f_locals
+            owner = local.get("self")
+            for attr, value in vars(owner).items() if hasattr(owner, "__dict__") else ():
+                if value is obj and attr not in _GENERIC_NAMES and not attr.startswith("_"):
+                    return attr
+            for var, value in local.items():
+                if value is obj and var not in _GENERIC_NAMES:
+                    return var
+        frame = frame.f_back
+    return None
 
 
 def _patch_method(cls: type, name: str, replacement: Callable[..., Any]) -> Hook:

@@ -39,7 +39,8 @@ def record_command(
     kind, target, argv = script.split_command(command)
     recorder = Recorder(output, label=label, command=shlex.join(command), **filters)
     auto = AutoWatch(recorder, hooks, step_on)
-    auto.install()  # resolves --hook targets first: a bad one fails before the run
+    with script.importing_as_the_script(kind, target):
+        auto.install()  # resolves --hook targets first: a bad one fails before the run
     try:
         recorder.start()
     except BaseException:  # a dump that cannot be written: nothing runs, nothing stays patched

@@ -21,7 +21,7 @@ from alignkit.recording.targets import is_diffusers_scheduler, is_ort_session, i
 from alignkit.recording.tensors import plain_value
 
 if TYPE_CHECKING:
-    from alignkit.recording.recorder import Recorder
+    from alignkit.recording.seam import CallLog
 
 _NOT_SUBMODELS = ("tokenizer", "feature_extractor", "image_processor", "processor", "image_encoder_processor")
 
@@ -30,7 +30,7 @@ def is_submodel_name(name: str) -> bool:
     return not any(word in name for word in _NOT_SUBMODELS)
 
 
-def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
+def watch_pipeline(recorder: CallLog, pipe: Any) -> None:
     """Watch every submodel of ``pipe`` that is not watched yet, and note its calls' arguments."""
     if recorder.method_watched_as(pipe, "__call__") is None:
         _note_calls(recorder, pipe)
@@ -53,7 +53,7 @@ def watch_pipeline(recorder: Recorder, pipe: Any) -> None:
             recorder.watch(component, name)
 
 
-def _note_calls(recorder: Recorder, pipe: Any) -> None:
+def _note_calls(recorder: CallLog, pipe: Any) -> None:
     """Note the arguments of each call of ``pipe``, defaults filled in: a guidance scale, a
     prompt or a seed that differs between the runs then shows as such."""
     try:
@@ -98,7 +98,7 @@ def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> d
     return out
 
 
-def watch_scheduler(recorder: Recorder, scheduler: Any, name: str = "scheduler") -> None:
+def watch_scheduler(recorder: CallLog, scheduler: Any, name: str = "scheduler") -> None:
     """Record the scheduler's ``step`` calls as the submodel ``name``, each ending a step."""
     submodel = recorder.watch_method(scheduler, "step", name, after=functools.partial(recorder.step, "scheduler"))
     recorder.mark_watched(scheduler, submodel)

@@ -27,7 +27,7 @@ from alignkit.recording.flatten import Named, name_outputs, signature_binder
 from alignkit.recording.targets import uncompiled
 
 if TYPE_CHECKING:
-    from alignkit.recording.recorder import Recorder
+    from alignkit.recording.seam import CallLog
 
 Binder = Callable[[tuple, dict], Named]
 OutputNamer = Callable[[Any, tuple, dict], Named]
@@ -47,7 +47,7 @@ class Watch:
     ``record=False`` it is all that happens (``--step-on``).
     """
 
-    recorder: Recorder
+    recorder: CallLog
     submodel: str
     bind: Binder
     outputs: OutputNamer = default_outputs
@@ -98,7 +98,7 @@ class MethodHook(Hook):
 
     def __init__(
         self,
-        recorder: Recorder,
+        recorder: CallLog,
         obj: Any,
         method: str,
         name: str,
@@ -174,7 +174,7 @@ class CallHook(Hook):
 
     def __init__(
         self,
-        recorder: Recorder,
+        recorder: CallLog,
         obj: Any,
         name: str,
         *,
@@ -220,7 +220,7 @@ class ModuleHook(Hook):
     A deep copy of the module copies its hooks too, which torch cannot remove from the copy:
     there they do nothing (the copy is another model, not the watched one)."""
 
-    def __init__(self, recorder: Recorder, module: Any, name: str):
+    def __init__(self, recorder: CallLog, module: Any, name: str):
         self.name = name
         bind = signature_binder(uncompiled(module).forward)
         local = threading.local()
@@ -254,7 +254,7 @@ class ClassHook(Hook):
 
     def __init__(
         self,
-        recorder: Recorder,
+        recorder: CallLog,
         owner: type,
         method: str,
         namer: Callable[[Any], str],
@@ -302,7 +302,7 @@ class FunctionHook(Hook):
 
     def __init__(
         self,
-        recorder: Recorder,
+        recorder: CallLog,
         module: Any,
         attr: str,
         name: str,
@@ -322,7 +322,7 @@ class FunctionHook(Hook):
 
 
 def wrap_function(
-    recorder: Recorder,
+    recorder: CallLog,
     fn: Callable[..., Any],
     name: str,
     *,

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.recording.flatten import Named, name_outputs, split
 from alignkit.recording.hooks import Hook
+from alignkit.recording.seam import current_call
 from alignkit.recording.targets import uncompiled
 from alignkit.recording.tensors import Tensor
 
 if TYPE_CHECKING:
-    from alignkit.recording.recorder import Recorder
+    from alignkit.recording.seam import CallLog
 
 Sink = Callable[[], "list[Tensor] | None"]
 
@@ -41,9 +42,8 @@ class LayerHooks(Hook):
         self._handles = []
 
 
-def recorder_layers(recorder: Recorder, module: Any, submodel: str, pattern: re.Pattern | None) -> LayerHooks:
+def recorder_layers(recorder: CallLog, module: Any, submodel: str, pattern: re.Pattern | None) -> LayerHooks:
     """Layer hooks that add to whichever call of ``submodel`` is being recorded on this thread."""
-    from alignkit.recording.recorder import current_call
 
     def sink() -> list[Tensor] | None:
         record = current_call()

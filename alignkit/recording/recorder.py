@@ -21,6 +21,7 @@ from alignkit.phrasing import count
 from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
+from alignkit.recording.seam import pop_call, push_call
 from alignkit.recording.targets import (
     ObjectNames,
     description,
@@ -77,6 +78,10 @@ class Recorder:
         self._names: dict[str, None] = {}  # every submodel name given out, in order
         self._wrapped: list[str] = []  # submodels recorded only through the wrapper watch() returned
         self._described: set[str] = set()  # submodels whose class and config are in the dump
+        self._filter_notes: list[str] = []  # options that could not do what they were asked
+        self._final_notes: list[str] = []
+        self._tensors_kept = 0  # tensors the tensors filter let through
+        self._layers_kept: collections.Counter = collections.Counter()  # submodel → layer outputs recorded
         self._pipeline_calls = 0  # calls of watched pipelines whose arguments are noted
         self._lock = threading.Lock()
         self._seq = 0
@@ -112,6 +117,7 @@ class Recorder:
         not read as one set to fewer steps."""
         atexit.unregister(self._stop_at_exit)
         self.remove_hooks()
+        self._final_notes = self._filter_notes + self._unmatched_filters()
         if self._writer is not None:
             for message in self._stop_warnings():
                 warnings.warn(f"alignkit: {message}", RuntimeWarning, stacklevel=2)
@@ -150,13 +156,15 @@ class Recorder:
         facts = {"calls_run": json.dumps(dict(self._ordinals))}
         if given := {key: value for key, value in filters.items() if value is not None}:
             facts["filters"] = json.dumps(given)
+        if notes := self._final_notes:
+            facts["filter_notes"] = json.dumps(notes)
         if error is not None and not isinstance(error, SystemExit):
             facts["error"] = _ended_by(error)
         return facts
 
-    def _stop_warnings(self) -> list[str]:
-        """What the dump lacks that the user may expect: filters that matched nothing (a typo
-        would otherwise leave an empty dump), calls that ran where they cannot be recorded."""
+    def _unmatched_filters(self) -> list[str]:
+        """Filters that matched nothing or could not apply (a typo would otherwise leave an
+        empty dump, a layer request a dump without layers): warned at the end, kept in the dump."""
         names = list(self._names)
         watched = ", ".join(names) or "none"
         out = []
@@ -165,11 +173,33 @@ class Recorder:
                 f"include {self._include.pattern!r} matched none of the watched submodels ({watched}), so none was "
                 "recorded"
             )
-        out += [
-            f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it"
-            for layer in self._layers
-            if layer not in self._names
-        ]
+        if self._exclude is not None and names and not any(self._exclude.search(n) for n in names):
+            out.append(f"exclude {self._exclude.pattern!r} matched none of the watched submodels ({watched})")
+        if self._tensors is not None and self._seq and not self._tensors_kept:
+            out.append(f"tensors {self._tensors.pattern!r} matched no tensor of any recorded call, so none was stored")
+        for layer in self._layers:
+            if layer not in self._names:
+                out.append(
+                    f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it"
+                )
+            elif self._ordinals[layer] and not self._layers_kept[layer]:
+                out.append(
+                    f"layers: {layer} ran {count(self._ordinals[layer], 'time')} but no layer output was recorded "
+                    f"(the way it is watched cannot reach its layers{self._layer_filter_text()})"
+                )
+        if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
+            out.append(
+                f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded"
+            )
+        return out
+
+    def _layer_filter_text(self) -> str:
+        return f", or layer_filter {self._layer_filter.pattern!r} matched none" if self._layer_filter else ""
+
+    def _stop_warnings(self) -> list[str]:
+        """What the dump lacks that the user may expect: options that could not do what they
+        were asked, calls that ran where they cannot be recorded."""
+        out = list(self._final_notes)
         out += [
             f"{name!r} could not be watched in place (its class is built in), and the recording wrapper that watch() "
             "returned "
@@ -178,10 +208,6 @@ class Recorder:
             if not self._ordinals[name]
         ]
         out += [f"{name} ran {count(n, 'time')} {how}" for (name, how), n in self._unrecorded.items()]
-        if self._steps is not None and self._seq and not any(0 <= s <= self._step for s in self._steps):
-            out.append(
-                f"steps: none of the steps asked for ran (the run had steps 0–{self._step}), so no calls were recorded"
-            )
         return out
 
     @property
@@ -229,15 +255,11 @@ class Recorder:
         if is_torch_module(obj):
             submodel = self.unique_name(name or type(uncompiled(obj)).__name__)
             self.add_hook(obj, ModuleHook(self, obj, submodel))
-            if self._records_layers(submodel):
-                from alignkit.recording.layers import recorder_layers
-
-                self.add_hook(None, recorder_layers(self, obj, submodel, self._layer_filter))
+            self.watch_layers(obj, submodel)
             return obj
         if is_ort_session(obj):
             submodel = self.unique_name(name or ort_session_name(obj))
-            layers = self._onnx_layers(obj) if self._records_layers(submodel) else None
-            self._watch_session(obj, submodel, layers)
+            self._watch_session(obj, submodel, self.session_layers(obj, submodel))
             return obj
         if is_function(obj):
             submodel = self.unique_name(name or obj.__name__)
@@ -265,18 +287,32 @@ class Recorder:
             )
         return True
 
-    def _records_layers(self, submodel: str) -> bool:
+    def wants_layers(self, submodel: str) -> bool:
+        """Whether ``--layers`` asked for the layers of ``submodel``."""
         return submodel in self._layers
 
-    def _onnx_layers(self, session: Any) -> Callable[[tuple, dict], Named]:
-        """Run a copy of the session's model with every intermediate output exposed."""
+    def watch_layers(self, module: Any, submodel: str) -> None:
+        """Record the outputs of ``module``'s layers under each call of ``submodel``, if asked."""
+        if self.wants_layers(submodel):
+            from alignkit.recording.layers import recorder_layers
+
+            self.add_hook(None, recorder_layers(self, module, submodel, self._layer_filter))
+
+    def session_layers(self, session: Any, submodel: str) -> Callable[[tuple, dict], Named] | None:
+        """If ``--layers`` asked for ``submodel``: what runs a copy of the session's model with
+        every intermediate output exposed; else None."""
+        if not self.wants_layers(submodel):
+            return None
         from alignkit.recording.onnx_layers import expose
+        from alignkit.recording.ort_runs import ort_bind
 
         path = getattr(session, "_model_path", None)
         if not isinstance(path, str) or not path:
-            raise UsageError("layer recording of an ONNX session needs a session created from a model file")
-        from alignkit.recording.ort_runs import ort_bind
-
+            self.note_filter(
+                f"layers: {submodel}'s ONNX Runtime session was not made from a model file, so its layers cannot be "
+                "recorded"
+            )
+            return None
         exposed = expose(path, self._layer_filter, session.get_providers())
         return lambda args, kwargs: exposed.run(dict(ort_bind(args, kwargs)))[1]
 
@@ -309,17 +345,25 @@ class Recorder:
         if obj is not None and whole:
             self.mark_watched(obj, hook.name)
 
-    def describe(self, submodel: str, obj: Any) -> None:
-        """Store what ``submodel`` is (its class, its config) once, so a comparison can say
-        that a scheduler differs, not only that its numbers do."""
+    def describe(self, submodel: str, obj: Any, **extra: str) -> None:
+        """Store what ``submodel`` is (its class, its config, the precision its engine computes
+        in) once, so a comparison can say that a scheduler differs, not only that its numbers do."""
         if self._writer is None or submodel in self._described:
             return
         self._described.add(submodel)
         try:
-            attrs = description(obj)
+            attrs = {**description(obj), **extra}
         except Exception:  # a config that cannot be read is no reason to stop the run
-            return
-        self._writer.describe(submodel, attrs)
+            attrs = dict(extra)
+        if attrs:
+            self._writer.describe(submodel, attrs)
+
+    def note_filter(self, message: str) -> None:
+        """An option that could not do what it was asked: a warning when recording stops, and
+        a note in the dump (``filter_notes``)."""
+        with self._lock:
+            if message not in self._filter_notes:
+                self._filter_notes.append(message)
 
     def note_pipeline_call(self, pipeline: str, arguments: dict[str, Any]) -> None:
         """Note a pipeline call's arguments, and where in the run it began (the ``seq`` its
@@ -403,7 +447,7 @@ class Recorder:
             )
             return None
         record = CallRecord(seq, submodel, step, call, ordinal, inputs=tensors, values=values)
-        _CURRENT.__dict__.setdefault("stack", []).append(record)
+        push_call(record)
         return record
 
     def end_call(
@@ -411,9 +455,7 @@ class Recorder:
     ) -> None:
         if record is None:
             return
-        stack = _CURRENT.__dict__.get("stack", [])
-        if record in stack:
-            stack.remove(record)
+        pop_call(record)
         if error is not None:
             record.error = f"{type(error).__name__}: {error}"
         else:
@@ -424,6 +466,8 @@ class Recorder:
                 record.error = f"alignkit could not record the outputs: {exc}"
             record.outputs = tensors
             record.output_values = values
+        self._tensors_kept += len(record.inputs) + len(record.outputs)
+        self._layers_kept[record.submodel] += len(record.layers)
         if self._writer is not None:
             self._writer.put(record)
 
@@ -448,15 +492,6 @@ def _regex(option: str, pattern: str | None) -> re.Pattern | None:
         return re.compile(pattern)
     except re.error as exc:
         raise UsageError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from exc
-
-
-_CURRENT = threading.local()
-
-
-def current_call() -> CallRecord | None:
-    """The innermost call being recorded on this thread (layer hooks attach to it)."""
-    stack = _CURRENT.__dict__.get("stack")
-    return stack[-1] if stack else None
 
 
 def step() -> None:

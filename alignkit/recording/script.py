@@ -6,6 +6,8 @@ import os
 import runpy
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignkit.errors import UsageError
@@ -35,12 +37,28 @@ def split_command(command: list[str]) -> tuple[str, str, list[str]]:
     return "script", str(script), args
 
 
+def search_path(kind: str, target: str) -> str:
+    """The folder Python puts first on ``sys.path`` for this script (the current one for ``-m``)."""
+    return os.path.dirname(os.path.abspath(target)) if kind == "script" else os.getcwd()
+
+
+@contextmanager
+def importing_as_the_script(kind: str, target: str) -> Iterator[None]:
+    """Import as the script will (``--hook engine:EngineOV`` finds ``engine.py`` beside it)."""
+    saved = sys.path[:]
+    sys.path.insert(0, search_path(kind, target))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def run(kind: str, target: str, argv: list[str]) -> tuple[int, BaseException | None]:
     """Run it as ``__main__``; returns its exit code (its own traceback printed as Python would)
     and the exception that ended it, if one did."""
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = argv if kind == "module" else [target, *argv[1:]]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(target)) if kind == "script" else os.getcwd())
+    sys.path.insert(0, search_path(kind, target))
     try:
         if kind == "module":
             runpy.run_module(target, run_name="__main__", alter_sys=True)

@@ -424,7 +424,9 @@ def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
     return out
 
 
-JSON_ATTRS = frozenset({"versions", "calls_run", "filters"})  # root attributes that hold JSON (docs/format.md)
+JSON_ATTRS = frozenset(
+    {"versions", "calls_run", "filters", "filter_notes"}
+)  # root attributes that hold JSON (docs/format.md)
 _KEY = re.compile(r"^(?P<sub>.+?)(?:(?P<at>@step)(?P<step>\d+)(?::(?P<call>\d+))?|:(?P<ord>\d+))$")
 
 

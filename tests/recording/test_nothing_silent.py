@@ -1,0 +1,104 @@
+"""Options that could not do what they were asked say so, at the end of ``record`` and in the
+dump; ``--hook`` imports as the script does; engines are named after what the script calls them."""
+
+import textwrap
+
+import numpy as np
+from rich.console import Console
+
+import alignkit as ak
+from alignkit.recording.cli_run import record_command
+
+ENGINE = """
+import numpy as np
+import torch
+
+
+class EngineOV:
+    def __call__(self, feed):
+        return {"out": feed["x"] * 2}
+
+
+class Denoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(4, 4)
+        self.act = torch.nn.GELU()
+
+    def forward(self, sample):
+        return self.act(self.proj(sample))
+"""
+
+SCRIPT = """
+import numpy as np
+import torch
+from engine import Denoiser, EngineOV
+
+controlnet = EngineOV()
+denoiser = Denoiser()
+for step in range(2):
+    controlnet({"x": np.ones(3, np.float32)})
+    denoiser(torch.ones(1, 4))
+"""
+
+
+def record(tmp_path, script: str, **options):
+    """Run ``script`` from a folder of its own (never on sys.path), as ``alignkit record`` does."""
+    folder = tmp_path / "project"
+    folder.mkdir(exist_ok=True)
+    (folder / "engine.py").write_text(ENGINE)
+    (folder / "run.py").write_text(textwrap.dedent(script))
+    console = Console(record=True, width=400)
+    code = record_command(tmp_path / "d.h5", [str(folder / "run.py")], console=console, **options)
+    return code, console.export_text()
+
+
+def test_hook_imports_a_module_beside_the_script_and_names_engines_as_the_script_does(tmp_path):
+    code, text = record(tmp_path, SCRIPT, hooks=["engine:EngineOV", "engine:Denoiser"])
+    assert code == 0, text
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        assert dump.submodels == ["controlnet", "denoiser"]  # not EngineOV, Denoiser
+        assert len(dump.calls[dump.calls["submodel"] == "controlnet"]) == 2
+
+
+def test_layers_of_a_hooked_torch_module_are_recorded(tmp_path):
+    code, text = record(tmp_path, SCRIPT, hooks=["engine:Denoiser"], layers=["denoiser"])
+    assert code == 0 and "warning" not in text, text
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        assert list(dump["denoiser", 0].layers) == ["proj", "act"]
+
+
+def test_layers_of_a_zero_code_onnx_session_are_recorded(tmp_path, tiny_onnx):
+    script = f"""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession({str(tiny_onnx)!r})
+    session.run(None, {{"x": np.ones((2, 4), np.float32)}})
+    """
+    code, text = record(tmp_path, script, layers=["unet"])
+    assert code == 0 and "warning" not in text, text
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        layers = dump["unet", 0].layers
+        assert list(layers) == ["h", "y"]  # MatMul's output, then the Add's
+        np.testing.assert_allclose(layers["y"], dump["unet", 0].outputs["y"])
+
+
+def test_filters_that_matched_nothing_are_warned_and_kept_in_the_dump(tmp_path):
+    code, text = record(
+        tmp_path, SCRIPT, hooks=["engine:EngineOV"], tensors="^nothing_has_this_name$", exclude="^typo$"
+    )
+    assert code == 0
+    assert "warning: tensors '^nothing_has_this_name$' matched no tensor of any recorded call" in text
+    assert "warning: exclude '^typo$' matched none of the watched submodels (controlnet)" in text
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        assert any("matched no tensor" in note for note in dump.metadata["filter_notes"])
+
+
+def test_layers_asked_of_an_engine_that_has_none_say_so(tmp_path):
+    code, text = record(tmp_path, SCRIPT, hooks=["engine:EngineOV"], layers=["controlnet"])
+    assert code == 0
+    assert "warning: layers: controlnet ran 2 times but no layer output was recorded" in text
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        assert any(note.startswith("layers: controlnet") for note in dump.metadata["filter_notes"])
