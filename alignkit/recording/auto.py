@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alignkit.errors import UsageError
+from alignkit.recording import openvino
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.ort_runs import PREBOUND, RUN_METHODS, BindingMemory, session_runs
 from alignkit.recording.recorder import Recorder
@@ -45,6 +46,7 @@ class AutoWatch:
                 "diffusers.pipelines.pipeline_utils": self._patch_pipelines,
                 "diffusers.schedulers.scheduling_utils": self._patch_schedulers,
                 "onnxruntime": self._patch_onnxruntime,
+                "openvino": self._patch_openvino,
             }
         )
         self._hook_specs, self._step_specs = list(hooks), list(step_on)
@@ -146,6 +148,24 @@ class AutoWatch:
                 self._patches.append(_patch_method(cls, method, recorded(method)))
         self._patches.append(BindingMemory())
 
+    # -- openvino ---------------------------------------------------------------------------
+    def _patch_openvino(self, module: Any) -> None:
+        """Record every compiled model and infer request, named after what the script calls it
+        (``self.unet = core.compile_model(...)``), else after the model."""
+        names, recorder = ObjectNames(), self.recorder
+
+        def name(engine: Any) -> str:
+            known = names.get(engine)
+            if known is None:
+                base = name_in_caller(engine) or openvino.model_name(engine)
+                known = names.name_for(engine, base, recorder.unique_name)
+                recorder.describe(known, engine, **openvino.precision(engine))
+                if recorder.wants_layers(known):
+                    recorder.note_filter(f"layers: {known} is an OpenVINO model, whose layers alignkit cannot record")
+            return known
+
+        recorder.record_openvino(name)
+
     # -- --hook and --step-on --------------------------------------------------------------
     def _patch_target(self, spec: str, *, record: bool, after: Callable[[], None] | None = None) -> None:
         owner, attr, is_class = resolve(spec)
@@ -170,7 +190,22 @@ class AutoWatch:
         return name
 
 
-_GENERIC_NAMES = {"self", "engine", "model", "module", "net", "session", "m", "fn", "func"}
+_GENERIC_NAMES = {
+    "self",
+    "engine",
+    "model",
+    "module",
+    "net",
+    "session",
+    "m",
+    "fn",
+    "func",
+    "request",
+    "infer_request",
+    "compiled",
+    "compiled_model",
+    "core",
+}
 
 
 def name_in_caller(obj: Any) -> str | None:

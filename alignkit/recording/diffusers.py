@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from alignkit.recording.hooks import CallHook
-from alignkit.recording.targets import is_diffusers_scheduler, is_ort_session, is_torch_module
+from alignkit.recording.optimum import watch_wrapper
+from alignkit.recording.targets import is_diffusers_scheduler, is_torch_module
 from alignkit.recording.tensors import plain_value
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def watch_pipeline(recorder: CallLog, pipe: Any) -> None:
     """Watch every submodel of ``pipe`` that is not watched yet, and note its calls' arguments."""
     if recorder.method_watched_as(pipe, "__call__") is None:
         _note_calls(recorder, pipe)
-    for name, component in pipe.components.items():
+    for name, component in _components(pipe).items():
         if component is None or not is_submodel_name(name) or recorder.is_watched(component):
             continue
         if name.startswith("scheduler") or is_diffusers_scheduler(component):
@@ -46,11 +47,20 @@ def watch_pipeline(recorder: CallLog, pipe: Any) -> None:
             recorder.mark_watched(component, name)
         elif is_torch_module(component):
             recorder.watch(component, name)
-        elif is_ort_session(getattr(component, "model", None)):  # diffusers' OnnxRuntimeModel
-            recorder.watch(component.model, name)
-            recorder.mark_watched(component, name)
+        elif watch_wrapper(recorder, component, name):  # diffusers' OnnxRuntimeModel, optimum's ORTUnet, ORTVae
+            continue
         elif callable(component):
             recorder.watch(component, name)
+
+
+def _components(pipe: Any) -> dict[str, Any]:
+    """The pipeline's components, and any scheduler among its attributes that they leave out
+    (optimum's pipelines do: without it the target would have no steps)."""
+    out = dict(pipe.components)
+    for name, value in vars(pipe).items():
+        if name not in out and not name.startswith("_") and is_diffusers_scheduler(value):
+            out[name] = value
+    return out
 
 
 def _note_calls(recorder: CallLog, pipe: Any) -> None:

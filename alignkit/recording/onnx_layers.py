@@ -77,3 +77,31 @@ def _scope(node: Any) -> str:
             return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
     parts = [p for p in node.name.split("/") if p]
     return ".".join(parts[:-1]) if node.name.startswith("/") and len(parts) > 1 else ""
+
+
+_QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"}
+
+
+def onnx_precision(model_path: str) -> str | None:
+    """What an ONNX model computes in, read from its graph: ``int8`` when it holds quantized
+    operators (QuantizeLinear, DynamicQuantizeLinear, MatMulInteger, QLinear*…), ``fp16`` or
+    ``bf16`` when its weights or casts are of that type (a model converted with
+    ``keep_io_types=True`` hides it behind float32 inputs and outputs), else ``fp32``. None when
+    the file cannot be read."""
+    try:
+        import onnx
+        from onnx import TensorProto
+
+        model = onnx.load(model_path, load_external_data=False)
+    except Exception:  # no onnx installed, or not a file it reads: say nothing
+        return None
+    nodes = list(model.graph.node)
+    if any(n.op_type in _QUANTIZED_OPS or n.op_type.startswith("QLinear") for n in nodes):
+        return "int8"
+    types = {init.data_type for init in model.graph.initializer}
+    types |= {a.i for n in nodes if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    if TensorProto.FLOAT16 in types:
+        return "fp16"
+    if TensorProto.BFLOAT16 in types:
+        return "bf16"
+    return "fp32"

@@ -18,9 +18,11 @@ from typing import Any
 
 from alignkit.errors import UsageError
 from alignkit.phrasing import count
+from alignkit.recording import openvino
 from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
+from alignkit.recording.openvino import is_openvino_engine
 from alignkit.recording.seam import pop_call, push_call
 from alignkit.recording.targets import (
     ObjectNames,
@@ -79,6 +81,8 @@ class Recorder:
         self._wrapped: list[str] = []  # submodels recorded only through the wrapper watch() returned
         self._described: set[str] = set()  # submodels whose class and config are in the dump
         self._filter_notes: list[str] = []  # options that could not do what they were asked
+        self._openvino_hook: Hook | None = None
+        self._openvino_namer: Callable[[Any], str | None] = lambda engine: None
         self._final_notes: list[str] = []
         self._tensors_kept = 0  # tensors the tensors filter let through
         self._layers_kept: collections.Counter = collections.Counter()  # submodel → layer outputs recorded
@@ -223,6 +227,7 @@ class Recorder:
         for hook in reversed(self._hooks):
             hook.remove()
         self._hooks.clear()
+        self._openvino_hook = None
         self._watched.clear()
         self._methods.clear()
 
@@ -260,6 +265,9 @@ class Recorder:
         if is_ort_session(obj):
             submodel = self.unique_name(name or ort_session_name(obj))
             self._watch_session(obj, submodel, self.session_layers(obj, submodel))
+            return obj
+        if is_openvino_engine(obj):
+            self._watch_openvino(obj, self.unique_name(name or openvino.model_name(obj)))
             return obj
         if is_function(obj):
             submodel = self.unique_name(name or obj.__name__)
@@ -336,6 +344,25 @@ class Recorder:
         self._methods.add(obj, hook.name, method)
         self.add_hook(obj, hook, whole=False)
         return hook.name
+
+    def _watch_openvino(self, engine: Any, submodel: str) -> None:
+        """Record an OpenVINO compiled model or infer request as ``submodel``, with the device
+        and precision it computes in."""
+        self.describe(submodel, engine, **openvino.precision(engine))
+        self.mark_watched(engine, submodel)
+        if self.wants_layers(submodel):
+            self.note_filter(f"layers: {submodel} is an OpenVINO model, whose layers alignkit cannot record")
+        self.record_openvino()
+
+    def record_openvino(self, name_unwatched: Callable[[Any], str | None] | None = None) -> None:
+        """Record the OpenVINO engines this recorder watches and, with ``name_unwatched``, every
+        other one under the name it gives (``alignkit record``)."""
+        if name_unwatched is not None:
+            self._openvino_namer = name_unwatched
+        if self._openvino_hook is None:
+            hook = openvino.OpenVINOHooks(self, lambda e: self._watched.get(e) or self._openvino_namer(e))
+            self._openvino_hook = hook
+            self.add_hook(None, hook)
 
     def add_hook(self, obj: Any, hook: Hook, *, whole: bool = True) -> None:
         """Keep ``hook``; ``whole``: it records calls of ``obj`` itself, not of one of its methods."""

@@ -65,6 +65,19 @@ def description(obj: Any) -> dict[str, str]:
     config = _config(obj)
     if config is not None:
         out["config"] = json.dumps(config, sort_keys=True, default=str)
+    if is_ort_session(obj):
+        out.update(_ort_facts(obj))
+    return out
+
+
+def _ort_facts(session: Any) -> dict[str, str]:
+    """An ONNX Runtime session's provider and the precision its graph computes in."""
+    from alignkit.recording.onnx_layers import onnx_precision
+
+    out = {"engine": "onnxruntime", "device": ",".join(session.get_providers()[:1])}
+    path = getattr(session, "_model_path", None)
+    if isinstance(path, str) and path and (precision := onnx_precision(path)) is not None:
+        out["precision"] = precision
     return out
 
 

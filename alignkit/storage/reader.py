@@ -229,8 +229,9 @@ class Dump:
     @cached_property
     def descriptions(self) -> dict[str, dict[str, Any]]:
         """What each watched submodel is: ``{"class": "diffusers...EulerDiscreteScheduler",
-        "config": {...}}`` (a config only for diffusers and transformers objects); empty for
-        dumps written before this was recorded."""
+        "config": {...}}`` (a config only for diffusers and transformers objects), and for an
+        engine what it computes in (``engine``, ``device``, ``inference_precision``,
+        ``precision``: docs/format.md); empty for dumps written before this was recorded."""
         group = self._file.get(SUBMODELS)
         if not isinstance(group, h5py.Group):
             return {}
@@ -241,6 +242,7 @@ class Dump:
             config = _json(attrs, "config")
             if config is not None:
                 entry["config"] = config
+            entry.update((key, _text(value)) for key, value in attrs.items() if key in ENGINE_ATTRS)
             out[_text(attrs.get("name", unescape_name(link)))] = entry
         return out
 
@@ -424,6 +426,7 @@ def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
     return out
 
 
+ENGINE_ATTRS = ("engine", "device", "inference_precision", "precision")  # a submodel's engine facts
 JSON_ATTRS = frozenset(
     {"versions", "calls_run", "filters", "filter_notes"}
 )  # root attributes that hold JSON (docs/format.md)

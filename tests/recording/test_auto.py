@@ -114,7 +114,12 @@ def test_a_scripts_session_runs_through_an_io_binding_are_recorded(tmp_path, tin
     with ak.open_dump(tmp_path / "x.h5") as dump:
         assert dump.submodels == ["unet"] and dump.steps("unet") == [0, 1, 2]
         assert dump.descriptions == {
-            "unet": {"class": "onnxruntime.capi.onnxruntime_inference_collection.InferenceSession"}
+            "unet": {
+                "class": "onnxruntime.capi.onnxruntime_inference_collection.InferenceSession",
+                "engine": "onnxruntime",
+                "device": "CPUExecutionProvider",
+                "precision": "fp32",  # read from the graph: no float16 weights or casts, no quantized operators
+            }
         }
         assert [float(dump["unet", s].inputs["x"].mean()) for s in range(3)] == [0.0, 1.0, 2.0]
         assert list(dump["unet", 2].outputs) == ["y"]

@@ -1,0 +1,148 @@
+"""OpenVINO: compiled models and infer requests, recorded like ONNX Runtime sessions.
+
+A ``CompiledModel`` is called (``compiled(inputs)``) or runs through an ``InferRequest``
+(``infer``); both are recorded with the inputs named by the model's input names and the outputs
+by its output names. The dump's description of the submodel keeps the device and the
+inference precision in force (``INFERENCE_PRECISION_HINT``): a CPU that computes in bf16 behind
+float32 inputs and outputs says so there.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from alignkit.recording.flatten import Named
+
+
+def is_openvino_engine(obj: Any) -> bool:
+    ov = sys.modules.get("openvino")
+    if ov is None:
+        return False
+    return isinstance(obj, (ov.CompiledModel, ov.InferRequest))
+
+
+def compiled_model_of(engine: Any) -> Any:
+    ov = sys.modules["openvino"]
+    return engine if isinstance(engine, ov.CompiledModel) else engine.get_compiled_model()
+
+
+def port_names(ports: Any) -> list[str]:
+    """A port's name as the model gives it (its first tensor name), else ``output.N``."""
+    names = []
+    for i, port in enumerate(ports):
+        try:
+            names.append(port.get_any_name())
+        except RuntimeError:  # a port with no name
+            names.append(f"output.{i}")
+    return names
+
+
+def bind_inputs(engine: Any, args: tuple, kwargs: dict) -> Named:
+    """The inputs of ``compiled(inputs)`` / ``request.infer(inputs)``: a dict by name or by
+    index, a list in the model's order, or one array."""
+    inputs = args[0] if args else kwargs.get("inputs")
+    names = port_names(compiled_model_of(engine).inputs)
+    if isinstance(inputs, dict):
+        return [
+            (names[k] if isinstance(k, int) else getattr(k, "get_any_name", lambda k=k: str(k))(), v)
+            for k, v in inputs.items()
+        ]
+    if isinstance(inputs, (list, tuple)):
+        return list(zip(names, inputs))
+    return [] if inputs is None else [(names[0], inputs)]
+
+
+def name_results(engine: Any, result: Any) -> Named:
+    """OpenVINO's ``OVDict`` of results, by output name, as arrays."""
+    names = port_names(compiled_model_of(engine).outputs)
+    try:
+        values = list(result.values())
+    except AttributeError:
+        return [("output", result)]
+    return [(name, np.asarray(value)) for name, value in zip(names, values)]
+
+
+def precision(engine: Any) -> dict[str, str]:
+    """The device and the precision it computes in, for the dump's description."""
+    compiled = compiled_model_of(engine)
+    out = {"engine": "openvino"}
+    for key, prop in (("device", "EXECUTION_DEVICES"), ("inference_precision", "INFERENCE_PRECISION_HINT")):
+        try:
+            value = compiled.get_property(prop)
+        except RuntimeError:
+            continue
+        if isinstance(value, (list, tuple)):
+            out[key] = ",".join(map(str, value))
+        else:
+            out[key] = value.to_string() if hasattr(value, "to_string") else str(value)
+    if out.get("inference_precision") in _PRECISIONS:
+        out["precision"] = _PRECISIONS[out["inference_precision"]]
+    return out
+
+
+_PRECISIONS = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
+
+
+def model_name(engine: Any) -> str:
+    """The model's friendly name (``Model0`` when the converter gave none: then ``openvino``)."""
+    try:
+        name = compiled_model_of(engine).get_runtime_model().get_friendly_name()
+    except RuntimeError:
+        return "openvino"
+    return name if name and not name.startswith("Model") else "openvino"
+
+
+class OpenVINOHooks:
+    """Record ``CompiledModel.__call__`` and ``InferRequest.infer`` for every engine that
+    ``namer`` names (None: not recorded), by patching the two classes for as long as the hook
+    lives. An engine's call that runs an infer request of its own is recorded once."""
+
+    name = "openvino"
+
+    def __init__(self, log: Any, namer: Any):
+        import threading
+
+        import openvino as ov
+
+        from alignkit.recording.hooks import Watch
+
+        self._restore: list[tuple[type, str, Any]] = []
+        inside = threading.local()
+        watches: dict[str, Watch] = {}
+
+        def patch(cls: type, method: str) -> None:
+            original = cls.__dict__[method]
+
+            def recorded(engine: Any, *args: Any, **kwargs: Any) -> Any:
+                name = None if getattr(inside, "depth", 0) else namer(engine)
+                if name is None:
+                    return original(engine, *args, **kwargs)
+                watch = watches.get(name) or watches.setdefault(
+                    name,
+                    Watch(
+                        log,
+                        name,
+                        lambda a, k, e=engine: bind_inputs(e, a, k),
+                        lambda r, a, k, e=engine: name_results(e, r),
+                    ),
+                )
+                inside.depth = getattr(inside, "depth", 0) + 1
+                try:
+                    return watch.call(lambda *a, **k: original(engine, *a, **k), args, kwargs)
+                finally:
+                    inside.depth -= 1
+
+            recorded.__wrapped__ = original  # type: ignore[attr-defined]
+            setattr(cls, method, recorded)
+            self._restore.append((cls, method, original))
+
+        patch(ov.CompiledModel, "__call__")
+        patch(ov.InferRequest, "infer")
+
+    def remove(self) -> None:
+        for cls, method, original in reversed(self._restore):
+            setattr(cls, method, original)
+        self._restore.clear()

@@ -1,0 +1,67 @@
+"""An OpenVINO port as seed 002 deploys one: a hand-written engine around a compiled model,
+put in the pipeline in place of the UNet, recorded with no code change."""
+
+import textwrap
+
+import pytest
+
+import alignkit as ak
+from alignkit.recording.cli_run import record_command
+
+SCRIPT = """
+import sys
+
+import numpy as np
+import openvino as ov
+import torch
+
+from alignkit.demo.pipeline import generate, tiny_pipeline
+
+
+class EngineOV:
+    def __init__(self, unet, hint):
+        example = {"sample": torch.zeros(2, 4, 16, 16), "timestep": torch.tensor(999.0),
+                   "encoder_hidden_states": torch.zeros(2, 77, 16)}
+        model = ov.convert_model(unet, example_input=example)
+        self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint} if hint else {})
+        self.config, self.dtype, self.device = unet.config, unet.dtype, unet.device
+
+    def __call__(self, sample, timestep, encoder_hidden_states, return_dict=False, **kwargs):
+        feed = {"sample": sample.numpy(), "timestep": np.asarray(timestep, np.float32),
+                "encoder_hidden_states": encoder_hidden_states.numpy()}
+        return (torch.from_numpy(self.compiled(feed)[0]),)
+
+
+pipe = tiny_pipeline()
+if sys.argv[1] != "torch":
+    pipe.unet = EngineOV(pipe.unet, sys.argv[1] if sys.argv[1] != "default" else None)
+generate(pipe, steps=3)
+"""
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("openvino")
+    (folder / "run.py").write_text(textwrap.dedent(SCRIPT))
+    out = {}
+    for run in ("torch", "f32"):
+        out[run] = folder / f"{run}.h5"
+        assert record_command(out[run], [str(folder / "run.py"), run]) == 0
+    return out
+
+
+def test_an_openvino_unet_in_f32_records_zero_code_and_compares_aligned(dumps):
+    with ak.open_dump(dumps["f32"]) as dump:
+        assert dump.submodels == ["text_encoder", "unet", "scheduler", "vae.decode"]  # named after the component
+        unet = dump.descriptions["unet"]
+        assert (unet["engine"], unet["device"], unet["inference_precision"], unet["precision"]) == (
+            "openvino",
+            "CPU",
+            "f32",
+            "fp32",
+        )
+        assert list(dump["unet", 0].inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    result = ak.compare(dumps["torch"], dumps["f32"])
+    assert result.verdict == "aligned" and result.exit_code == 0, result.first_divergence
+    compared = result.table.groupby("submodel")["step"].nunique().to_dict()
+    assert compared == {"text_encoder": 1, "unet": 3, "scheduler": 3, "vae.decode": 1}
