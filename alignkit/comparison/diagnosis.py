@@ -215,6 +215,8 @@ def _values_text(tensor: str, ev: dict[str, Any]) -> str:
 def _metrics_text(ev: dict[str, Any]) -> str:
     if ev.get("status") == "nonfinite":
         return "NaN/Inf on one side"
+    if ev.get("status") == "shape":
+        return f"reference shape {ev.get('ref_shape')}, target {ev.get('tgt_shape')}: not comparable"
     parts = []
     if "rel_l1" in ev:
         parts.append(f"rel_l1 {ev['rel_l1']:.3g}")
@@ -284,7 +286,7 @@ def growth_text(g: dict[str, Any]) -> str:
 
 def tolerance(table: pd.DataFrame) -> dict[str, float]:
     """The loosest thresholds any compared tensor needs: Polygraphy's minimum required tolerance."""
-    measured = table[table["status"].isin(["ok", "precision", "mismatch"]) & ~table["exact"].fillna(False).astype(bool)]
+    measured = table[table["status"].isin(["ok", "precision", "mismatch"]) & ~table["exact"].eq(True)]
     if measured.empty:
         return {}
     return {"cos_min": float(measured["cos"].min()), "rel_l1_max": float(measured["rel_l1"].max())}
@@ -295,6 +297,7 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     out = _dtype_warnings(table)
     out.extend(_swap_warnings(table))
     out.extend(_broadcast_warnings(table))
+    out.extend(_overlap_warnings(table))
     amplified = table["glue"].notna()
     precision = table[(table["status"] == "precision") & ~amplified]
     if len(precision):
@@ -383,7 +386,7 @@ def _swap_warnings(table: pd.DataFrame) -> list[str]:
 
 def _broadcast_warnings(table: pd.DataFrame) -> list[str]:
     """Inputs compared as one value against many (a scalar timestep against a tiled one)."""
-    spread = table[table["broadcast"].fillna(False).astype(bool)]
+    spread = table[table["broadcast"].eq(True)]
     out = []
     for (sub, tensor, rs, ts), group in spread.groupby(["submodel", "tensor", "ref_shape", "tgt_shape"], sort=False):
         steps = len(set(group["step"]))
@@ -391,6 +394,23 @@ def _broadcast_warnings(table: pd.DataFrame) -> list[str]:
         out.append(
             f"{sub} input `{tensor}`: reference shape {rs}, target {ts}: one value compared with each of the other's "
             f"at {count(steps, 'step')} ({agree})"
+        )
+    return out
+
+
+def _overlap_warnings(table: pd.DataFrame) -> list[str]:
+    """Tensors of which one side holds a part of the other's (last positions, a padded batch)."""
+    if "overlap" not in table:
+        return []
+    part = table[table["overlap"].notna()]
+    out = []
+    for (sub, io, tensor, rs, ts, overlap), group in part.groupby(
+        ["submodel", "io", "tensor", "ref_shape", "tgt_shape", "overlap"], sort=False
+    ):
+        agree = "they agree" if group["status"].isin(["ok", "precision"]).all() else "they differ"
+        out.append(
+            f"{sub} {io[:-1]} `{tensor}`: reference shape {rs}, target {ts}: compared on {overlap} at "
+            f"{count(group['step'].nunique(), 'step')} ({agree})"
         )
     return out
 

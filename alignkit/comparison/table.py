@@ -52,6 +52,7 @@ COLUMNS = [
     "matched_by",
     "swapped_with",
     "broadcast",
+    "overlap",
     "ref_dtype",
     "tgt_dtype",
     "ref_shape",
@@ -165,10 +166,23 @@ def one_side_notes(table: pd.DataFrame) -> list[str]:
     left out (a text encoder's ``pooler_output``), an input the port does not feed."""
     notes = []
     one_side = table[table["status"].isin(["ref only", "tgt only"])]
-    for (submodel, io, tensor, status), group in one_side.groupby(["submodel", "io", "tensor", "status"], sort=False):
-        side, n = ("reference" if status == "ref only" else "target"), len(group)
-        notes.append(f"{submodel} {io[:-1]} `{tensor}`: only in the {side} ({count(n, 'call')}); not compared")
+    for (submodel, io, status), group in one_side.groupby(["submodel", "io", "status"], sort=False):
+        side = "reference" if status == "ref only" else "target"
+        calls = group.groupby("tensor", sort=False).size()
+        if len(calls) == 1:
+            tensor, n = next(iter(calls.items()))
+            notes.append(f"{submodel} {io[:-1]} `{tensor}`: only in the {side} ({count(n, 'call')}); not compared")
+            continue
+        names = ", ".join(f"`{name}`" for name in calls.index[:FIRST_NAMES])
+        more = f" and {len(calls) - FIRST_NAMES} more" if len(calls) > FIRST_NAMES else ""
+        notes.append(
+            f"{submodel} {io}: {len(calls)} tensors only in the {side} ({names}{more}; up to "
+            f"{count(int(calls.max()), 'call')} each); not compared"
+        )
     return notes
+
+
+FIRST_NAMES = 3  # names a grouped note lists before '… and N more' (the table and the JSON list them all)
 
 
 def inputs_agree(
@@ -243,7 +257,7 @@ def _row(
     numel = base["numel"] = max(numel_r, numel_t)
     broadcast = _one_value_for_many(pair.io, numel_r, numel_t)
     if numel_r != numel_t and not broadcast:
-        return {**base, "status": "shape"}
+        return _overlap_row(base, ref, tgt, r, t, floor_dtype_for(r.dtype, t.dtype, carried), limits)
     floor = floor_dtype_for(r.dtype, t.dtype, carried)
     values = None
     try:
@@ -267,6 +281,50 @@ def _row(
     if values is not None and numel <= 8:
         out["ref_value"], out["tgt_value"] = (_value(v) for v in values)
     return out
+
+
+def slice_axis(ref_shape: tuple, tgt_shape: tuple) -> int | None:
+    """The one axis along which two shapes of equal rank differ, if only one does: one tensor
+    then holds a part of the other (transformers' ``generate`` asks for the last position's
+    logits where an export returns every position; a batch padded to a fixed size). Each
+    position must hold more than one value: one value against many is no part of the other."""
+    if len(ref_shape) != len(tgt_shape):
+        return None
+    axes = [i for i, (a, b) in enumerate(zip(ref_shape, tgt_shape)) if a != b]
+    if len(axes) != 1 or math.prod(d for i, d in enumerate(ref_shape) if i != axes[0]) < 2:
+        return None
+    return axes[0]
+
+
+def _overlap_row(base: dict, ref: Dump, tgt: Dump, r: TensorInfo, t: TensorInfo, floor: str | None, limits) -> dict:
+    """A pair whose shapes differ along one axis, compared on the part both hold: the first or
+    the last positions of the larger along that axis, whichever agrees (``overlap`` says which)."""
+    axis = slice_axis(tuple(r.shape), tuple(t.shape))
+    if axis is None or isinstance(t, MergedTensor):
+        return {**base, "status": "shape"}
+    a, b = ref.read(r.path, r.dtype), tgt.read(t.path, t.dtype)
+    n, larger = min(a.shape[axis], b.shape[axis]), ("target" if b.shape[axis] > a.shape[axis] else "reference")
+    total = max(a.shape[axis], b.shape[axis])
+    best = None
+    for part, index in (("last", slice(total - n, total)), ("first", slice(0, n))):
+        take = [slice(None)] * a.ndim
+        take[axis] = index
+        ra, tb = (a[tuple(take)], b) if larger == "reference" else (a, b[tuple(take)])
+        m = array_metrics(ra, tb, floor)
+        if best is None or m["rel_l1"] < best[1]["rel_l1"]:
+            best = (part, m)
+    part, m = best
+    if floor:
+        m["floor_ratio"], m["floor_dtype"] = _floor_ratio(m), floor
+    overlap = f"the {part} {n} of the {larger}'s {total} along axis {axis}"
+    return {
+        **base,
+        **m,
+        "numel": m.get("numel", a.size),
+        "exact": False,
+        "overlap": overlap,
+        "status": _status(m, False, limits),
+    }
 
 
 def _read(dump: Dump, info: TensorInfo) -> np.ndarray:

@@ -33,6 +33,7 @@ from alignkit.recording.targets import (
     ort_session_name,
     path_of,
 )
+from alignkit.recording.transformers import watch_generating_model
 
 
 class AutoWatch:
@@ -47,6 +48,7 @@ class AutoWatch:
                 "diffusers.schedulers.scheduling_utils": self._patch_schedulers,
                 "onnxruntime": self._patch_onnxruntime,
                 "openvino": self._patch_openvino,
+                "transformers.generation.utils": self._patch_generate,
             }
         )
         self._hook_specs, self._step_specs = list(hooks), list(step_on)
@@ -147,6 +149,21 @@ class AutoWatch:
             if callable(getattr(cls, method, None)):
                 self._patches.append(_patch_method(cls, method, recorded(method)))
         self._patches.append(BindingMemory())
+
+    # -- transformers ---------------------------------------------------------------------
+    def _patch_generate(self, module: Any) -> None:
+        """Watch the model that ``generate`` drives (a transformers model, an optimum causal LM)."""
+        recorder = self.recorder
+
+        def around(original: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(original)
+            def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
+                watch_generating_model(recorder, model)
+                return original(model, *args, **kwargs)
+
+            return generate
+
+        self._patches.append(_wrap_subclasses(module.GenerationMixin, "generate", around, base_too=True))
 
     # -- openvino ---------------------------------------------------------------------------
     def _patch_openvino(self, module: Any) -> None:
@@ -284,7 +301,9 @@ class _Restore(Hook):
             self._undo = None
 
 
-def _wrap_subclasses(base: type, method: str, around: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Hook:
+def _wrap_subclasses(
+    base: type, method: str, around: Callable[[Callable[..., Any]], Callable[..., Any]], *, base_too: bool = False
+) -> Hook:
     """Replace ``method`` with ``around(method)`` on every subclass of ``base`` that defines
     it, now and as later subclasses are created (diffusers imports its classes lazily);
     returns the hook that puts everything back."""
@@ -305,7 +324,7 @@ def _wrap_subclasses(base: type, method: str, around: Callable[[Callable[..., An
             out += [sub, *subclasses(sub)]
         return out
 
-    for cls in subclasses(base):
+    for cls in [base] * base_too + subclasses(base):
         wrap(cls)
     had_hook = "__init_subclass__" in base.__dict__
     previous = base.__dict__.get("__init_subclass__")

@@ -42,7 +42,7 @@ def submodel_table(result: Comparison) -> pd.DataFrame:
 def exact_mismatches(result: Comparison) -> list[str]:
     """Control inputs (compared exactly) that differ, as ``submodel.tensor``."""
     t = result.table
-    rows = t[t["exact"].fillna(False).astype(bool) & (t["status"] == "mismatch")]
+    rows = t[t["exact"].eq(True) & (t["status"] == "mismatch")]
     return list(dict.fromkeys(rows["submodel"] + "." + rows["tensor"]))
 
 

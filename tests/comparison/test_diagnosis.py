@@ -554,3 +554,36 @@ def test_a_target_computing_in_another_precision_throughout_is_one_warning(tmp_p
     )
     assert "unet input `timestep`: reference float32, target int64 (values equal) at 1 step" in warnings
     assert not any("`sample`" in w for w in warnings)
+
+
+def test_a_tensor_that_holds_the_last_positions_of_the_other_is_compared_on_them(tmp_path):
+    """transformers' generate asks for the last position's logits (logits_to_keep=1); an
+    export returns every position."""
+    rng = np.random.default_rng(0)
+    every = rng.standard_normal((1, 5, 8)).astype(np.float32)
+    for path, logits in ((tmp_path / "ref.h5", every[:, -1:]), (tmp_path / "tgt.h5", every)):
+        with ak.Recorder(path) as rec:
+            rec.watch(lambda input_ids: {"logits": logits}, "decoder")(np.arange(5)[None])
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.verdict == "aligned", result.first_divergence
+    assert (
+        "decoder output `logits`: reference shape [1,1,8], target [1,5,8]: compared on the last 1 of the target's 5 "
+        "along axis 1 at 1 step (they agree)"
+    ) in result.warnings
+    every[0, -1] += 1.0  # the part both hold differs: the verdict shows both shapes
+    with ak.Recorder(tmp_path / "tgt.h5") as rec:
+        rec.watch(lambda input_ids: {"logits": every}, "decoder")(np.arange(5)[None])
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").first_divergence
+    assert (fd.tensor, fd.kind) == ("logits", "local error") and "rel_l1" in fd.message
+
+
+def test_tensors_only_one_side_has_are_one_note_per_submodel(tmp_path):
+    for path, extra in ((tmp_path / "ref.h5", 0), (tmp_path / "tgt.h5", 5)):
+        with ak.Recorder(path) as rec:
+            names = {"x": np.ones(2, np.float32), **{f"past.{i}": np.ones(2, np.float32) for i in range(extra)}}
+            rec.watch(lambda feed: {"y": feed["x"]}, "decoder")(names)
+    notes = [n for n in ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").notes if "only in" in n]
+    assert notes == [
+        "decoder inputs: 5 tensors only in the target (`past.0`, `past.1`, `past.2` and 2 more; up to 1 call each); "
+        "not compared"
+    ]
