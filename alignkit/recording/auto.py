@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +82,12 @@ class AutoWatch:
             @functools.wraps(original)
             def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
                 hooked = recorder.method_watched_as(pipe, "__call__") is not None
-                recorder.watch(pipe)  # again on each call: a component may have been swapped since
+                try:
+                    recorder.watch(pipe)  # again on each call: a component may have been swapped since
+                except UsageError:
+                    raise
+                except Exception as exc:  # never break the user's run over what alignkit cannot watch
+                    warnings.warn(f"alignkit: could not watch {type(pipe).__name__}: {exc}", stacklevel=2)
                 if not hooked and recorder.method_watched_as(pipe, "__call__") is not None:
                     return pipe(*args, **kwargs)  # through the hook just installed, which notes the arguments
                 running.depth = getattr(running, "depth", 0) + 1
@@ -93,6 +99,29 @@ class AutoWatch:
             return __call__
 
         self._patches.append(_wrap_subclasses(module.DiffusionPipeline, "__call__", around))
+        self._patches.append(_wrap_subclasses(module.DiffusionPipeline, "__init__", self._watch_when_made))
+
+    def _watch_when_made(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """Watch a pipeline once it is made: its components may run before its first call (the
+        text encoder computing ``prompt_embeds``), or in a loop that never calls it."""
+        recorder, making = self.recorder, threading.local()
+
+        @functools.wraps(original)
+        def __init__(pipe: Any, *args: Any, **kwargs: Any) -> None:
+            making.depth = getattr(making, "depth", 0) + 1
+            try:
+                original(pipe, *args, **kwargs)
+            finally:
+                making.depth -= 1
+            if making.depth == 0:  # the outermost __init__ has returned: the pipeline is whole
+                try:
+                    recorder.watch(pipe)
+                except Exception as exc:  # a pipeline that cannot be watched yet is watched when called
+                    warnings.warn(
+                        f"alignkit: could not watch {type(pipe).__name__} when it was made: {exc}", stacklevel=2
+                    )
+
+        return __init__
 
     def _patch_schedulers(self, module: Any) -> None:
         """Watch a scheduler that a hand-written loop calls itself, on its first ``step``:

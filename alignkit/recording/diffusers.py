@@ -38,12 +38,14 @@ def watch_pipeline(recorder: CallLog, pipe: Any) -> None:
     for name, component in _components(pipe).items():
         if component is None or not is_submodel_name(name) or recorder.is_watched(component):
             continue
+        _free_name(recorder, name, component)
         if name.startswith("scheduler") or is_diffusers_scheduler(component):
             watch_scheduler(recorder, component, name)
         elif is_torch_module(component) and _is_autoencoder(component):
             for method in ("decode", "encode"):
                 if hasattr(component, method):
-                    recorder.watch_method(component, method, f"{name}.{method}")
+                    submodel = recorder.watch_method(component, method, f"{name}.{method}")
+                    recorder.watch_layers(component, submodel)  # --layers vae.decode: the module it runs
             recorder.mark_watched(component, name)
         elif is_torch_module(component):
             recorder.watch(component, name)
@@ -51,6 +53,13 @@ def watch_pipeline(recorder: CallLog, pipe: Any) -> None:
             continue
         elif callable(component):
             recorder.watch(component, name)
+
+
+def _free_name(recorder: CallLog, name: str, component: Any) -> None:
+    """A component swapped out before it ran (the pipeline was watched when it was made, then
+    ``pipe.unet = EngineOV(...)``) gives its name to what replaced it, which is not watched yet."""
+    for submodel in (name, f"{name}.decode", f"{name}.encode"):
+        recorder.release(submodel)
 
 
 def _components(pipe: Any) -> dict[str, Any]:

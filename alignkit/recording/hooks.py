@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import UsageError
 from alignkit.recording.flatten import Named, name_outputs, signature_binder
-from alignkit.recording.targets import uncompiled
+from alignkit.recording.targets import reference, torch_is_tracing, uncompiled
 
 if TYPE_CHECKING:
     from alignkit.recording.seam import CallLog
@@ -81,6 +81,16 @@ class Hook:
     """A named, removable hook; ``remove`` may be called more than once."""
 
     name: str
+    _target: Callable[[], Any] | None = None
+
+    @property
+    def target(self) -> Any:
+        """The object whose calls it records, where it is one object (held weakly: a freed
+        model's hook keeps nothing alive)."""
+        return self._target() if self._target is not None else None
+
+    def _records(self, obj: Any) -> None:
+        self._target = reference(obj)
 
     def remove(self) -> None:
         raise NotImplementedError
@@ -110,6 +120,7 @@ class MethodHook(Hook):
         record: bool = True,
     ):
         self.name, self._obj, self._method = name, obj, method
+        self._records(obj)
         self._had_own = method in getattr(obj, "__dict__", {})
         self._own = obj.__dict__.get(method) if self._had_own else None
         self.removed = False
@@ -181,6 +192,7 @@ class CallHook(Hook):
         around: Callable[[Callable[..., Any], tuple, dict], Any] | None = None,
     ):
         self.name, self._obj, self._cls = name, obj, type(obj)
+        self._records(obj)
         self.removed = False
         original_call = self._cls.__call__
         if around is None:
@@ -222,6 +234,7 @@ class ModuleHook(Hook):
 
     def __init__(self, recorder: CallLog, module: Any, name: str):
         self.name = name
+        self._records(module)
         bind = signature_binder(uncompiled(module).forward)
         local = threading.local()
 
@@ -229,7 +242,7 @@ class ModuleHook(Hook):
             if mod is not module:
                 return
             stack = local.__dict__.setdefault("stack", [])
-            stack.append(recorder.begin_call(name, lambda: bind(args, kwargs)))
+            stack.append(None if torch_is_tracing() else recorder.begin_call(name, lambda: bind(args, kwargs)))
 
         def post(mod: Any, args: tuple, kwargs: dict, result: Any) -> None:
             if mod is not module:

@@ -32,6 +32,7 @@ class LayerHooks(Hook):
 
     def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None, capture: Capture = split):
         self.name = name
+        self._records(module)
         self._handles = [
             sub.register_forward_hook(_hook(path, sub, sink, capture)) for path, sub in leaf_modules(module, pattern)
         ]

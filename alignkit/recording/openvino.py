@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from alignkit.recording.flatten import Named
+from alignkit.recording.hooks import Hook
 
 
 def is_openvino_engine(obj: Any) -> bool:
@@ -95,7 +96,7 @@ def model_name(engine: Any) -> str:
     return name if name and not name.startswith("Model") else "openvino"
 
 
-class OpenVINOHooks:
+class OpenVINOHooks(Hook):
     """Record ``CompiledModel.__call__`` and ``InferRequest.infer`` for every engine that
     ``namer`` names (None: not recorded), by patching the two classes for as long as the hook
     lives. An engine's call that runs an infer request of its own is recorded once."""
@@ -141,6 +142,20 @@ class OpenVINOHooks:
 
         patch(ov.CompiledModel, "__call__")
         patch(ov.InferRequest, "infer")
+        self._pause_while_converting(ov)
+
+    def _pause_while_converting(self, ov: Any) -> None:
+        """``ov.convert_model`` runs the torch model it converts: those calls are not recorded."""
+        from alignkit.recording.seam import not_recording
+
+        original = ov.convert_model
+
+        def convert_model(*args: Any, **kwargs: Any) -> Any:
+            with not_recording():
+                return original(*args, **kwargs)
+
+        ov.convert_model = convert_model
+        self._restore.append((ov, "convert_model", original))
 
     def remove(self) -> None:
         for cls, method, original in reversed(self._restore):

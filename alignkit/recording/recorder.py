@@ -23,7 +23,7 @@ from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.openvino import is_openvino_engine
-from alignkit.recording.seam import pop_call, push_call
+from alignkit.recording.seam import pop_call, push_call, recording_paused
 from alignkit.recording.targets import (
     ObjectNames,
     description,
@@ -81,6 +81,7 @@ class Recorder:
         self._wrapped: list[str] = []  # submodels recorded only through the wrapper watch() returned
         self._described: set[str] = set()  # submodels whose class and config are in the dump
         self._filter_notes: list[str] = []  # options that could not do what they were asked
+        self._redescribe: set[str] = set()  # names released: their next description replaces the first
         self._openvino_hook: Hook | None = None
         self._openvino_namer: Callable[[Any], str | None] = lambda engine: None
         self._final_notes: list[str] = []
@@ -182,7 +183,13 @@ class Recorder:
         if self._tensors is not None and self._seq and not self._tensors_kept:
             out.append(f"tensors {self._tensors.pattern!r} matched no tensor of any recorded call, so none was stored")
         for layer in self._layers:
-            if layer not in self._names:
+            parts = [n for n in names if n.startswith(f"{layer}.")]
+            if layer not in self._names and parts:
+                out.append(
+                    f"layers: {layer!r} is recorded through its methods, as {', '.join(parts)}: ask for those "
+                    f"(--layers {parts[0]}), so no layers were recorded"
+                )
+            elif layer not in self._names:
                 out.append(
                     f"layers: {layer!r} is not a watched submodel ({watched}), so no layers were recorded for it"
                 )
@@ -383,7 +390,7 @@ class Recorder:
         except Exception:  # a config that cannot be read is no reason to stop the run
             attrs = dict(extra)
         if attrs:
-            self._writer.describe(submodel, attrs)
+            self._writer.describe(submodel, attrs, replace=submodel in self._redescribe)
 
     def note_filter(self, message: str) -> None:
         """An option that could not do what it was asked: a warning when recording stops, and
@@ -405,6 +412,22 @@ class Recorder:
         except (TypeError, ValueError):  # a value plain_value let through: no reason to stop the run
             return
         self._writer.note_pipeline_call(index, {"class": pipeline, "seq": seq, "arguments": text})
+
+    def release(self, submodel: str) -> None:
+        """Stop recording what is watched as ``submodel`` if it never ran (a pipeline's component
+        swapped out before its first call), so that the name is free for what replaced it."""
+        holder = next((h.target for h in self._hooks if h.name == submodel and h.target is not None), None)
+        if holder is None or self._ordinals[submodel]:
+            return
+        for hook in [h for h in self._hooks if h.target is holder]:
+            hook.remove()
+            self._hooks.remove(hook)
+        self._names.pop(submodel, None)
+        if submodel in self._described:
+            self._described.discard(submodel)
+            self._redescribe.add(submodel)
+        self._watched.discard(holder)
+        self._methods.discard(holder)
 
     def method_watched_as(self, obj: Any, method: str) -> str | None:
         """The submodel that ``obj.<method>`` is recorded as, if it is watched."""
@@ -455,7 +478,7 @@ class Recorder:
         return not (self._exclude is not None and self._exclude.search(submodel))
 
     def begin_call(self, submodel: str, named: Callable[[], Named]) -> CallRecord | None:
-        if not self._wants(submodel):
+        if not self._wants(submodel) or recording_paused():
             return None
         with self._lock:
             seq, step = self._seq, self._step

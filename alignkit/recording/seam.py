@@ -11,7 +11,8 @@ do not either.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class CallLog(Protocol):
     def watch(self, obj: Any, name: str | None = None, *, method: str | None = None) -> Any:
         """Watch another object (a component found inside the one being watched)."""
 
+    def watch_layers(self, module: Any, submodel: str) -> None:
+        """Record ``module``'s layers under each call of ``submodel``, if ``--layers`` asked."""
+
     def watch_method(self, obj: Any, method: str, name: str, *, after: Callable[[], None] | None = None) -> str:
         """Watch ``obj.<method>`` as the submodel ``name``; returns the name given."""
 
@@ -52,6 +56,9 @@ class CallLog(Protocol):
         """Record nothing more for ``obj`` itself: it is recorded as ``submodel`` elsewhere."""
 
     def method_watched_as(self, obj: Any, method: str) -> str | None: ...
+
+    def release(self, submodel: str) -> None:
+        """Stop recording what is watched as ``submodel`` if it never ran; the name is free again."""
 
     def mark_method_watched(self, obj: Any, method: str, submodel: str) -> None: ...
 
@@ -71,6 +78,21 @@ class CallLog(Protocol):
 
 
 _CURRENT = threading.local()
+
+
+@contextmanager
+def not_recording() -> Iterator[None]:
+    """Record no call on this thread while the block runs: a converter (``openvino.convert_model``)
+    runs the model once or traces it, and those calls are not the pipeline's."""
+    _CURRENT.paused = getattr(_CURRENT, "paused", 0) + 1
+    try:
+        yield
+    finally:
+        _CURRENT.paused -= 1
+
+
+def recording_paused() -> bool:
+    return bool(getattr(_CURRENT, "paused", 0))
 
 
 def push_call(record: CallRecord) -> None:

@@ -35,6 +35,21 @@ def is_torch_module_class(cls: type) -> bool:
     return torch is not None and issubclass(cls, torch.nn.Module)
 
 
+def torch_is_tracing() -> bool:
+    """Whether torch is tracing or exporting the model rather than running it (a script that
+    converts its UNet for OpenVINO or ONNX before it runs the port): such calls compute
+    nothing and are not recorded."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    checks = (
+        torch.jit.is_tracing,
+        torch.onnx.is_in_onnx_export,
+        getattr(torch.compiler, "is_compiling", lambda: False),
+    )
+    return any(check() for check in checks)
+
+
 def uncompiled(module: Any) -> Any:
     """The module ``torch.compile`` wrapped (its forward's parameters name the inputs, its
     class names the submodel, its layer paths have no ``_orig_mod.``), or ``module`` itself."""
@@ -150,6 +165,11 @@ class ObjectNames:
             name = self._entries.pop(freed)[1] if freed is not None else unique(base)
             self.add(obj, name, base=base)
         return name
+
+    def discard(self, obj: Any) -> None:
+        """Forget every name of ``obj`` and of its methods."""
+        for key in [key for key, (ref, _, _) in self._entries.items() if ref() is obj]:
+            del self._entries[key]
 
     def clear(self) -> None:
         self._entries.clear()

@@ -185,7 +185,7 @@ class DumpWriter:
             self._step_ended()
         elif isinstance(item, _Group):
             if self._file is not None:
-                _write_group(self._file, item.parent, item.name, item.attrs)
+                _write_group(self._file, item.parent, item.name, item.attrs, item.replace)
         elif isinstance(item, _SetAttr):  # the step source, set at the first step boundary
             if self._file is not None:
                 self._file.attrs[item.key] = item.value
@@ -304,9 +304,9 @@ class DumpWriter:
         """Set a root attribute, in order with the queued calls (e.g. the step source)."""
         self._queue.put(_SetAttr(key, value))
 
-    def describe(self, submodel: str, attrs: dict[str, str]) -> None:
+    def describe(self, submodel: str, attrs: dict[str, str], *, replace: bool = False) -> None:
         """Say what a submodel is (its class, its config) under ``/submodels``."""
-        self._queue.put(_Group(SUBMODELS, submodel, attrs))
+        self._queue.put(_Group(SUBMODELS, submodel, attrs, replace))
 
     def note_pipeline_call(self, index: int, attrs: dict[str, Any]) -> None:
         """Keep a pipeline call's arguments under ``/pipeline_calls/<index>``."""
@@ -321,11 +321,13 @@ class _SetAttr:
 
 @dataclass
 class _Group:
-    """A group of attributes outside the calls, written once (the first of a name wins)."""
+    """A group of attributes outside the calls, written once (the first of a name wins, unless
+    ``replace``: a submodel name given to another object)."""
 
     parent: str
     name: str
     attrs: dict[str, Any]
+    replace: bool = False
 
 
 def _lower_priority() -> None:
@@ -409,11 +411,13 @@ def _write_call(f: h5py.File, record: CallRecord) -> None:
         set_attrs(sub, values)
 
 
-def _write_group(f: h5py.File, parent_name: str, name: str, attrs: dict[str, Any]) -> None:
+def _write_group(f: h5py.File, parent_name: str, name: str, attrs: dict[str, Any], replace: bool = False) -> None:
     parent = f[parent_name].id if parent_name in f else create_group(f.id, parent_name)
     link = escape_name(name)
     if parent.links.exists(link.encode("utf-8")):
-        return
+        if not replace:
+            return
+        del f[parent_name][link]
     group = create_group(parent, link)
     set_attrs(group, attrs if link == name else {**attrs, "name": name})
 

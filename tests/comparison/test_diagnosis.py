@@ -17,7 +17,7 @@ def test_truncated_timestep_is_an_input_mismatch_with_growing_drift(demo_dumps):
     assert (fd.submodel, fd.step, fd.io, fd.tensor, fd.kind) == ("unet", 1, "inputs", "timestep", "input mismatch")
     assert fd.evidence["ref_value"] != fd.evidence["tgt_value"]
     assert "reference float32" in fd.message and "target float32" in fd.message
-    kinds = result.calls.set_index(["submodel", "step"])["kind"]
+    kinds = dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
     assert kinds["unet", 0] == "" and kinds["scheduler", 1] == "propagated"
     assert result.growth["submodel"] == "scheduler" and result.growth["steps"][0] == 1
     assert result.growth["l1"][-1] > 2 * result.growth["l1"][0]  # the drift accumulates

@@ -102,3 +102,34 @@ def test_layers_asked_of_an_engine_that_has_none_say_so(tmp_path):
     assert "warning: layers: controlnet ran 2 times but no layer output was recorded" in text
     with ak.open_dump(tmp_path / "d.h5") as dump:
         assert any(note.startswith("layers: controlnet") for note in dump.metadata["filter_notes"])
+
+
+LOOP = """
+import torch
+
+from alignkit.demo.pipeline import tiny_pipeline
+
+pipe = tiny_pipeline()
+with torch.no_grad():
+    embeddings = pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long))[0]  # before any pipeline call
+    pipe.scheduler.set_timesteps(2)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for t in pipe.scheduler.timesteps:  # a hand-written loop: the pipeline itself is never called
+        noise = pipe.unet(pipe.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeddings).sample
+        latents = pipe.scheduler.step(noise, t, latents).prev_sample
+    pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+"""
+
+
+def test_a_pipelines_components_are_recorded_before_and_without_a_pipeline_call(tmp_path):
+    code, text = record(tmp_path, LOOP, layers=["vae.decode"])
+    assert code == 0 and "warning" not in text, text
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        assert dump.submodels == ["text_encoder", "unet", "scheduler", "vae.decode"]
+        assert dump.steps("unet") == [0, 1] and dump.metadata["step_source"] == "scheduler"
+        assert "decoder.conv_out" in dump["vae.decode", 2].layers  # the module vae.decode runs
+
+
+def test_layers_asked_of_a_submodel_watched_through_its_methods_name_the_methods(tmp_path):
+    code, text = record(tmp_path, LOOP, layers=["vae"])
+    assert "warning: layers: 'vae' is recorded through its methods, as vae.decode, vae.encode: ask for those" in text
