@@ -88,6 +88,11 @@ def compare(
     floor_factor: float = typer.Option(
         10.0, "--floor-factor", help="Errors within this multiple of the dtype noise floor are expected precision loss."
     ),
+    target_precision: list[str] = typer.Option(
+        [],
+        "--target-precision",
+        help="What a target submodel computes in where its dump cannot say: unet=fp16, all=bf16 (repeatable).",
+    ),
     replay: Path | None = typer.Option(
         None, "--replay", help="A replay dump (alignkit replay -o) to draw beside the pipeline drift."
     ),
@@ -110,6 +115,7 @@ def compare(
         cos_min=cos_min,
         rel_l1_max=rel_l1_max,
         floor_factor=floor_factor,
+        target_precision=target_precision,
         replay=replay,
     )
     _wide(console).print(result)

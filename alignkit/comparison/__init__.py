@@ -9,6 +9,7 @@ from alignkit.comparison import configs, glue
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls, run_notes
+from alignkit.comparison.precision import engine_precisions, name_precision, parse_precisions, precision_warnings
 from alignkit.comparison.result import Comparison
 from alignkit.comparison.table import (
     Thresholds,
@@ -35,6 +36,7 @@ def compare(
     cos_min: float = 0.999,
     rel_l1_max: float = 1e-3,
     floor_factor: float = 10.0,
+    target_precision: Mapping[str, str] | Iterable[str] | None = None,
     replay: Comparison | str | os.PathLike | None = None,
     submodels: Iterable[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -44,13 +46,17 @@ def compare(
     ``name_map`` maps target names to reference names (``{"unet.input.1": "sample"}`` or
     ``["input.1=sample"]``); ``submodels`` limits the comparison to those; ``replay`` attaches a
     replay comparison (or a replay dump to compare against ``ref``) so the report can draw local
-    error beside pipeline drift.
+    error beside pipeline drift. ``target_precision`` says what a target submodel computes in
+    where its dump cannot (``{"unet": "fp16"}``, ``["all=bf16"]``); the engine's own, where it
+    was recorded, is used otherwise (docs/comparing.md).
     """
     names = NameMap.build(name_map, map_file)
+    declared = parse_precisions(target_precision)
     limits = Thresholds(cos_min, rel_l1_max, floor_factor)
     with _opened(ref) as r, _opened(tgt) as t:
         calls, notes = match_calls(r, t, names)
-        carried = carried_precision(r, t)
+        engines = engine_precisions(r, t, declared)
+        carried = carried_precision(r, t, engines)
         calls, reordered = pair_reordered_calls(
             calls, lambda rs, ts: inputs_agree(r, t, r.call_at(rs), t.call_at(ts), names, limits, carried)
         )
@@ -89,6 +95,7 @@ def compare(
         settings = configs.differences(r, t, calls)
         if first is not None:
             configs.explain(first, settings, r, configs.call_arguments(r, t, calls, first.seq))
+            name_precision(first, engines, t.descriptions, declared)
         result = Comparison(
             reference=str(r.path),
             target=str(t.path),
@@ -97,7 +104,9 @@ def compare(
             table=table,
             calls=per_call,
             thresholds=limits,
-            warnings=configs.warnings(settings) + warnings_for(table, floor_factor),
+            warnings=precision_warnings(engines, t.descriptions, declared, table, floor_factor)
+            + configs.warnings(settings)
+            + warnings_for(table, floor_factor),
             notes=notes + one_side_notes(table),
             growth=growth(per_call, first) if first is not None else {},
             tolerance=tolerance(table),

@@ -30,6 +30,9 @@ BLOCK_ELEMENTS = 1 << 18  # 2 MiB of float64 per side
 
 _LOW_PRECISION = {"float16": 11, "bfloat16": 8, "float8_e4m3fn": 4, "float8_e5m2": 3}
 _FLOAT_BITS = {"float64": 53, "float32": 24, **_LOW_PRECISION}
+_QUANTIZED = {"int8": 7}  # a quantized engine's floor: its values on 2⁸ levels, about 7 bits of a float's mantissa
+_FLOOR_BITS = {**_LOW_PRECISION, **_QUANTIZED}
+FLOOR_OF_PRECISION = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}  # an engine's
 
 
 @dataclass
@@ -197,10 +200,7 @@ def floor_dtype_for(ref_dtype: str, tgt_dtype: str, carried: str | None = None) 
     upcast to float32 decodes latents that carry float16's rounding). None when neither."""
     if tgt_dtype in _LOW_PRECISION and _FLOAT_BITS.get(ref_dtype, 0) > _LOW_PRECISION[tgt_dtype]:
         return tgt_dtype
-    if (
-        carried is not None
-        and min(_FLOAT_BITS.get(ref_dtype, 0), _FLOAT_BITS.get(tgt_dtype, 0)) > _LOW_PRECISION[carried]
-    ):
+    if carried is not None and min(_FLOAT_BITS.get(ref_dtype, 0), _FLOAT_BITS.get(tgt_dtype, 0)) > _FLOOR_BITS[carried]:
         return carried
     return None
 
@@ -211,7 +211,7 @@ def lower_precision(dtypes: Iterable[str]) -> set[str]:
 
 
 def least_precise(dtypes: Iterable[str]) -> str:
-    return min(dtypes, key=_FLOAT_BITS.__getitem__)
+    return min(dtypes, key=lambda d: _FLOAT_BITS.get(d, _FLOOR_BITS.get(d, 0)))
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -221,6 +221,9 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         with np.errstate(over="ignore"):
             return x.astype(np.float16).astype(np.float64)
+    if dtype == "int8":  # symmetric per-block quantization, an estimate of what a quantized graph adds
+        scale = float(np.max(np.abs(x), initial=0.0)) / 127
+        return np.round(x / scale) * scale if scale > 0 else x
     try:
         import ml_dtypes
 

@@ -26,6 +26,7 @@ import pandas as pd
 from alignkit.comparison.matching import MergedCall, MergedTensor, NameMap, TensorPair, match_tensors
 from alignkit.comparison.metrics import (
     BLOCK_ELEMENTS,
+    FLOOR_OF_PRECISION,
     array_metrics,
     dataset_metrics,
     floor_dtype_for,
@@ -127,19 +128,30 @@ def build_table(
     return pd.DataFrame(rows, columns=COLUMNS).astype({"glue": object})
 
 
-def carried_precision(ref: Dump, tgt: Dump) -> tuple[str, int] | None:
-    """The lower-precision float the target run computes in where the reference never does
-    (float16 for a pipeline cast with ``.to(torch.float16)``), and the seq of the target's
-    first call that holds it: from there on every float tensor carries its rounding, even one
-    kept in float32, and is measured against its noise floor."""
+def carried_precision(ref: Dump, tgt: Dump, engines: dict[str, str] | None = None) -> tuple[str, int] | None:
+    """The lower precision the target run computes in where the reference never does, and the
+    seq of the target's first call that holds it: from there on every float tensor carries its
+    rounding, even one kept in float32, and is measured against its noise floor. Seen in the
+    dtypes (float16 for a pipeline cast with ``.to(torch.float16)``), or in ``engines``: the
+    precision each target submodel's engine computes in behind float32 inputs and outputs
+    (:func:`engine_precisions`)."""
     tensors = tgt.tensors
     new = lower_precision(tensors["dtype"]) - lower_precision(ref.tensors["dtype"])
     counts = tensors[tensors["dtype"].isin(new)]["dtype"].value_counts()
-    wholesale = [str(d) for d, n in counts.items() if n >= WHOLESALE_DTYPE_CHANGE]
-    if not wholesale:
+    found = {
+        str(d): int(tensors[tensors["dtype"] == d]["seq"].min())
+        for d, n in counts.items()
+        if n >= WHOLESALE_DTYPE_CHANGE
+    }
+    for submodel, precision in (engines or {}).items():
+        seqs = tgt.calls.loc[tgt.calls["submodel"] == submodel, "seq"]
+        dtype = FLOOR_OF_PRECISION[precision]
+        if len(seqs) and dtype not in lower_precision(ref.tensors["dtype"]):
+            found[dtype] = min(found.get(dtype, int(seqs.min())), int(seqs.min()))
+    if not found:
         return None
-    dtype = least_precise(wholesale)
-    return dtype, int(tensors[tensors["dtype"] == dtype]["seq"].min())
+    dtype = least_precise(found)
+    return dtype, found[dtype]
 
 
 def raised_calls(ref: Dump, tgt: Dump, calls: pd.DataFrame) -> dict[int, str]:

@@ -587,3 +587,14 @@ def test_tensors_only_one_side_has_are_one_note_per_submodel(tmp_path):
         "decoder inputs: 5 tensors only in the target (`past.0`, `past.1`, `past.2` and 2 more; up to 1 call each); "
         "not compared"
     ]
+
+
+def test_target_precision_is_checked_when_declared():
+    from alignkit.comparison.precision import parse_precisions
+    from alignkit.errors import UsageError
+
+    assert parse_precisions(["unet=fp16", "all=bf16"]) == {"unet": "fp16", "all": "bf16"}
+    with pytest.raises(UsageError, match="expected one of fp16, bf16, int8, fp8, fp32"):
+        parse_precisions({"unet": "half"})
+    with pytest.raises(UsageError, match="expected submodel=precision"):
+        parse_precisions(["fp16"])

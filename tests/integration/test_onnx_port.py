@@ -3,7 +3,9 @@ target a hand-written ONNX Runtime port of it (its three models exported to diff
 layout, the loop written out around a diffusers scheduler), recorded by ``alignkit record``
 with no change to the script."""
 
+import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,54 @@ def test_a_port_that_truncates_the_timestep_is_an_input_mismatch_at_the_first_fr
     with ak.open_dump(ref) as dump:
         fractional = [s for s in range(STEPS) if float(dump["unet", s].inputs["timestep"]) % 1]
     assert first.step == fractional[0]
+
+
+def _converted_port(port, folder, convert) -> Path:
+    """The port's dump with its UNet's ONNX model passed through ``convert`` (a real converter)."""
+    ref, _ = port
+    shutil.copytree(ref.parent / "onnx", folder / "onnx")
+    convert(folder / "onnx" / "unet" / "model.onnx")
+    dump = folder / "converted.h5"
+    assert record_command(dump, [str(ref.parent / "run_target.py"), str(folder / "onnx"), "none"]) == 0
+    return dump
+
+
+def _to_fp16(path: Path) -> None:
+    """ONNX Runtime's float16 converter, float32 I/O kept (the usual advice)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(path), keep_io_types=True), path)
+
+
+def _to_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(path), str(path.with_name("int8.onnx")), weight_type=QuantType.QInt8)
+    path.with_name("int8.onnx").replace(path)
+
+
+def test_an_fp16_unet_behind_float32_io_is_judged_against_the_fp16_floor(port, tmp_path):
+    ref, _ = port
+    tgt = _converted_port(port, tmp_path, _to_fp16)
+    with ak.open_dump(tgt) as dump:
+        assert dump.descriptions["unet"]["precision"] == "fp16"
+        assert set(dump.tensors["dtype"]) <= {"float32", "int64"}  # the dtypes say nothing of float16
+    result = ak.compare(ref, tgt)
+    assert result.verdict == "aligned", result.first_divergence
+    assert result.warnings[0].startswith(
+        "unet computes in fp16, read from its ONNX graph: its outputs' error is up to "
+    )
+    assert result.warnings[0].endswith("× the fp16 floor, expected precision loss")
+    declared_elsewhere = ak.compare(ref, tgt, target_precision={"unet": "fp32"})  # the user knows better
+    assert declared_elsewhere.verdict == "diverged" and "computes in" not in declared_elsewhere.first_divergence.message
+
+
+def test_an_int8_unet_names_the_quantized_graph(port, tmp_path):
+    ref, _ = port
+    result = ak.compare(ref, _converted_port(port, tmp_path, _to_int8))
+    assert result.verdict == "aligned", result.first_divergence
+    assert result.warnings[0].startswith(
+        "unet computes in int8, read from its ONNX graph (the graph is quantized: its floor is an estimate, an int8 "
+        "rounding of each output): its outputs' error is up to "
+    )

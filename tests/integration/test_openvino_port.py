@@ -44,7 +44,7 @@ def dumps(tmp_path_factory):
     folder = tmp_path_factory.mktemp("openvino")
     (folder / "run.py").write_text(textwrap.dedent(SCRIPT))
     out = {}
-    for run in ("torch", "f32"):
+    for run in ("torch", "f32", "bf16"):
         out[run] = folder / f"{run}.h5"
         assert record_command(out[run], [str(folder / "run.py"), run]) == 0
     return out
@@ -65,3 +65,19 @@ def test_an_openvino_unet_in_f32_records_zero_code_and_compares_aligned(dumps):
     assert result.verdict == "aligned" and result.exit_code == 0, result.first_divergence
     compared = result.table.groupby("submodel")["step"].nunique().to_dict()
     assert compared == {"text_encoder": 1, "unet": 3, "scheduler": 3, "vae.decode": 1}
+
+
+def test_an_openvino_unet_in_bf16_behind_float32_io_is_judged_against_the_bf16_floor(dumps):
+    with ak.open_dump(dumps["bf16"]) as dump:
+        recorded = dump.descriptions["unet"]["precision"]  # bf16 where the CPU computes in it, else f32
+    declared = {} if recorded == "bf16" else {"unet": "bf16"}
+    result = ak.compare(dumps["torch"], dumps["bf16"], target_precision=declared)
+    where = "OpenVINO's inference precision" if recorded == "bf16" else "as declared"
+    assert result.warnings[0].startswith(f"unet computes in bf16, {where}: its outputs' error is up to ")
+    if recorded == "bf16":  # the tiny UNet's timestep embedding (weights ×30) does not survive bf16
+        fd = result.first_divergence
+        assert (fd.submodel, fd.step, fd.kind) == ("unet", 0, "local error")
+        assert fd.message.endswith("× the bf16 floor is more than that precision loses")
+        assert "unet computes in bf16 (OpenVINO's inference precision)" in fd.message
+    else:  # a CPU without bf16 computes in f32: well within the declared bf16 floor
+        assert result.verdict == "aligned", result.first_divergence
