@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, s
     outputs = table[table["io"] == "outputs"]
     outs = outputs.groupby("seq").agg(out_rel_l1=("rel_l1", "max"), out_cos=("cos", "min"))
     outs["out_l1"] = outputs.groupby("seq")["l1"].first()  # the primary output: latents, sample
+    outs["out_nonfinite"] = outputs.assign(nf=outputs["status"] == "nonfinite").groupby("seq")["nf"].any()
     matched = calls.dropna(subset=["ref_seq", "tgt_seq"]).sort_values("ref_seq")
     frame = matched[["seq", "submodel", "step", "call"]].astype({"seq": "int64"}).set_index("seq")
     frame = frame.join(per_call).join(outs).fillna({"bad_in": False, "bad_out": False})
@@ -144,6 +145,11 @@ def _evidence(row: pd.Series) -> dict[str, Any]:
         "floor_ratio",
         "floor_dtype",
         "status",
+        "numel",
+        "nan_ref",
+        "nan_tgt",
+        "inf_ref",
+        "inf_tgt",
     ]
     return {k: _plain(row.get(k)) for k in keys if k in row and not _missing(row.get(k))}
 
@@ -212,9 +218,28 @@ def _values_text(tensor: str, ev: dict[str, Any]) -> str:
     return f"`{tensor}` differs{dtypes}: {_metrics_text(ev)}"
 
 
+def nonfinite_text(ev: Mapping[str, Any]) -> str:
+    """Where NaN/Inf stand, as a share of the tensor: ``n/a: 100% NaN in the target`` when no
+    element is finite on both sides (nothing was measured: not a match), else the counts and
+    the metrics over the elements finite on both."""
+    numel = ev.get("numel") or 0
+    parts = []
+    for side, who in (("tgt", "target"), ("ref", "reference")):
+        for kind in ("nan", "inf"):
+            n = int(ev.get(f"{kind}_{side}") or 0)
+            if n:
+                share = f"{100 * n / numel:.3g}%" if numel else str(n)
+                parts.append(f"{share} {'NaN' if kind == 'nan' else 'Inf'} in the {who}")
+    where = ", ".join(parts) or "NaN/Inf on one side"
+    rel = ev.get("rel_l1")
+    if rel is None or rel != rel:
+        return f"n/a: {where}"
+    return f"{where}; over the rest rel_l1 {rel:.3g}, cos {ev.get('cos', float('nan')):.9f}"
+
+
 def _metrics_text(ev: dict[str, Any]) -> str:
     if ev.get("status") == "nonfinite":
-        return "NaN/Inf on one side"
+        return nonfinite_text(ev)
     if ev.get("status") == "shape":
         return f"reference shape {ev.get('ref_shape')}, target {ev.get('tgt_shape')}: not comparable"
     parts = []
@@ -236,9 +261,14 @@ def growth(per_call: pd.DataFrame, first: Divergence) -> dict[str, Any]:
     step that writes the next latents): the state carried into the next step. Absolute L1
     shows accumulation even while the latents themselves shrink towards the image.
     """
-    after = per_call[(per_call["seq"] >= first.seq) & per_call["out_l1"].notna()].sort_values("seq")
+    since = per_call[per_call["seq"] >= first.seq].sort_values("seq")
+    broken = since[since["out_nonfinite"].eq(True)] if "out_nonfinite" in since else since.iloc[:0]
+    nonfinite = (
+        {"submodel": str(broken.iloc[0]["submodel"]), "step": int(broken.iloc[0]["step"])} if len(broken) else None
+    )
+    after = since[since["out_l1"].notna()]
     if after.empty:
-        return {}
+        return {"nonfinite_from": nonfinite} if nonfinite else {}
     enders = after.groupby("step").tail(1)
     carrier = enders["submodel"].mode().iloc[0]
     curve = enders[enders["submodel"] == carrier]
@@ -255,18 +285,22 @@ def growth(per_call: pd.DataFrame, first: Divergence) -> dict[str, Any]:
         "rel_l1": float(last["out_rel_l1"]),
         "cos": float(last["out_cos"]),
     }
+    if nonfinite:
+        out["nonfinite_from"] = nonfinite
     start = next((v for v in out["l1"] if v > 0), None)
     out["factor"] = max(out["l1"]) / start if start else None
     return out
 
 
 def growth_text(g: dict[str, Any]) -> str:
+    broken = g.get("nonfinite_from")
+    nan_text = f"NaN/Inf in the target from step {broken['step']} on ({broken['submodel']})" if broken else ""
     if not g.get("l1"):
-        return ""
+        return nan_text
     vals, steps = g["l1"], g["steps"]
     final = g.get("final")
     if not any(vals) and not (final and final["l1"]):
-        return "none — every output from there on matches exactly (L1 0)"
+        return nan_text or "none — every output from there on matches exactly (L1 0)"
     text = f"{g['submodel']} output L1 {vals[0]:.3g} at step {steps[0]}"
     if len(vals) > 1:
         peak = max(range(len(vals)), key=vals.__getitem__)
@@ -281,7 +315,7 @@ def growth_text(g: dict[str, Any]) -> str:
             f"; the final output ({final['submodel']}, step {final['step']}) has rel_l1 {final['rel_l1']:.3g}, "
             f"cos {final['cos']:.6f}"
         )
-    return text
+    return f"{text}; {nan_text}" if nan_text else text
 
 
 def tolerance(table: pd.DataFrame) -> dict[str, float]:
@@ -298,6 +332,7 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     out.extend(_swap_warnings(table))
     out.extend(_broadcast_warnings(table))
     out.extend(_overlap_warnings(table))
+    out.extend(_structure_warnings(table))
     amplified = table["glue"].notna()
     precision = table[(table["status"] == "precision") & ~amplified]
     if len(precision):
@@ -394,6 +429,22 @@ def _broadcast_warnings(table: pd.DataFrame) -> list[str]:
         out.append(
             f"{sub} input `{tensor}`: reference shape {rs}, target {ts}: one value compared with each of the other's "
             f"at {count(steps, 'step')} ({agree})"
+        )
+    return out
+
+
+def _structure_warnings(table: pd.DataFrame) -> list[str]:
+    """Tensors paired by structure because their names collide with tensors of other shapes."""
+    paired = table[table["matched_by"] == "structure"]
+    out = []
+    for (sub, io), group in paired.groupby(["submodel", "io"], sort=False):
+        first = group.drop_duplicates("tensor")
+        shown = ", ".join(f"`{t}` ↔ `{r}`" for t, r in zip(first["tgt_tensor"][:3], first["tensor"][:3]))
+        more = f" and {len(first) - 3} more" if len(first) > 3 else ""
+        out.append(
+            f"{sub} {io}: the target's names would pair tensors of other shapes, so its {len(first)} tensors are "
+            f"paired with the reference's by structure, in flattened order and shape (target ↔ reference: "
+            f"{shown}{more})"
         )
     return out
 

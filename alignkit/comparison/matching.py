@@ -116,7 +116,7 @@ class TensorPair:
     io: str
     ref: TensorInfo | None
     tgt: TensorInfo | None
-    how: str  # "name", "map", "suffix", "position", or "one side"
+    how: str  # "name", "map", "suffix", "position", "structure", or "one side"
 
 
 class MergedCall:
@@ -390,10 +390,24 @@ def _match_nested(
     return pairs, [r for r in refs if id(r) not in paired_r], [t for t in tgts if id(t) not in paired_t]
 
 
+def _names_collide(by_name: dict[str, TensorInfo], tgts: list[TensorInfo], submodel: str, names: NameMap) -> bool:
+    """Whether to pair by structure (flattened order and shape) rather than by name: some name
+    pairs tensors of other shapes, and the two sides have the same tensors in the same order
+    by shape (an engine that returns a flat list, ``output.0 … output.6``, against nested
+    outputs, ``output.0.0 … output.0.5, output.1``). A name map decides instead, when given."""
+    refs = list(by_name.values())
+    if len(refs) != len(tgts) or any(names.tensor(submodel, t.name) is not None for t in tgts):
+        return False
+    collides = any(t.name in by_name and by_name[t.name].shape != t.shape for t in tgts)
+    return collides and all(r.shape == t.shape for r, t in zip(refs, tgts))
+
+
 def _match_io(
     io: str, refs: list[TensorInfo], tgts: list[TensorInfo], tgt_submodel: str, names: NameMap
 ) -> list[TensorPair]:
     by_name = {r.name: r for r in refs}
+    if _names_collide(by_name, tgts, tgt_submodel, names):
+        return [TensorPair(io, r, t, "structure") for r, t in zip(refs, tgts)]
     pairs, left_t = [], []
     taken: set[str] = set()
     for t in tgts:

@@ -39,7 +39,8 @@ FLOOR_OF_PRECISION = {"fp16": "float16", "bf16": "bfloat16", "int8": "int8", "fp
 class Sums:
     """Running sums for one tensor pair; ``add`` a block, ``metrics`` at the end."""
 
-    n: int = 0
+    n: int = 0  # elements finite on both sides, which the metrics are taken over
+    total: int = 0
     abs_diff: float = 0.0
     abs_ref: float = 0.0
     max_abs: float = 0.0
@@ -63,6 +64,7 @@ class Sums:
         r64, t64, d, work = (buf[: np.size(r)] for buf in scratch)
         np.copyto(r64, np.ravel(r), casting="unsafe")  # widen into reused buffers: fresh pages
         np.copyto(t64, np.ravel(t), casting="unsafe")  # cost more than the arithmetic
+        self.total += r64.size
         if not (np.isfinite(r64).all() and np.isfinite(t64).all()):
             r64, t64 = self._nonfinite(r64, t64)
             d, work = d[: r64.size], work[: r64.size]
@@ -101,6 +103,25 @@ class Sums:
     def metrics(self) -> dict[str, float]:
         n = self.n
         cos_dist = _cos_distance(self.ref_sq, self.tgt_sq, self.diff_sq, self.dot)
+        counts = {
+            "nan_ref": self.nan_ref,
+            "nan_tgt": self.nan_tgt,
+            "inf_ref": self.inf_ref,
+            "inf_tgt": self.inf_tgt,
+            "nonfinite_mismatch": self.nonfinite_mismatch,
+        }
+        if n == 0 and self.total:  # no element finite on both sides: nothing to measure, not a perfect match
+            nan = math.nan
+            return {
+                "l1": nan,
+                "rel_l1": nan,
+                "max_abs": nan,
+                "cos": nan,
+                "cos_dist": nan,
+                "rmse": nan,
+                "sqnr_db": nan,
+                **counts,
+            }
         out = {
             "l1": self.abs_diff / n if n else 0.0,
             "rel_l1": _ratio(self.abs_diff, self.abs_ref),
@@ -119,6 +140,8 @@ class Sums:
 
     def floor(self) -> dict[str, float]:
         """The noise floor: the same metrics for r against r rounded to the target dtype."""
+        if self.n == 0 and self.total:
+            return {"floor_rel_l1": math.nan, "floor_cos_dist": math.nan}
         return {
             "floor_rel_l1": _ratio(self.floor_abs, self.abs_ref),
             "floor_cos_dist": _cos_distance(self.ref_sq, self.floor_tgt_sq, self.floor_sq, None),

@@ -1,12 +1,14 @@
 """Planted bugs on the tiny real diffusers pipeline are found and classified."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import alignkit as ak
+from alignkit.comparison.result import growth_text
 from alignkit.errors import UsageError
 
 
@@ -598,3 +600,44 @@ def test_target_precision_is_checked_when_declared():
         parse_precisions({"unet": "half"})
     with pytest.raises(UsageError, match="expected submodel=precision"):
         parse_precisions(["fp16"])
+
+
+def test_a_flat_list_against_nested_outputs_pairs_by_structure_not_by_a_colliding_name(tmp_path):
+    """A ControlNet engine returns its seven outputs as a flat list; diffusers' ControlNet
+    returns a tuple of six down-block residuals and the mid-block one."""
+    rng = np.random.default_rng(0)
+    shapes = [(2, 32, 32, 32)] * 3 + [(2, 64, 16, 16)] * 3 + [(2, 64, 8, 8)]
+    values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        rec.watch(lambda sample: (tuple(values[:6]), values[6]), "controlnet")(np.ones(2, np.float32))
+    with ak.Recorder(tmp_path / "tgt.h5") as rec:
+        rec.watch(lambda sample: list(values), "controlnet")(np.ones(2, np.float32))
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.verdict == "aligned", result.first_divergence
+    outputs = result.table[result.table["io"] == "outputs"]
+    assert len(outputs) == 7 and (outputs["status"] == "ok").all() and (outputs["matched_by"] == "structure").all()
+    assert (
+        "controlnet outputs: the target's names would pair tensors of other shapes, so its 7 tensors are paired with "
+        "the reference's by structure, in flattened order and shape (target ↔ reference: `output.0` ↔ `output.0.0`, "
+        "`output.1` ↔ `output.0.1`, `output.2` ↔ `output.0.2` and 4 more)"
+    ) in result.warnings
+
+
+def test_an_output_all_nan_in_the_target_is_never_read_as_a_match(tmp_path):
+    x = np.linspace(-1, 1, 64, dtype=np.float32)
+    for path, broken in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
+        with ak.Recorder(path) as rec:
+            unet = rec.watch(lambda sample: np.full_like(sample, np.nan) if broken else sample * 2, "unet")
+            vae = rec.watch(lambda z: np.full_like(z, np.inf) if broken else z + 1, "vae.decode")
+            for _ in range(2):
+                unet(x)
+                ak.step()
+            vae(x)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.tensor) == ("unet", 0, "output")
+    assert "n/a: 100% NaN in the target" in fd.message
+    row = result.table[(result.table["submodel"] == "vae.decode") & (result.table["io"] == "outputs")].iloc[0]
+    assert row["status"] == "nonfinite" and math.isnan(row["rel_l1"]) and math.isnan(row["cos"])
+    growth = growth_text(result.growth)
+    assert "matches exactly" not in growth and "NaN/Inf in the target from step 0" in growth, growth
