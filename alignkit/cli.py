@@ -103,7 +103,7 @@ def compare(
     ),
     no_html: bool = typer.Option(False, "--no-html", help="Do not write the HTML report."),
 ) -> None:
-    """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input."""
+    """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input, 3 incomplete (ported submodels not compared)."""
     from alignkit.reporting.progress import compare_with_progress
 
     result = compare_with_progress(

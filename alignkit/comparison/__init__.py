@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from alignkit.comparison import configs, glue
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.layers import drill_down
-from alignkit.comparison.matching import NameMap, match_calls, pair_reordered_calls, run_notes
+from alignkit.comparison.matching import NameMap, blind_spots, match_calls, pair_reordered_calls, run_notes
 from alignkit.comparison.precision import engine_precisions, name_precision, parse_precisions, precision_warnings
 from alignkit.comparison.result import Comparison
 from alignkit.comparison.table import (
@@ -55,6 +55,7 @@ def compare(
     limits = Thresholds(cos_min, rel_l1_max, floor_factor)
     with _opened(ref) as r, _opened(tgt) as t:
         calls, notes = match_calls(r, t, names)
+        uncompared, suggested = blind_spots(calls)
         engines = engine_precisions(r, t, declared)
         carried = carried_precision(r, t, engines)
         calls, reordered = pair_reordered_calls(
@@ -99,7 +100,7 @@ def compare(
         result = Comparison(
             reference=str(r.path),
             target=str(t.path),
-            verdict="aligned" if first is None else "diverged",
+            verdict="diverged" if first is not None else "incomplete" if uncompared else "aligned",
             first_divergence=first,
             table=table,
             calls=per_call,
@@ -113,6 +114,8 @@ def compare(
             ref_meta=dict(r.metadata),
             tgt_meta=dict(t.metadata),
             layers=drill_down(table, first) if first is not None else {},
+            uncompared=uncompared,
+            suggested_map=suggested,
         )
     if replay is not None:
         result.replay = (

@@ -266,6 +266,30 @@ def _merge_split_calls(t: pd.DataFrame, sub: str) -> pd.DataFrame:
     return pd.concat([t[t["submodel"] != sub], merged], ignore_index=True)
 
 
+def blind_spots(calls: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Reference submodels never compared although the target ran submodels of its own at the
+    same steps (a port whose engines were recorded under other names): a comparison that did
+    not look at them cannot call the port aligned. Returns them, and the ``--map`` their call
+    pattern suggests (a target-only submodel with the same steps and calls)."""
+    compared = set(calls.dropna(subset=["ref_seq", "tgt_seq"])["submodel"])
+    ref = calls.dropna(subset=["ref_seq"])
+    tgt = calls.dropna(subset=["tgt_seq"])
+    only_ref = {s: g for s, g in ref.groupby("submodel", sort=False) if s not in compared}
+    only_tgt = {s: g for s, g in tgt.groupby("submodel", sort=False) if s not in compared}
+    tgt_steps = {s: set(g["step"]) for s, g in only_tgt.items()}
+    blind = [s for s, g in only_ref.items() if any(set(g["step"]) & steps for steps in tgt_steps.values())]
+    maps, used = [], set()
+    for sub in blind:
+        pattern = only_ref[sub].groupby("step").size().to_dict()
+        fit = next(
+            (t for t, g in only_tgt.items() if t not in used and g.groupby("step").size().to_dict() == pattern), None
+        )
+        if fit is not None:
+            used.add(fit)
+            maps.append(f"{fit}={sub}")
+    return blind, maps
+
+
 def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> list[str]:
     notes = []
     only_ref, only_tgt = [], []

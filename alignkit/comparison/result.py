@@ -38,6 +38,8 @@ class Comparison:
     tgt_meta: dict[str, Any] = field(default_factory=dict)
     replay: Comparison | None = None
     layers: dict[str, Any] = field(default_factory=dict)
+    uncompared: list[str] = field(default_factory=list)  # reference submodels the target ran under other names
+    suggested_map: list[str] = field(default_factory=list)  # the --map their call pattern suggests
 
     @property
     def aligned(self) -> bool:
@@ -45,8 +47,10 @@ class Comparison:
 
     @property
     def exit_code(self) -> int:
-        """Like ``diff``: 0 aligned, 1 diverged."""
-        return 0 if self.aligned else 1
+        """Like ``diff``: 0 aligned, 1 diverged; 3 incomplete (what was compared agrees, but
+        submodels the target ran under other names were never compared: a CI gate on the exit
+        code must not pass without having looked at the port)."""
+        return {"aligned": 0, "incomplete": 3}.get(self.verdict, 1)
 
     @property
     def ref_label(self) -> str:
@@ -58,9 +62,23 @@ class Comparison:
 
     def headline(self) -> str:
         """The verdict in one plain sentence."""
+        if self.verdict == "incomplete":
+            return f"incomplete: {self.blind_text()}"
         if self.first_divergence is None:
             return f"aligned: {self.tgt_label} matches {self.ref_label} on all {len(self.table)} compared tensors"
         return f"diverged: first at {self.first_divergence.message}"
+
+    def blind_text(self) -> str:
+        """``aligned on 2 of 4 submodels; controlnet, unet not compared (… --map …)``."""
+        compared = list(dict.fromkeys(self.table["submodel"]))
+        total = len(compared) + len(self.uncompared)
+        text = (
+            f"aligned on {len(compared)} of {total} submodels; {', '.join(self.uncompared)} not compared: the target "
+            "ran submodels of other names at their steps"
+        )
+        if self.suggested_map:
+            text += f" (compare them with {' '.join(f'--map {m}' for m in self.suggested_map)})"
+        return text
 
     def growth_text(self) -> str:
         return growth_text(self.growth) if self.growth else ""
@@ -93,6 +111,8 @@ class Comparison:
             "reference": self.reference,
             "target": self.target,
             "verdict": self.verdict,
+            "uncompared": self.uncompared,
+            "suggested_map": self.suggested_map,
             "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
             "thresholds": vars(self.thresholds),
             "warnings": self.warnings,

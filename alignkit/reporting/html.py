@@ -47,7 +47,9 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 aut
   padding:1.2em;color:#222}
 h1{font-size:1.5em;margin:.2em 0} h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .verdict{padding:.8em 1em;border-radius:6px;font-size:1.05em;margin:.6em 0}
-.diverged{background:#fdecea;border-left:6px solid #c0392b}.aligned{background:#eafaf1;border-left:6px solid #1e8449}
+.diverged{background:#fdecea;border-left:6px solid #c0392b}
+.incomplete{background:#fef5e7;border-left:6px solid #b9770e}
+.aligned{background:#eafaf1;border-left:6px solid #1e8449}
 .evidence{font-family:ui-monospace,monospace;background:#f7f7f7;padding:.5em .8em;border-radius:4px;
   white-space:pre-wrap}
 table{border-collapse:collapse;font-size:.82em;width:100%}
@@ -104,7 +106,7 @@ def render_html(result: Comparison) -> str:
 def _verdict(result: Comparison) -> str:
     e = html.escape
     fd = result.first_divergence
-    cls = "aligned" if fd is None else "diverged"
+    cls = {"aligned": "aligned", "incomplete": "incomplete"}.get(result.verdict, "diverged")
     out = [
         f"<div class='verdict {cls}' id='verdict'><b>{e(result.verdict.upper())}</b> — "
         f"{e(_verdict_sentence(result))}</div>"

@@ -49,8 +49,10 @@ def exact_mismatches(result: Comparison) -> list[str]:
 def render(result: Comparison) -> Group:
     """A rich renderable: what ``print(result)`` shows in a terminal."""
     parts: list[Any] = []
-    style = "bold green" if result.aligned else "bold red"
+    style = {"aligned": "bold green", "incomplete": "bold yellow"}.get(result.verdict, "bold red")
     parts.append(Text(f"{result.ref_label} vs {result.tgt_label}: {result.verdict.upper()}", style=style))
+    if result.verdict == "incomplete":
+        parts.append(Text("Not compared: ", style="bold") + Text(result.blind_text()))
     if result.first_divergence is not None:
         parts.append(Text("First divergence: ", style="bold") + Text(result.first_divergence.message))
         if result.growth_text():

@@ -641,3 +641,43 @@ def test_an_output_all_nan_in_the_target_is_never_read_as_a_match(tmp_path):
     assert row["status"] == "nonfinite" and math.isnan(row["rel_l1"]) and math.isnan(row["cos"])
     growth = growth_text(result.growth)
     assert "matches exactly" not in growth and "NaN/Inf in the target from step 0" in growth, growth
+
+
+def test_a_target_whose_ported_submodels_carry_other_names_is_incomplete_not_aligned(tmp_path, capsys):
+    from alignkit.cli import main
+
+    x = np.ones(4, np.float32)
+    for path, names in (
+        (tmp_path / "ref.h5", ("unet", "controlnet")),
+        (tmp_path / "tgt.h5", ("EngineOV", "EngineOV#2")),
+    ):
+        with ak.Recorder(path) as rec:
+            encoder = rec.watch(lambda ids: ids * 2, "text_encoder")
+            unet, controlnet = rec.watch(lambda s: s + 1, names[0]), rec.watch(lambda s: s - 1, names[1])
+            encoder(x)
+            for _ in range(3):
+                controlnet(x)
+                unet(x)
+                ak.step()
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.verdict == "incomplete" and result.exit_code == 3 and not result.aligned
+    assert result.headline() == (
+        "incomplete: aligned on 1 of 3 submodels; controlnet, unet not compared: the target ran submodels of other "
+        "names at their steps (compare them with --map EngineOV#2=controlnet --map EngineOV=unet)"  # by call order
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(tmp_path / "ref.h5"), str(tmp_path / "tgt.h5"), "--no-html"])
+    assert exit_info.value.code == 3 and "INCOMPLETE" in capsys.readouterr().out
+    mapped = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5", name_map=result.suggested_map)
+    assert mapped.verdict == "aligned" and mapped.exit_code == 0
+
+
+def test_a_submodel_the_port_leaves_out_does_not_make_it_incomplete(tmp_path):
+    x = np.ones(4, np.float32)
+    for path, checker in ((tmp_path / "ref.h5", True), (tmp_path / "tgt.h5", False)):
+        with ak.Recorder(path) as rec:
+            unet, safety = rec.watch(lambda s: s + 1, "unet"), rec.watch(lambda s: s, "safety_checker")
+            unet(x)
+            if checker:
+                safety(x)
+    assert ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").verdict == "aligned"
