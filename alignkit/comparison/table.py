@@ -115,7 +115,7 @@ def build_table(
         if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
             rc = ref.call_at(int(row.ref_seq))
             tc = (
-                MergedCall([tgt.call_at(int(s)) for s in split])
+                _merged_in_order(ref, tgt, rc, [tgt.call_at(int(s)) for s in split])
                 if isinstance(split, tuple)
                 else tgt.call_at(int(row.tgt_seq))
             )
@@ -337,6 +337,30 @@ def _overlap_row(base: dict, ref: Dump, tgt: Dump, r: TensorInfo, t: TensorInfo,
         "overlap": overlap,
         "status": _status(m, False, limits),
     }
+
+
+MAX_SPLIT_ORDERS = 24  # orders of a batch split tried (4 parts); beyond, the target's own order
+
+
+def _merged_in_order(ref: Dump, tgt: Dump, rc: Call, parts: list[Call]) -> MergedCall:
+    """The target's batch-split calls joined in the order whose inputs come closest to the
+    reference's batch: a port may run the conditional half of classifier-free guidance first."""
+    orders = list(itertools.permutations(parts))
+    if len(orders) > MAX_SPLIT_ORDERS:
+        return MergedCall(parts)
+    ref_inputs = {t.name: t for t in rc.info("inputs")}
+
+    def distance(order: tuple[Call, ...]) -> float:
+        total = 0.0
+        for t in MergedCall(list(order)).info("inputs"):
+            r = ref_inputs.get(t.name)
+            if r is None or tuple(r.shape) != tuple(t.shape) or _discrete(r.dtype):
+                continue
+            a, b = ref.read(r.path, r.dtype).astype(np.float64), _read(tgt, t).astype(np.float64)
+            total += float(np.abs(a - b).sum() / max(np.abs(a).sum(), 1e-30))
+        return total
+
+    return MergedCall(list(min(orders, key=distance)))
 
 
 def _read(dump: Dump, info: TensorInfo) -> np.ndarray:

@@ -286,6 +286,9 @@ def test_a_batch_split_into_calls_is_compared_joined_again(tmp_path):
     sample = result.table[result.table["tensor"] == "sample"]
     assert list(sample["tgt_shape"]) == ["[2,4]"] * 3 and (sample["status"] == "ok").all()
 
+    cond_first = _record_unet_calls(tmp_path / "cond_first.h5", lambda step: [x[1:], x[:1]])  # the other order
+    assert ak.compare(ref, cond_first).verdict == "aligned"
+
     wrong_half = _record_unet_calls(tmp_path / "wrong.h5", lambda step: [x[:1], x[1:] * (1.5 if step == 2 else 1)])
     fd = ak.compare(ref, wrong_half).first_divergence
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 2, "sample", "input mismatch")
