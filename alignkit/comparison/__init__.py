@@ -87,12 +87,13 @@ def compare(
         explainer = glue.Explainer(r, t, calls, table)
         raised = raised_calls(r, t, calls)
         per_call = classify_calls(table, calls, raised)
-        first = first_divergence(table, per_call, explainer.text)
+        seed = configs.same_seed(r, t)
+        first = first_divergence(table, per_call, explainer.text, seed)
         for _ in range(MAX_GLUE_EXPLAINED):  # each pass walks the table again: bounded for dumps of 100k calls
             if first is None or not explainer.settle(first, limits.floor_factor):
                 break
             per_call = classify_calls(table, calls, raised)
-            first = first_divergence(table, per_call, explainer.text)
+            first = first_divergence(table, per_call, explainer.text, seed)
         settings = configs.differences(r, t, calls)
         if first is not None:
             configs.explain(first, settings, r, configs.call_arguments(r, t, calls, first.seq))

@@ -192,3 +192,19 @@ def _config_text(ref: dict[str, Any], tgt: dict[str, Any]) -> str:
     library version, which fills in its own default)."""
     keys = [k for k in ref if k in tgt and not k.startswith("_") and k not in IGNORED_KEYS and ref[k] != tgt[k]]
     return _listed([f"{k} {json.dumps(ref[k])} → {json.dumps(tgt[k])}" for k in keys])
+
+
+def same_seed(ref: Dump, tgt: Dump) -> str | None:
+    """The seeds both runs' pipeline calls were given (``<Generator seed=0>``), when they were
+    recorded on both sides and agree; None when they differ or are unknown."""
+    seeds = [_seeds(dump) for dump in (ref, tgt)]
+    return ", ".join(seeds[0]) if seeds[0] and seeds[0] == seeds[1] else None
+
+
+def _seeds(dump: Dump) -> list[str]:
+    out = []
+    for call in dump.pipeline_calls:
+        for value in call["arguments"].values():
+            if isinstance(value, str) and value.startswith("<Generator seed="):
+                out.append(value.removeprefix("<Generator ").removesuffix(">"))
+    return out

@@ -78,10 +78,14 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, s
 
 
 def first_divergence(
-    table: pd.DataFrame, per_call: pd.DataFrame, explain: Callable[[pd.Series], str | None] | None = None
+    table: pd.DataFrame,
+    per_call: pd.DataFrame,
+    explain: Callable[[pd.Series], str | None] | None = None,
+    same_seed: str | None = None,
 ) -> Divergence | None:
     """The earliest divergent call, with its evidence; ``explain`` may say why an input
-    mismatch's input differs (the glue that made it), given its table row."""
+    mismatch's input differs (the glue that made it), given its table row. ``same_seed`` is
+    the seed both runs recorded, if they did: then noise-like differences are no other seed's."""
     hits = per_call[per_call["kind"] != ""]
     if hits.empty:
         return None
@@ -115,7 +119,7 @@ def first_divergence(
     row = rows.iloc[0]
     evidence = _evidence(row)
     cause = explain(row) if explain is not None and call["kind"] == INPUT_MISMATCH else None
-    message = _message(call, row, evidence, cause)
+    message = _message(call, row, evidence, cause, same_seed)
     return Divergence(
         str(call["submodel"]),
         int(call["step"]),
@@ -158,7 +162,9 @@ def _where(call: pd.Series) -> str:
     return f"{call['submodel']} step {call['step']}" + (f" call {call['call']}" if call["call"] else "")
 
 
-def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any], cause: str | None = None) -> str:
+def _message(
+    call: pd.Series, row: pd.Series, ev: dict[str, Any], cause: str | None = None, same_seed: str | None = None
+) -> str:
     where = _where(call)
     tensor = row["tensor"]
     if call["kind"] == LOCAL_ERROR:
@@ -168,6 +174,13 @@ def _message(call: pd.Series, row: pd.Series, ev: dict[str, Any], cause: str | N
         )
     elif call["kind"] == INPUT_MISMATCH and cause:
         message = f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; {cause}"
+    elif call["kind"] == INPUT_MISMATCH and _independent_draws(row, ev) and same_seed is not None:
+        message = (
+            f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the two are "
+            f"uncorrelated, yet both runs were given the same seed ({same_seed}): not other starting noise but glue "
+            f"that feeds {call['submodel']} something else in its place (an inverted mask, another tensor, noise "
+            "drawn again)"
+        )
     elif call["kind"] == INPUT_MISMATCH and _independent_draws(row, ev):
         message = (
             f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the two are "

@@ -42,6 +42,26 @@ def test_another_seed_is_named_as_different_starting_noise(tmp_path):
     assert abs(fd.evidence["cos"]) < 0.1
 
 
+def test_a_noise_like_difference_under_the_same_seed_is_a_glue_bug(tmp_path):
+    """Both runs are given seed 0, but the target's glue draws the latents from a generator of
+    its own: no other seed, but other noise fed in."""
+    from alignkit.demo.pipeline import generate, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    with ak.record(tmp_path / "ref.h5", pipe):
+        generate(pipe, 2, seed=0, size=32)
+    prepare = pipe.prepare_latents
+    pipe.prepare_latents = lambda *args, **kwargs: prepare(*args[:-2], torch.Generator().manual_seed(1), None)
+    with ak.record(tmp_path / "tgt.h5", pipe):
+        generate(pipe, 2, seed=0, size=32)
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 0, "sample", "input mismatch")
+    assert "yet both runs were given the same seed (seed=0): not other starting noise but glue that feeds unet" in (
+        fd.message
+    )
+    assert "different noise" not in fd.message
+
+
 def test_perturbed_weights_are_a_local_error_at_step_0(demo_dumps):
     result = ak.compare(*demo_dumps["weights"])
     fd = result.first_divergence
