@@ -40,7 +40,8 @@ def drill_down(table: pd.DataFrame, first: Divergence) -> dict[str, Any]:
     ranked = layers.assign(added=added).sort_values("added", ascending=False)
     ranked = ranked[ranked["added"] > 0]
     overflow = [out[k] for k in ("first_nonfinite_tgt",) if k in out]  # an overflow comes first
-    out["keep_fp32"] = list(dict.fromkeys([*overflow, *(str(t) for t in ranked["tensor"])]))[:10]
+    if overflow or layers["floor_dtype"].notna().any():  # none when both runs compute in one precision
+        out["keep_fp32"] = list(dict.fromkeys([*overflow, *(str(t) for t in ranked["tensor"])]))[:10]
     return out
 
 

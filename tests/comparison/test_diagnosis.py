@@ -704,3 +704,33 @@ def test_a_submodel_the_port_leaves_out_does_not_make_it_incomplete(tmp_path):
             if checker:
                 safety(x)
     assert ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").verdict == "aligned"
+
+
+class NoisyGenerator(torch.nn.Module):
+    """A generator that injects noise in its forward, as StyleGAN-like models do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.act = torch.nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        return self.act(self.conv(x) + 0.1 * torch.randn_like(x))
+
+
+def test_a_random_op_inside_a_submodel_is_named_as_nondeterminism(tmp_path):
+    model, x = NoisyGenerator().eval(), torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for run in ("a", "b"):  # the same model, in fp32, run twice
+        with ak.Recorder(tmp_path / f"{run}.h5", layers=["generator"]) as rec, torch.no_grad():
+            rec.watch(model, "generator")(x)
+    result = ak.compare(tmp_path / "a.h5", tmp_path / "b.h5")
+    fd = result.first_divergence
+    assert (fd.submodel, fd.kind) == ("generator", "local error")
+    assert "generator is nondeterministic, a random op in its forward" in fd.message and "port" not in fd.message
+    assert "keep_fp32" not in result.layers  # both runs compute in fp32: no layer to keep in it
+
+
+def test_perturbed_weights_are_not_taken_for_randomness(demo_dumps):
+    fd = ak.compare(*demo_dumps["weights"]).first_divergence
+    assert "the port of unet itself is off" in fd.message and "nondeterministic" not in fd.message
