@@ -22,6 +22,7 @@ from alignkit.comparison.table import (
     one_side_notes,
     raised_calls,
 )
+from alignkit.comparison.tokens import token_agreement
 from alignkit.errors import UsageError
 from alignkit.storage.reader import Dump, open_dump
 
@@ -122,6 +123,7 @@ def compare(
             layers=drill_down(table, first) if first is not None else {},
             uncompared=uncompared,
             suggested_map=suggested,
+            tokens=token_agreement(r, t, calls),
         )
     if replay is not None:
         result.replay = (

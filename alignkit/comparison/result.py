@@ -40,6 +40,7 @@ class Comparison:
     layers: dict[str, Any] = field(default_factory=dict)
     uncompared: list[str] = field(default_factory=list)  # reference submodels the target ran under other names
     suggested_map: list[str] = field(default_factory=list)  # the --map their call pattern suggests
+    tokens: dict[str, Any] = field(default_factory=dict)  # a decode loop's verdict in tokens (comparison/tokens.py)
 
     @property
     def aligned(self) -> bool:
@@ -113,6 +114,7 @@ class Comparison:
             "verdict": self.verdict,
             "uncompared": self.uncompared,
             "suggested_map": self.suggested_map,
+            "tokens": self.tokens,
             "first_divergence": self.first_divergence.to_dict() if self.first_divergence else None,
             "thresholds": vars(self.thresholds),
             "warnings": self.warnings,

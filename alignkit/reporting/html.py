@@ -92,6 +92,7 @@ def render_html(result: Comparison) -> str:
         f"<h1>{e(title)}</h1>",
         f"<p class='muted'>reference <code>{e(result.reference)}</code> · target <code>{e(result.target)}</code></p>",
         _verdict(result),
+        _tokens(result),
         _curves(result),
         _section("Submodels", _frame_table(submodel_table(result), sortable=False)),
         _heatmap(result),
@@ -101,6 +102,24 @@ def render_html(result: Comparison) -> str:
         f"<script>{_SORT_JS}</script></body></html>",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _tokens(result: Comparison) -> str:
+    """A decode loop's verdict in tokens: the sentence, and each step's tokens and top-k agreement."""
+    if not result.tokens:
+        return ""
+    from alignkit.comparison.tokens import tokens_text
+
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{r['step']}</td><td>{e(str(r['ref_token']))}</td><td>{e(str(r['tgt_token']))}</td>"
+        f"<td>{'yes' if r['same'] else '<b>no</b>'}</td><td>{r['top_k']:.0%}</td></tr>"
+        for r in result.tokens["per_step"]
+    )
+    columns = ("step", "reference token", "target token", "same", f"top-{result.tokens['k']}")
+    head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+    table = f"<table id='tokens'><thead>{head}</thead><tbody>{rows}</tbody></table>"
+    return _section("Tokens", f"<p>{e(tokens_text(result.tokens))}</p>{table}")
 
 
 def _verdict(result: Comparison) -> str:

@@ -53,6 +53,10 @@ def render(result: Comparison) -> Group:
     parts.append(Text(f"{result.ref_label} vs {result.tgt_label}: {result.verdict.upper()}", style=style))
     if result.verdict == "incomplete":
         parts.append(Text("Not compared: ", style="bold") + Text(result.blind_text()))
+    if result.tokens:
+        from alignkit.comparison.tokens import tokens_text
+
+        parts.append(Text("Tokens: ", style="bold") + Text(tokens_text(result.tokens)))
     if result.first_divergence is not None:
         parts.append(Text("First divergence: ", style="bold") + Text(result.first_divergence.message))
         if result.growth_text():

@@ -145,3 +145,24 @@ def test_a_bf16_model_replayed_gets_the_reference_cache_rebuilt_in_its_dtype(ref
         f"[1,4,{len(PROMPT[0]) + step},8]" for step in range(NEW_TOKENS)
     ]  # prefill, then one more a step
     assert outputs["rel_l1"].max() < 0.05
+
+
+def test_a_decode_loop_is_also_judged_in_tokens(reference, tmp_path):
+    ref, tokens = reference
+    record_port(tmp_path / "port.h5")
+    result = ak.compare(ref, tmp_path / "port.h5")
+    t = result.tokens
+    assert (t["submodel"], t["steps"], t["identical"], t["first_differs"]) == ("decoder", NEW_TOKENS, NEW_TOKENS, None)
+    assert [r["ref_token"] for r in t["per_step"]] == [[token] for token in tokens]  # what generate produced
+    assert all(r["top_k"] == 1.0 for r in t["per_step"])
+    assert "Tokens: decoder: the greedy token is the reference's at 5 of 5 steps; top-5 agreement 100% on average" in (
+        result.summary()
+    )
+    result.to_html(tmp_path / "r.html")
+    assert "the greedy token is the reference&#x27;s at 5 of 5 steps" in (tmp_path / "r.html").read_text()
+    assert result.to_dict()["tokens"]["identical"] == NEW_TOKENS
+
+    record_port(tmp_path / "shifted.h5", position_shift=1)  # a port that goes wrong: said in tokens too
+    shifted = ak.compare(ref, tmp_path / "shifted.h5").tokens
+    assert shifted["identical"] == NEW_TOKENS  # the tiny model still picks the same tokens…
+    assert min(r["top_k"] for r in shifted["per_step"]) < 0.5  # …but ranks the candidates otherwise
