@@ -21,7 +21,8 @@ def drill_down(table: pd.DataFrame, first: Divergence) -> dict[str, Any]:
     A layer's contribution is how much its relative L1 exceeds the worst of the layers before
     it; an overflow to NaN/Inf in the target ranks first.
     """
-    layers = table[(table["seq"] == first.seq) & (table["io"] == "layers") & table["rel_l1"].notna()]
+    compared = ~table["status"].isin(["ref only", "tgt only", "shape"])
+    layers = table[(table["seq"] == first.seq) & (table["io"] == "layers") & compared]
     if layers.empty:
         return {}
     out: dict[str, Any] = {}
@@ -35,7 +36,7 @@ def drill_down(table: pd.DataFrame, first: Divergence) -> dict[str, Any]:
         ]
         if len(nf):
             out[f"first_nonfinite_{side}"] = str(nf["tensor"].iloc[0])
-    err = layers["rel_l1"].replace(float("inf"), 1e300).to_numpy()
+    err = layers["rel_l1"].replace(float("inf"), 1e300).fillna(1e300).to_numpy()  # n/a: nothing finite to compare
     added = err - pd.Series(err).cummax().shift(1, fill_value=0.0).to_numpy()
     ranked = layers.assign(added=added).sort_values("added", ascending=False)
     ranked = ranked[ranked["added"] > 0]

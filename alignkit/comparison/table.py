@@ -290,7 +290,7 @@ def _row(
     )
     status = _status(m, exact, limits)
     out = {**base, **m, "exact": exact, "broadcast": broadcast, "status": status}
-    if values is not None and numel <= 8:
+    if values is not None and (numel <= 8 or (exact and numel <= CONTROL_VALUES_SHOWN)):
         out["ref_value"], out["tgt_value"] = (_value(v) for v in values)
     return out
 
@@ -423,5 +423,9 @@ def parse_shape(text: object) -> tuple[int, ...] | None:
     return tuple(int(x) for x in text.strip("[]").split(",") if x) if isinstance(text, str) else None
 
 
+CONTROL_VALUES_SHOWN = 32  # a control input (SDXL's time_ids: 2 × 6 whole numbers) is told by its values
+
+
 def _value(value: np.ndarray) -> str:
-    return np.array2string(value, precision=6, separator=", ", threshold=8)
+    text = np.array2string(value, precision=6, separator=", ", threshold=CONTROL_VALUES_SHOWN, max_line_width=10**6)
+    return " ".join(text.split())  # one line, whatever the rank

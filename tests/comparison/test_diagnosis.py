@@ -734,3 +734,17 @@ def test_a_random_op_inside_a_submodel_is_named_as_nondeterminism(tmp_path):
 def test_perturbed_weights_are_not_taken_for_randomness(demo_dumps):
     fd = ak.compare(*demo_dumps["weights"]).first_divergence
     assert "the port of unet itself is off" in fd.message and "nondeterministic" not in fd.message
+
+
+def test_a_small_control_input_that_differs_is_told_by_its_values(tmp_path):
+    """SDXL's time_ids: original size, crop, target size, for each half of the batch."""
+    for path, crop in ((tmp_path / "ref.h5", 0.0), (tmp_path / "tgt.h5", 64.0)):
+        with ak.Recorder(path) as rec:
+            ids = np.array([[1024, 1024, crop, 0, 1024, 1024]] * 2, np.float32)
+            rec.watch(lambda sample, time_ids: sample, "unet")(np.ones((2, 4), np.float32), ids)
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").first_divergence
+    assert (fd.tensor, fd.kind) == ("time_ids", "input mismatch")
+    assert (
+        "reference float32 [[1024., 1024., 0., 0., 1024., 1024.], [1024., 1024., 0., 0., 1024., 1024.]]" in fd.message
+    )
+    assert "target float32 [[1024., 1024., 64., 0., 1024., 1024.]," in fd.message and "cos" not in fd.message
