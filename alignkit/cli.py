@@ -46,6 +46,9 @@ def record(
     ),
     steps: str | None = typer.Option(None, "--steps", help="Record only these steps, e.g. 0-4,10."),
     module: str | None = typer.Option(None, "-m", help="Run a module instead of a script."),
+    repeat: int = typer.Option(
+        1, "--repeat", help="Run it this many times and keep each tensor's run-to-run spread: compare's floor."
+    ),
 ) -> None:
     """Run a script unmodified and record every submodel call: alignkit record -o ref.h5 -- script.py [args]"""
     from alignkit.recording.cli_run import record_command
@@ -60,7 +63,9 @@ def record(
         "layers": layers,
         "layer_filter": layer_filter,
     }
-    code = record_command(output, command, label=label, hooks=hook, step_on=step_on, console=err, **filters)
+    code = record_command(
+        output, command, label=label, hooks=hook, step_on=step_on, console=err, repeat=repeat, **filters
+    )
     raise typer.Exit(code)
 
 

@@ -263,7 +263,9 @@ def _metrics_text(ev: dict[str, Any]) -> str:
     if "max_abs" in ev:
         parts.append(f"max_abs {ev['max_abs']:.3g}")
     if math.isfinite(ev.get("floor_ratio", math.inf)):
-        parts.append(f"{ev['floor_ratio']:.3g}× the noise floor of {ev.get('floor_dtype', ev['tgt_dtype'])}")
+        floor = ev.get("floor_dtype", ev["tgt_dtype"])
+        of = "the reference's run-to-run spread" if floor == "run-to-run spread" else f"the noise floor of {floor}"
+        parts.append(f"{ev['floor_ratio']:.3g}× {of}")
     return ", ".join(parts)
 
 
@@ -347,11 +349,17 @@ def warnings_for(table: pd.DataFrame, floor_factor: float) -> list[str]:
     out.extend(_overlap_warnings(table))
     out.extend(_structure_warnings(table))
     amplified = table["glue"].notna()
-    precision = table[(table["status"] == "precision") & ~amplified]
-    if len(precision):
+    within = table[(table["status"] == "precision") & ~amplified]
+    spread = within["floor_dtype"] == "run-to-run spread"
+    if (~spread).sum():
         out.append(
-            f"{len(precision)} tensors differ within {floor_factor:g}× the noise floor of the target's "
+            f"{int((~spread).sum())} tensors differ within {floor_factor:g}× the noise floor of the target's "
             "lower-precision dtype: expected precision loss, not a divergence"
+        )
+    if spread.sum():
+        out.append(
+            f"{int(spread.sum())} tensors differ within {floor_factor:g}× the reference's own run-to-run spread "
+            "(record --repeat): the reference itself varies that much, not a divergence"
         )
     for (sub, io, tensor, glue), group in table[amplified].groupby(["submodel", "io", "tensor", "glue"], sort=False):
         past = (

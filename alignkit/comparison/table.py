@@ -285,6 +285,8 @@ def _row(
         ) from exc
     if floor:
         m["floor_ratio"], m["floor_dtype"] = _floor_ratio(m), floor
+    if ref.metadata.get("repeat"):
+        _with_spread(m, ref, r)
     exact = pair.io == "inputs" and (
         _discrete(r.dtype) or _discrete(t.dtype) or (numel <= EXACT_NUMEL and _controls(r.shape, values[0]))
     )
@@ -388,6 +390,26 @@ def _status(m: dict, exact: bool, limits: Thresholds) -> str:
     if ratio is not None and not math.isnan(ratio) and ratio <= limits.floor_factor:
         return "precision"
     return "mismatch"
+
+
+SPREAD = "run-to-run spread"  # the floor_dtype of a floor that is the reference's own spread
+
+
+def _with_spread(m: dict, ref: Dump, r: TensorInfo) -> None:
+    """Raise the floor to the reference's own run-to-run spread (``record --repeat``), where it
+    is the wider: a kernel that is not bit-deterministic is the honest floor."""
+    attrs = ref.dataset(r.path).attrs
+    if "spread_rel_l1" not in attrs:
+        return
+    spread = {"floor_rel_l1": float(attrs["spread_rel_l1"]), "floor_cos_dist": float(attrs["spread_cos_dist"])}
+    if not spread["floor_rel_l1"] and not spread["floor_cos_dist"]:
+        return  # bit-identical runs: no floor of their own
+    wider = spread["floor_rel_l1"] > m.get("floor_rel_l1", 0.0)
+    m["floor_rel_l1"] = max(m.get("floor_rel_l1", 0.0), spread["floor_rel_l1"])
+    m["floor_cos_dist"] = max(m.get("floor_cos_dist", 0.0), spread["floor_cos_dist"])
+    m["floor_ratio"] = _floor_ratio(m)
+    if wider or "floor_dtype" not in m:
+        m["floor_dtype"] = SPREAD
 
 
 def _floor_ratio(m: dict) -> float:

@@ -63,6 +63,7 @@ class Recorder:
         layer_filter: str | None = None,
         command: str | None = None,
         max_pending_bytes: int = 512 << 20,
+        spread_against: list[Any] | None = None,
     ):
         self.path = os.fspath(path)
         self.label = label
@@ -74,6 +75,11 @@ class Recorder:
         self._layer_filter = _regex("layer_filter", layer_filter)
         self._command = command
         self._max_pending = max_pending_bytes
+        self._spread = None
+        if spread_against:
+            from alignkit.recording.repeat import Spread
+
+            self._spread = Spread(spread_against)
         self._hooks: list[Hook] = []
         self._watched = ObjectNames()  # each watched object: the submodel it is recorded as
         self._methods = ObjectNames()  # each watched method of an object: its submodel
@@ -159,6 +165,8 @@ class Recorder:
             "layer_filter": self._layer_filter and self._layer_filter.pattern,
         }
         facts = {"calls_run": json.dumps(dict(self._ordinals))}
+        if self._spread is not None:
+            facts["repeat"] = json.dumps({"runs": len(self._spread.earlier) + 1, "measured": self._spread.measured})
         if given := {key: value for key, value in filters.items() if value is not None}:
             facts["filters"] = json.dumps(given)
         if notes := self._final_notes:
@@ -518,6 +526,8 @@ class Recorder:
             record.output_values = values
         self._tensors_kept += len(record.inputs) + len(record.outputs)
         self._layers_kept[record.submodel] += len(record.layers)
+        if self._spread is not None:
+            self._spread.measure(record)
         if self._writer is not None:
             self._writer.put(record)
 

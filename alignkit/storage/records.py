@@ -21,6 +21,7 @@ class Tensor:
     ready: Callable[[], None] | None = None  # wait for an asynchronous device copy to land
     release: Callable[[], None] | None = None  # give a recycled buffer back once written
     staged: str | None = None  # already in the dump at this path; ``data`` is then a stand-in
+    spread: dict[str, float] | None = None  # its run-to-run spread (record --repeat), kept as attributes
 
     @property
     def nbytes(self) -> int:

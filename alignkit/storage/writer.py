@@ -433,6 +433,8 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
         attrs["source"] = tensor.source
     if tensor.device != "cpu":
         attrs["device"] = tensor.device
+    if tensor.spread:
+        attrs.update(tensor.spread)
     return attrs
 
 

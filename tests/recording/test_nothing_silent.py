@@ -133,3 +133,57 @@ def test_a_pipelines_components_are_recorded_before_and_without_a_pipeline_call(
 def test_layers_asked_of_a_submodel_watched_through_its_methods_name_the_methods(tmp_path):
     code, text = record(tmp_path, LOOP, layers=["vae"])
     assert "warning: layers: 'vae' is recorded through its methods, as vae.decode, vae.encode: ask for those" in text
+
+
+SPREAD_ENGINE = """
+import numpy as np
+
+
+class Kernel:
+    '''A model whose kernels are not bit-deterministic: each run adds its own rounding noise.'''
+
+    def __init__(self, noise):
+        rng = np.random.default_rng(0)
+        self.w = rng.standard_normal((64, 64)).astype(np.float32) / 8
+        self.noise = noise
+
+    def __call__(self, sample):
+        out = sample @ self.w
+        return out + self.noise * np.random.default_rng().standard_normal(out.shape).astype(np.float32) * out.std()
+"""
+
+SPREAD_SCRIPT = """
+import sys
+
+import numpy as np
+from kernels import Kernel
+
+unet = Kernel(float(sys.argv[1]))
+x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+for step in range(2):
+    x = unet(x)
+"""
+
+
+def test_repeat_keeps_the_references_run_to_run_spread_and_compare_takes_it_as_its_floor(tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "kernels.py").write_text(SPREAD_ENGINE)
+    (folder / "run.py").write_text(SPREAD_SCRIPT)
+    ref, tgt = tmp_path / "ref.h5", tmp_path / "tgt.h5"
+    console = Console(record=True, width=400)
+    hooks = ["kernels:Kernel"]
+    assert record_command(ref, [str(folder / "run.py"), "0.002"], hooks=hooks, console=console, repeat=2) == 0
+    assert not list(tmp_path.glob(".ref.h5.run*"))  # the scratch runs are gone
+    assert record_command(tgt, [str(folder / "run.py"), "0.002"], hooks=hooks, console=console) == 0
+    with ak.open_dump(ref) as dump:
+        assert dump.metadata["repeat"]["runs"] == 2 and dump.metadata["repeat"]["measured"] > 0
+    without = ak.compare(tmp_path / "tgt.h5", tmp_path / "tgt.h5")  # sanity: a run against itself
+    assert without.verdict == "aligned"
+    result = ak.compare(ref, tgt)
+    assert result.verdict == "aligned", (result.first_divergence.message, result.first_divergence.evidence)
+    assert any("within 10× the reference's own run-to-run spread" in w for w in result.warnings), result.warnings
+    worse = tmp_path / "worse.h5"
+    assert record_command(worse, [str(folder / "run.py"), "0.2"], hooks=hooks, console=console) == 0
+    fd = ak.compare(ref, worse).first_divergence
+    assert fd.kind == "local error" and "× the reference's run-to-run spread" in fd.message
