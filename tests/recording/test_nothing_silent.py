@@ -1,6 +1,7 @@
 """Options that could not do what they were asked say so, at the end of ``record`` and in the
 dump; ``--hook`` imports as the script does; engines are named after what the script calls them."""
 
+import sys
 import textwrap
 
 import numpy as np
@@ -48,6 +49,7 @@ def record(tmp_path, script: str, **options):
     folder = tmp_path / "project"
     folder.mkdir(exist_ok=True)
     (folder / "engine.py").write_text(ENGINE)
+    sys.modules.pop("engine", None)  # each test's own, imported from its folder
     (folder / "run.py").write_text(textwrap.dedent(script))
     console = Console(record=True, width=400)
     code = record_command(tmp_path / "d.h5", [str(folder / "run.py")], console=console, **options)
@@ -156,7 +158,7 @@ SPREAD_SCRIPT = """
 import sys
 
 import numpy as np
-from kernels import Kernel
+from noisy_kernels import Kernel
 
 unet = Kernel(float(sys.argv[1]))
 x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
@@ -168,11 +170,11 @@ for step in range(2):
 def test_repeat_keeps_the_references_run_to_run_spread_and_compare_takes_it_as_its_floor(tmp_path):
     folder = tmp_path / "project"
     folder.mkdir()
-    (folder / "kernels.py").write_text(SPREAD_ENGINE)
+    (folder / "noisy_kernels.py").write_text(SPREAD_ENGINE)
     (folder / "run.py").write_text(SPREAD_SCRIPT)
     ref, tgt = tmp_path / "ref.h5", tmp_path / "tgt.h5"
     console = Console(record=True, width=400)
-    hooks = ["kernels:Kernel"]
+    hooks = ["noisy_kernels:Kernel"]
     assert record_command(ref, [str(folder / "run.py"), "0.002"], hooks=hooks, console=console, repeat=2) == 0
     assert not list(tmp_path.glob(".ref.h5.run*"))  # the scratch runs are gone
     assert record_command(tgt, [str(folder / "run.py"), "0.002"], hooks=hooks, console=console) == 0
