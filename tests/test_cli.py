@@ -1,5 +1,6 @@
 """The CLI: exit codes like diff, and one-line errors with no traceback for bad input."""
 
+import json
 import os
 import re
 import shutil
@@ -36,7 +37,8 @@ def test_compare_exit_codes_and_outputs(capsys, demo_dumps, tmp_path):
         tmp_path / "t.json",
     )
     assert code == 1 and "DIVERGED" in out and "input mismatch" in out
-    assert (tmp_path / "t.csv").exists() and (tmp_path / "t.json").exists()
+    assert (tmp_path / "t.csv").read_text().startswith("seq,submodel,step")
+    assert json.loads((tmp_path / "t.json").read_text())["verdict"] == "diverged"
     code, out, _ = run_cli(
         capsys, "compare", *demo_dumps["timestep"], "--no-html", "--rel-l1-max", "10", "--cos-min", "0"
     )

@@ -194,6 +194,8 @@ def shortfalls(dump: Dump, who: str = "the run") -> list[str]:
     meta, notes = dump.metadata, []
     if meta.get("error"):
         notes.append(f"{who} ended early, with {meta['error']}")
+    elif meta.get("writer_error"):
+        notes.append(f"recording {who} failed ({meta['writer_error']}): the dump holds its calls up to the failure")
     elif not meta.get("complete", True):
         notes.append(
             f"{who} was killed before its recording ended: the dump holds its calls up to its last completed steps"

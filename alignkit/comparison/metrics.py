@@ -1,7 +1,7 @@
 """Metrics between a reference tensor r and a target tensor t, streamed block by block.
 
 Every block is widened to float64 before subtracting, so memory stays bounded by the block
-size and sums do not lose precision. Definitions (DESIGN.md), over the elements that are
+size and sums do not lose precision. Definitions (docs/comparing.md), over the elements that are
 finite on both sides:
 
 - ``l1``      mean |t − r|                 - ``rel_l1``  Σ|t − r| / Σ|r|

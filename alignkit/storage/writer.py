@@ -296,6 +296,11 @@ class DumpWriter:
         with self._file_lock:
             try:
                 if self._file is not None:
+                    self._file.attrs["writer_error"] = f"{type(exc).__name__}: {exc}{self._failed_at}"
+            except Exception:  # the failure itself may forbid writing more: the dump then reads as killed
+                pass
+            try:
+                if self._file is not None:
                     self._close_file()
             except Exception:
                 pass

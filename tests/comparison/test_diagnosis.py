@@ -68,6 +68,8 @@ def test_perturbed_weights_are_a_local_error_at_step_0(demo_dumps):
     assert (fd.submodel, fd.step, fd.io, fd.kind) == ("unet", 0, "outputs", "local error")
     inputs = result.table[(result.table["seq"] == fd.seq) & (result.table["io"] == "inputs")]
     assert (inputs["status"] == "ok").all()
+    kinds = dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
+    assert kinds["scheduler", 0] == "propagated"  # fed by the UNet's error: not the glue's fault
 
 
 def test_int64_vs_float32_timestep_with_equal_values_is_aligned_with_a_warning(demo_dumps):
@@ -391,9 +393,10 @@ def test_a_tensor_larger_than_a_block_is_streamed_to_the_same_metrics(tmp_path):
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
     row = result.table[result.table["io"] == "outputs"].iloc[0]
     want = array_metrics(r, t.float().numpy(), "bfloat16")
-    for key in ("l1", "rel_l1", "max_abs", "cos", "rmse"):
+    for key in ("l1", "rel_l1", "max_abs", "cos", "rmse", "floor_rel_l1", "floor_cos_dist"):
         assert row[key] == pytest.approx(want[key], rel=1e-9), key
     assert row["ref_dtype"] == "float32" and row["tgt_dtype"] == "bfloat16"
+    assert row["status"] == "precision"  # bf16 rounding, measured against its floor on the streamed path too
     with ak.open_dump(tmp_path / "tgt.h5") as dump:
         info = dump.tensors.iloc[-1]
         assert dump.dataset(info.path).dtype == np.uint16  # the stored bits, streamed by compare

@@ -36,9 +36,9 @@ def test_demo_without_a_bug_is_aligned(tmp_path):
     assert "ALIGNED" in (tmp_path / "r.html").read_text()
 
 
-def test_walkthrough_notebook_runs_top_to_bottom(tmp_path):
+def test_walkthrough_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     nb = nbformat.read(ROOT / "notebooks" / "walkthrough.ipynb", as_version=4)
-    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     assert (tmp_path / "reports" / "walkthrough.html").exists()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

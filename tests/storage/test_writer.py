@@ -41,7 +41,14 @@ def test_a_writer_failure_surfaces_when_recording_ends(tmp_path, failing_writer)
     np.testing.assert_array_equal(returned[0], -2 * np.ones(3))
     with ak.open_dump(path) as d:
         assert not d.metadata["complete"]
+        assert d.metadata["writer_error"] == "OSError: the device said no at call 1 (f, step 1, call 0)"
         np.testing.assert_array_equal(d["f", 0, 0].inputs["x"], np.zeros(3))
+        from alignkit.comparison.matching import shortfalls
+
+        assert shortfalls(d) == [
+            "recording the run failed (OSError: the device said no at call 1 (f, step 1, call 0)): the dump holds "
+            "its calls up to the failure"
+        ]  # not taken for a kill
 
 
 def test_the_runs_own_exception_is_not_masked_by_a_writer_failure(tmp_path, failing_writer):
