@@ -17,6 +17,7 @@ what a target that stores the tensor in fp16 or bf16 cannot do better than.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Iterable, Iterator
@@ -282,16 +283,37 @@ def _blocks(ds, prefix: tuple, shape: tuple, max_elements: int) -> Iterator[np.n
 
 
 def dataset_metrics(ref_ds, tgt_ds, floor_dtype: str | None) -> dict[str, float]:
-    """Metrics of two stored tensors of equal element count, streamed."""
+    """Metrics of two stored tensors of equal element count, streamed in blocks. ``tgt_ds``
+    may be a list of datasets read one after another (a batch split into calls, joined along
+    its first axis); tensors of the same size and another shape (``[1, N]`` against ``[N]``)
+    are streamed as flat C-order blocks, so memory stays near one block either way."""
     s = Sums()
-    if tuple(ref_ds.shape) == tuple(tgt_ds.shape):
-        for rb, tb in zip(iter_blocks(ref_ds), iter_blocks(tgt_ds)):
-            s.add(rb, tb, floor_dtype)
-    else:  # same size, other shape ([1, 77] vs [77]): compare flattened, in memory
-        r = next(iter_blocks(ref_ds, max_elements=1 << 62))
-        t = next(iter_blocks(tgt_ds, max_elements=1 << 62))
-        s.add(r, t, floor_dtype)
+    parts = list(tgt_ds) if isinstance(tgt_ds, (list, tuple)) else [tgt_ds]
+    if len(parts) == 1 and tuple(ref_ds.shape) == tuple(parts[0].shape):
+        pairs: Iterable[tuple[np.ndarray, np.ndarray]] = zip(iter_blocks(ref_ds), iter_blocks(parts[0]))
+    else:
+        pairs = aligned_blocks(iter_blocks(ref_ds), itertools.chain.from_iterable(iter_blocks(p) for p in parts))
+    for rb, tb in pairs:
+        s.add(rb, tb, floor_dtype)
     return {**s.metrics(), **(s.floor() if floor_dtype else {})}
+
+
+def aligned_blocks(
+    ref_blocks: Iterable[np.ndarray], tgt_blocks: Iterable[np.ndarray]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Two streams of C-order blocks of equal total size, cut into pairs of equal length.
+    Each block is used up before the next is read from its stream (blocks share a buffer)."""
+    ref_it, tgt_it = (np.ravel(b) for b in ref_blocks), (np.ravel(b) for b in tgt_blocks)
+    a, b = next(ref_it, None), next(tgt_it, None)
+    i = j = 0
+    while a is not None and b is not None:
+        n = min(a.size - i, b.size - j)
+        yield a[i : i + n], b[j : j + n]
+        i, j = i + n, j + n
+        if i == a.size:
+            a, i = next(ref_it, None), 0
+        if j == b.size:
+            b, j = next(tgt_it, None), 0
 
 
 def array_metrics(ref: np.ndarray, tgt: np.ndarray, floor_dtype: str | None) -> dict[str, float]:

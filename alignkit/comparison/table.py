@@ -273,11 +273,12 @@ def _row(
     floor = floor_dtype_for(r.dtype, t.dtype, carried)
     values = None
     try:
-        if numel <= BLOCK_ELEMENTS or isinstance(t, MergedTensor):  # read whole: most tensors of a dump are small
+        if numel <= BLOCK_ELEMENTS or (broadcast and isinstance(t, MergedTensor)):  # most tensors are small
             values = ref.read(r.path, r.dtype), _read(tgt, t)
             m = array_metrics(*(np.broadcast_to(v.ravel(), (numel,)) for v in values) if broadcast else values, floor)
-        else:
-            m = dataset_metrics(ref.dataset(r.path), tgt.dataset(t.path), floor)
+        else:  # streamed in blocks: a batch split into calls as its parts one after another
+            parts = [tgt.dataset(p) for p in t.parts] if isinstance(t, MergedTensor) else tgt.dataset(t.path)
+            m = dataset_metrics(ref.dataset(r.path), parts, floor)
     except (OSError, KeyError, ValueError) as exc:
         raise DumpCorruptError(
             f"{ref.path} / {tgt.path}: cannot read {rc.submodel} step {rc.step} {pair.io[:-1]} `{base['tensor']}` "

@@ -119,3 +119,28 @@ def test_complex_tensors_compare_both_parts():
     for key in ("l1", "rel_l1", "max_abs", "cos", "rmse"):
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
     assert pair_metrics(r.real.astype(np.complex64), r.real)["max_abs"] == 0  # a real side has an imaginary part of 0
+
+
+def test_same_size_other_shape_and_split_parts_stream_to_the_same_metrics(tmp_path):
+    """``[1, N]`` against ``[N]`` (an export that drops a batch axis), and a batch split into
+    parts, streamed as flat blocks of unequal cut: the same figures as in memory."""
+    import h5py
+
+    from alignkit.comparison.metrics import BLOCK_ELEMENTS, array_metrics, dataset_metrics
+
+    rng = np.random.default_rng(3)
+    n = 3 * BLOCK_ELEMENTS + 17
+    r = rng.standard_normal((2, n)).astype(np.float32)
+    t = (r + 1e-3 * rng.standard_normal(r.shape)).astype(np.float32)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["r"], f["t_flat"] = r, t.reshape(-1)
+        f["t0"], f["t1"] = t[:1], t[1:]
+        f["r3"] = r.reshape(2, 1, n)
+        want = array_metrics(r, t, "bfloat16")
+        for got in (
+            dataset_metrics(f["r"], f["t_flat"], "bfloat16"),
+            dataset_metrics(f["r3"], f["t_flat"], "bfloat16"),
+            dataset_metrics(f["r"], [f["t0"], f["t1"]], "bfloat16"),
+        ):
+            for key in ("l1", "rel_l1", "max_abs", "cos_dist", "rmse", "floor_rel_l1"):
+                assert got[key] == pytest.approx(want[key], rel=1e-9), key
