@@ -107,6 +107,9 @@ def compare(
         None, "--html", help="Where to write the report (default reports/<ref>_vs_<tgt>.html)."
     ),
     no_html: bool = typer.Option(False, "--no-html", help="Do not write the HTML report."),
+    model_explorer: Path | None = typer.Option(
+        None, "--model-explorer", help="Write per-layer metrics as Model Explorer node data (JSON)."
+    ),
 ) -> None:
     """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input, 3 incomplete (ported submodels not compared)."""
     from alignkit.reporting.progress import compare_with_progress
@@ -125,6 +128,9 @@ def compare(
     )
     _wide(console).print(result)
     _write_outputs(result, csv, json, None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html"))
+    if model_explorer:
+        result.to_model_explorer(model_explorer)
+        console.print(f"model explorer node data: {model_explorer}")
     raise typer.Exit(result.exit_code)
 
 
@@ -175,6 +181,41 @@ def replay(
     )
     _wide(console).print(result)
     raise typer.Exit(result.exit_code)
+
+
+@app.command("import")
+def import_(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="npy-dir, npz, polygraphy or msprobe."),
+    source: Path = typer.Argument(..., help="The file or folder another tool wrote."),
+    output: Path = typer.Option(..., "-o", "--output", help="The alignkit dump to write (.h5)."),
+    submodel: str | None = typer.Option(None, "--submodel", help="The submodel, where the format does not name it."),
+    pattern: str | None = typer.Option(
+        None, "--pattern", help="npy-dir: '{submodel}/{tensor}-{step}.npy', or a regex with those named groups."
+    ),
+    inputs: str | None = typer.Option(
+        None, "--inputs", help="npy-dir: tensor names that are inputs (a,b); polygraphy: a --save-inputs file."
+    ),
+    runner: str | None = typer.Option(None, "--runner", help="polygraphy: the runner (a part of its name)."),
+    iterations: str | None = typer.Option(None, "--iterations", help="polygraphy: iterations are steps or calls."),
+    bf16: str | None = typer.Option(None, "--bf16", help="npz: uint16 arrays that hold bf16 bits (names, or all)."),
+    rank: int | None = typer.Option(None, "--rank", help="msprobe: the rank to import (default 0)."),
+) -> None:
+    """Write another tool's dump as an alignkit dump, ready for compare, inspect and replay."""
+    from alignkit.importing import import_dump
+
+    options = {"submodel": submodel, "pattern": pattern, "inputs": inputs, "runner": runner}
+    options |= {"iterations": iterations, "bf16": bf16, "rank": rank}
+    allowed = {
+        "npy-dir": {"pattern", "submodel", "inputs"},
+        "npz": {"submodel", "bf16"},
+        "polygraphy": {"runner", "submodel", "inputs", "iterations"},
+        "msprobe": {"rank"},
+    }.get(fmt, set())
+    given = {key for key, value in options.items() if value is not None}
+    if fmt in {"npy-dir", "npz", "polygraphy", "msprobe"} and given - allowed:
+        raise UsageError(f"import {fmt} takes no {', '.join(f'--{k}' for k in sorted(given - allowed))}")
+    summary = import_dump(fmt, source, output, **{k: v for k, v in options.items() if v is not None})
+    console.print(f"alignkit: {summary}")
 
 
 def _wide(c: Console) -> Console:

@@ -101,6 +101,15 @@ class Comparison:
     def __repr__(self) -> str:
         return f"<Comparison {self.verdict} {self.ref_label} vs {self.tgt_label}: {len(self.table)} tensors>"
 
+    def to_model_explorer(self, path: str | os.PathLike, metric: str = "rel_l1") -> Path:
+        """Model Explorer node data (``model-explorer model.onnx --node_data_paths out.json``):
+        for each compared layer and output tensor, its worst ``metric`` over the calls, on a
+        green-to-red gradient, keyed by tensor name (the ONNX adapter matches results by value
+        name; layers recorded from an ONNX port carry their torch module's name)."""
+        from alignkit.reporting.model_explorer import node_data
+
+        return write_text(path, json.dumps(node_data(self.table, metric), indent=1), "model explorer node data")
+
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         text = self.table.to_csv(index=False)
         if path is not None:
