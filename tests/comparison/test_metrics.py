@@ -144,3 +144,22 @@ def test_same_size_other_shape_and_split_parts_stream_to_the_same_metrics(tmp_pa
         ):
             for key in ("l1", "rel_l1", "max_abs", "cos_dist", "rmse", "floor_rel_l1"):
                 assert got[key] == pytest.approx(want[key], rel=1e-9), key
+
+
+def test_nan_and_inf_counts_add_up_over_streamed_blocks(tmp_path):
+    """Counts are summed block by block, not taken from the last block."""
+    import h5py
+
+    from alignkit.comparison.metrics import BLOCK_ELEMENTS, dataset_metrics
+
+    r = np.ones(3 * BLOCK_ELEMENTS, np.float32)
+    t = r.copy()
+    for block in range(3):  # one NaN on each side and an Inf in the target, in every block
+        r[block * BLOCK_ELEMENTS] = np.nan
+        t[block * BLOCK_ELEMENTS + 1] = np.nan
+        t[block * BLOCK_ELEMENTS + 2] = np.inf
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["r"], f["t"] = r, t
+        m = dataset_metrics(f["r"], f["t"], None)
+    assert (m["nan_ref"], m["nan_tgt"], m["inf_ref"], m["inf_tgt"]) == (3, 3, 0, 3)
+    assert m["nonfinite_mismatch"] == 9
