@@ -71,15 +71,30 @@ def record(
 
 @app.command()
 def inspect(
-    dump: Path = typer.Argument(..., help="A dump written by alignkit record."),
-    shapes: bool = typer.Option(False, "--shapes", help="Print input shapes in the forms converters take."),
+    dumps: list[Path] = typer.Argument(..., help="A dump written by alignkit record (several with --shapes)."),
+    shapes: bool = typer.Option(
+        False, "--shapes", help="Print input shapes in the forms converters take (across all dumps given)."
+    ),
+    range_: str | None = typer.Option(
+        None, "--range", help="fp16 or bf16: the tensors whose values that dtype cannot hold (an overflow to come)."
+    ),
 ) -> None:
     """List submodels, steps, calls and tensors with shapes, dtypes and statistics."""
-    from alignkit.reporting.inspect import print_inspection, print_shapes
+    from contextlib import ExitStack
+
+    from alignkit.reporting.inspect import print_inspection, print_range, print_shapes
     from alignkit.storage import open_dump
 
-    with open_dump(dump) as d:
-        (print_shapes if shapes else print_inspection)(d, _wide(console))
+    if len(dumps) > 1 and not shapes:
+        raise UsageError("inspect takes one dump, or several with --shapes (to derive the axes that vary across them)")
+    with ExitStack() as stack:
+        opened = [stack.enter_context(open_dump(d)) for d in dumps]
+        if shapes:
+            print_shapes(opened, _wide(console))
+        elif range_ is not None:
+            print_range(opened[0], range_, _wide(console))
+        else:
+            print_inspection(opened[0], _wide(console))
 
 
 @app.command()

@@ -63,8 +63,9 @@ def test_inspect_and_shapes(capsys, demo_dumps):
     )  # what the pipeline was given
     code, out, _ = run_cli(capsys, "inspect", "--shapes", demo_dumps["none"][0])
     assert code == 0
-    assert '--inputShape="sample:2,4,16,16;timestep:;encoder_hidden_states:2,77,16"' in out
-    assert "--shapes=sample:2x4x16x16,timestep:,encoder_hidden_states:2x77x16" in out
+    assert '--inputShape="sample:2,4,16,16;timestep:1;encoder_hidden_states:2,77,16"' in out
+    assert "--shapes=sample:2x4x16x16,encoder_hidden_states:2x77x16" in out  # a 0-d input needs none
+    assert "scheduler:" not in out  # glue, not a graph
     assert '--inputShape="input_ids:1,77"' in out
 
 
@@ -428,7 +429,59 @@ def test_shapes_that_vary_give_dynamic_axes(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "inspect", "--shapes", tmp_path / "dyn.h5")
     assert code == 0
     assert '--inputShape="sample:1,4,8,8;ids:1,77"' in out
-    assert 'dynamic_axes={"sample": {"0": "sample_dim0"}}' in out
+    assert "dynamic_axes={'sample': {0: 'batch'}}" in out
+    assert 'ATC: --input_shape="sample:-1,4,8,8;ids:1,77" --dynamic_dims="1;2" --input_format=ND' in out
+
+
+def test_the_printed_dynamic_axes_paste_into_torch_onnx_export(capsys, tmp_path):
+    """Shapes from two dumps (two batch sizes): one symbol for the batch both inputs share,
+    integer axes, no Python number and no scheduler among the graph inputs."""
+    import ast
+
+    import onnx
+    import torch
+
+    import alignkit as ak
+
+    class Net(torch.nn.Module):
+        def forward(self, sample, encoder_hidden_states, timestep, conditioning_scale=1.0):
+            return sample.mean(dim=(1, 2, 3)) * encoder_hidden_states.mean(dim=(1, 2)) * timestep * conditioning_scale
+
+    net = Net()
+    for batch in (1, 2):
+        with ak.Recorder(tmp_path / f"b{batch}.h5") as rec, torch.no_grad():
+            rec.watch(net, "unet")(torch.ones(batch, 4, 8, 8), torch.ones(batch, 77, 16), torch.tensor(999.0), 0.5)
+    code, out, _ = run_cli(capsys, "inspect", "--shapes", tmp_path / "b1.h5", tmp_path / "b2.h5")
+    assert code == 0 and "conditioning_scale" not in out
+    assert "0-d inputs: timestep: given as 1 in --inputShape" in out
+    line = next(ln.strip() for ln in out.splitlines() if ln.strip().startswith("dynamic_axes="))
+    axes = ast.literal_eval(line.removeprefix("dynamic_axes="))
+    assert axes == {"sample": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
+    path = tmp_path / "unet.onnx"
+    torch.onnx.export(
+        net,
+        (torch.ones(1, 4, 8, 8), torch.ones(1, 77, 16), torch.tensor(999.0)),
+        str(path),
+        input_names=["sample", "encoder_hidden_states", "timestep"],
+        dynamic_axes=axes,
+        dynamo=False,
+    )
+    dims = [d.dim_param for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "batch"
+
+
+def test_inspect_range_predicts_an_fp16_overflow_from_the_fp32_reference(capsys, tmp_path):
+    import alignkit as ak
+
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        demod = rec.watch(lambda w: {"sum": (w * w).sum(axis=1), "rsqrt": 1 / np.sqrt((w * w).sum(axis=1))}, "block")
+        demod(np.full((2, 64), 40.0, np.float32))  # 64 × 1600 = 102400: past fp16's 65504
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "ref.h5", "--range", "fp16")
+    assert code == 0
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith("block")]
+    assert [r[:4] for r in rows] == [["block", "outputs", "sum", "overflow"]]
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "ref.h5", "--range", "bf16")
+    assert code == 0 and "every recorded value fits bf16" in out
 
 
 def test_a_script_that_calls_nothing_watched_is_told_how_to_hook_its_engine(capsys, tmp_path, monkeypatch):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 from rich.console import Console
@@ -13,6 +11,8 @@ from alignkit.comparison.configs import given_arguments
 from alignkit.comparison.matching import shortfalls
 from alignkit.comparison.metrics import BLOCK_ELEMENTS, as_reals, iter_blocks
 from alignkit.comparison.table import shape_text
+from alignkit.errors import UsageError
+from alignkit.phrasing import ranges
 from alignkit.storage.reader import Dump
 from alignkit.storage.schema import IO_GROUPS
 
@@ -127,51 +127,170 @@ def print_inspection(dump: Dump, console: Console) -> None:
 
 def input_shapes(dump: Dump) -> dict[str, list[tuple[str, str, list[tuple[int, ...]]]]]:
     """Per submodel, its inputs in recorded order: (name, dtype, distinct shapes seen)."""
-    out: dict[str, list] = {}
-    t = dump.tensors[dump.tensors["io"] == "inputs"]
-    for sub in dump.submodels:
-        part = t[t["submodel"] == sub]
-        entries = []
-        for name, group in part.groupby("name", sort=False):
-            entries.append((name, str(group["dtype"].iloc[0]), list(dict.fromkeys(group["shape"]))))
-        out[sub] = entries
-    return out
+    return {
+        sub: [(n, d, list(dict.fromkeys(seq))) for n, d, seq in entries]
+        for sub, entries in graph_inputs([dump]).items()
+    }
 
 
-def shape_lines(dump: Dump) -> list[str]:
-    """Each submodel's inputs as MindSpore Lite/ATC ``--inputShape``, trtexec ``--shapes``,
-    dtypes, and the ``dynamic_axes`` for ``torch.onnx.export`` where shapes vary."""
+def graph_inputs(dumps: list[Dump]) -> dict[str, list[tuple[str, str, list[tuple[int, ...]]]]]:
+    """Per submodel, the inputs a converted graph takes, in recorded order: (name, dtype, the
+    shape at each call, the dumps one after another). Python numbers (a ``conditioning_scale``
+    keyword) are no graph input, and a diffusers scheduler is glue, not a graph: both are left
+    out."""
+    out: dict[str, dict[str, tuple[str, list]]] = {}
+    for dump in dumps:
+        t = dump.tensors[dump.tensors["io"] == "inputs"]
+        descriptions = dump.descriptions
+        for sub in dump.submodels:
+            if "Scheduler" in descriptions.get(sub, {}).get("class", ""):
+                continue
+            part = t[t["submodel"] == sub]
+            entries = out.setdefault(sub, {})
+            for name, group in part.groupby("name", sort=False):
+                if dump.dataset(group["path"].iloc[0]).attrs.get("source") == "python":
+                    continue
+                dtype, shapes = entries.setdefault(name, (str(group["dtype"].iloc[0]), []))
+                shapes.extend(tuple(s) for s in group["shape"])
+    return {sub: [(n, d, shapes) for n, (d, shapes) in entries.items()] for sub, entries in out.items() if entries}
+
+
+def shape_lines(dump: Dump | list[Dump]) -> list[str]:
+    """Each submodel's graph inputs in the forms converters take: MindSpore Lite/ATC
+    ``--inputShape`` (with ATC's ``--dynamic_dims`` gears where shapes vary), trtexec
+    ``--shapes``, dtypes, and ``dynamic_axes`` that paste into ``torch.onnx.export``: integer
+    axes, one symbol per axis that varies together across inputs (the batch of every input
+    that shares it). Several dumps (one per resolution or guidance setting) give the axes that
+    vary across them."""
+    dumps = dump if isinstance(dump, list) else [dump]
     lines = []
-    for sub, entries in input_shapes(dump).items():
-        if not entries:
-            continue
+    for sub, entries in graph_inputs(dumps).items():
         lines.append(f"{sub}:")
         first = [(n, shapes[0]) for n, _, shapes in entries]
-        lines.append('  --inputShape="' + ";".join(f"{n}:{','.join(map(str, s))}" for n, s in first) + '"')
-        lines.append("  --shapes=" + ",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in first))
-        lines.append("  dtypes: " + ", ".join(f"{n} {d}" for n, d, _ in entries))
         scalars = [n for n, s in first if s == ()]
+        lines.append('  --inputShape="' + ";".join(f"{n}:{','.join(map(str, s or (1,)))}" for n, s in first) + '"')
+        lines.append("  --shapes=" + ",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in first if s))
+        lines.append("  dtypes: " + ", ".join(f"{n} {d}" for n, d, _ in entries))
         if scalars:
-            lines.append(f"  0-d (scalar) inputs: {', '.join(scalars)}")
-        dynamic = {}
-        for n, _, shapes in entries:
-            if len(shapes) > 1 and len({len(s) for s in shapes}) == 1:
-                axes = {i: f"{n}_dim{i}" for i in range(len(shapes[0])) if len({s[i] for s in shapes}) > 1}
-                dynamic[n] = axes
-                seen = ["x".join(map(str, s)) for s in shapes]
-                if len(seen) > SHAPES_SHOWN:
-                    seen = [seen[0], f"… ({len(seen) - 2} more)", seen[-1]]
-                lines.append(f"  {n} varies: " + " | ".join(seen))
-        if dynamic:
-            lines.append(f"  dynamic_axes={json.dumps(dynamic)}")
+            lines.append(
+                f"  0-d inputs: {', '.join(scalars)}: given as 1 in --inputShape (ATC and MindSpore Lite take no empty "
+                "shape: export them as [1] or fix them in the graph); trtexec needs no --shapes for them"
+            )
+        symbols = _dynamic_symbols(entries)
+        if symbols:
+            for n, _, shapes in entries:
+                distinct = ["x".join(map(str, s)) for s in dict.fromkeys(shapes)]
+                if len(distinct) > 1:
+                    shown = (
+                        distinct
+                        if len(distinct) <= SHAPES_SHOWN
+                        else [distinct[0], f"… ({len(distinct) - 2} more)", distinct[-1]]
+                    )
+                    lines.append(f"  {n} varies: " + " | ".join(shown))
+            lines.append(f"  dynamic_axes={_axes_literal(symbols)}")
+            lines.append("  " + _gears(entries, symbols))
     return lines
 
 
-def print_shapes(dump: Dump, console: Console) -> None:
-    if dump.calls.empty:
-        console.print(_nothing_recorded(dump), highlight=False)
-    for line in shape_lines(dump):
+def _dynamic_symbols(entries: list[tuple[str, str, list[tuple[int, ...]]]]) -> dict[str, dict[int, str]]:
+    """Each varying axis's symbol: axes whose sizes move together over the calls share one
+    (``batch`` for axis 0, else ``dim_<input>_<axis>``)."""
+    by_sizes: dict[tuple, str] = {}
+    out: dict[str, dict[int, str]] = {}
+    for n, _, shapes in entries:
+        if len({len(s) for s in shapes}) != 1:
+            continue  # a rank that changes is no axis to name
+        for axis in range(len(shapes[0])):
+            sizes = tuple(s[axis] for s in shapes)
+            if len(set(sizes)) < 2:
+                continue
+            symbol = by_sizes.get(sizes) or by_sizes.setdefault(
+                sizes, "batch" if axis == 0 and "batch" not in by_sizes.values() else f"dim_{n}_{axis}"
+            )
+            out.setdefault(n, {})[axis] = symbol
+    return out
+
+
+def _axes_literal(symbols: dict[str, dict[int, str]]) -> str:
+    """A Python literal with integer axes, as ``torch.onnx.export`` takes it (JSON would make them strings)."""
+    inner = ", ".join(f"{n!r}: {{{', '.join(f'{a}: {s!r}' for a, s in axes.items())}}}" for n, axes in symbols.items())
+    return "{" + inner + "}"
+
+
+def _gears(entries: list[tuple[str, str, list[tuple[int, ...]]]], symbols: dict[str, dict[int, str]]) -> str:
+    """ATC's static gears: ``--input_shape`` with -1 where an axis varies, and one
+    ``--dynamic_dims`` gear per combination of sizes seen, the -1 axes in order."""
+    shape = ";".join(
+        f"{n}:{','.join('-1' if a in symbols.get(n, {}) else str(d) for a, d in enumerate(shapes[0] or (1,)))}"
+        for n, _, shapes in entries
+    )
+    gears = []
+    for i in range(len(entries[0][2])):
+        gear = ",".join(str(shapes[i][a]) for n, _, shapes in entries if i < len(shapes) for a in symbols.get(n, {}))
+        if gear and gear not in gears:
+            gears.append(gear)
+    return f'ATC: --input_shape="{shape}" --dynamic_dims="{";".join(gears)}" --input_format=ND'
+
+
+def print_shapes(dumps: Dump | list[Dump], console: Console) -> None:
+    dumps = dumps if isinstance(dumps, list) else [dumps]
+    for dump in dumps:
+        if dump.calls.empty:
+            console.print(_nothing_recorded(dump), highlight=False)
+    for line in shape_lines(dumps):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+RANGES = {  # largest finite value, smallest normal value
+    "fp16": (65504.0, 2.0**-14),
+    "bf16": (3.3895313892515355e38, 2.0**-126),
+}
+UNDERFLOW_SHARE = 0.5  # a tensor with more than this share of its nonzero values below the normal range
+
+
+def out_of_range(dump: Dump, dtype: str) -> pd.DataFrame:
+    """The tensors of a reference dump that ``dtype`` cannot hold: values past its largest
+    (an overflow to Inf, as DragGAN's demodulation meets in fp16) or mostly below its smallest
+    normal value (flushed or imprecise), per submodel, io and tensor, with the steps."""
+    if dtype not in RANGES:
+        raise UsageError(f"--range {dtype!r}: expected one of {', '.join(RANGES)}")
+    largest, normal = RANGES[dtype]
+    rows = []
+    floats = dump.tensors[dump.tensors["dtype"].str.startswith(("float", "bfloat"))]
+    for (sub, io, name), group in floats.groupby(["submodel", "io", "name"], sort=False):
+        peak, under, nonzero, steps = 0.0, 0, 0, []
+        for path, step in zip(group["path"], group["step"]):
+            x = np.abs(np.asarray(dump.read(path, group["dtype"].iloc[0]), dtype=np.float64))
+            x = x[np.isfinite(x)]
+            top = float(x.max()) if x.size else 0.0
+            small = int(((x > 0) & (x < normal)).sum())
+            if top > largest or small > UNDERFLOW_SHARE * max(int((x > 0).sum()), 1):
+                steps.append(int(step))
+            peak, under, nonzero = max(peak, top), under + small, nonzero + int((x > 0).sum())
+        if steps:
+            problem = "overflow" if peak > largest else "underflow"
+            rows.append((sub, io, name, problem, peak, under / max(nonzero, 1), ranges(steps)))
+    return pd.DataFrame(rows, columns=["submodel", "io", "tensor", "problem", "max_abs", "below_normal", "steps"])
+
+
+def print_range(dump: Dump, dtype: str, console: Console) -> None:
+    frame = out_of_range(dump, dtype)
+    largest, normal = RANGES[dtype]
+    if frame.empty:
+        console.print(f"{dump.path}: every recorded value fits {dtype} (|x| ≤ {largest:g}, mostly ≥ {normal:g})")
+        return
+    console.print(
+        f"{dump.path}: {len(frame)} tensors {dtype} cannot hold (largest {largest:g}; normal from {normal:g}); "
+        "layers that overflow are the ones to keep in fp32:",
+        markup=False,
+        highlight=False,
+    )
+    table = Table(box=None)
+    for col in frame.columns:
+        table.add_column(col)
+    for rec in frame.to_dict("records"):
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in rec.values()])
+    console.print(table)
 
 
 def _nothing_recorded(dump: Dump) -> str:
