@@ -127,8 +127,13 @@ def compare(
     ),
 ) -> None:
     """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input, 3 incomplete (ported submodels not compared)."""
+    from alignkit.reporting.files import check_output
     from alignkit.reporting.progress import compare_with_progress
 
+    report = None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html")
+    for path, what in ((csv, "table"), (json, "JSON"), (report, "report"), (model_explorer, "node data")):
+        if path is not None:
+            check_output(path, what)  # before the work: a bad path is no reason to compare twice
     result = compare_with_progress(
         ref,
         tgt,
@@ -142,7 +147,7 @@ def compare(
         replay=replay,
     )
     _wide(console).print(result)
-    _write_outputs(result, csv, json, None if no_html else (html or Path("reports") / f"{ref.stem}_vs_{tgt.stem}.html"))
+    _write_outputs(result, csv, json, report)
     if model_explorer:
         result.to_model_explorer(model_explorer)
         console.print(f"model explorer node data: {model_explorer}")

@@ -355,9 +355,17 @@ def _make_runner(target: Any, layers: bool = False) -> _Runner:
         ort = require("onnxruntime", "onnx")
         if not Path(target).is_file():
             raise UsageError(f"{target}: no such ONNX file")
-        return _make_runner(ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]), layers)
+        try:
+            session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime's own error: one line of it
+            raise UsageError(f"{target}: ONNX Runtime cannot load it ({_first_line(exc)})") from exc
+        return _make_runner(session, layers)
     if isinstance(target, str):
-        made = _factory(target)()
+        factory = _factory(target)
+        try:
+            made = factory()
+        except Exception as exc:
+            raise UsageError(f"{target!r}: the factory raised {type(exc).__name__}: {_first_line(exc)}") from exc
         if isinstance(made, (str, os.PathLike)) or not callable(made):
             raise UsageError(
                 f"{target!r} made a {type(made).__name__}: the factory must return a model, a session or a callable"
@@ -375,6 +383,11 @@ def _make_runner(target: Any, layers: bool = False) -> _Runner:
     raise UsageError(
         f"cannot replay into {type(target).__name__}: give an .onnx path, module:factory, a torch module or a callable"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _factory(spec: str) -> Any:

@@ -492,3 +492,24 @@ def test_a_script_that_calls_nothing_watched_is_told_how_to_hook_its_engine(caps
     assert "recorded 0 calls to" in err and "name its engine with --hook module:Class.method" in err
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "n.h5")
     assert code == 0 and "holds no calls" in out
+
+
+def test_bad_models_and_output_paths_get_one_line_before_the_work(capsys, demo_dumps, tmp_path, monkeypatch):
+    ref, tgt = demo_dumps["none"]
+    (tmp_path / "bad.onnx").write_text("not a model")
+    code, out, err = run_cli(capsys, "replay", ref, "--submodel", "unet", "--onnx", tmp_path / "bad.onnx")
+    assert code == 2 and "bad.onnx: ONNX Runtime cannot load it (" in err and "Traceback" not in out + err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "factory.py").write_text("def make():\n    raise RuntimeError('no weights here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run_cli(capsys, "replay", ref, "--submodel", "unet", "--callable", "factory:make")
+    assert code == 2 and "'factory:make': the factory raised RuntimeError: no weights here" in err
+
+    from alignkit import comparison
+
+    compared = []
+    monkeypatch.setattr(
+        comparison, "match_calls", lambda *a: compared.append(1) or (_ for _ in ()).throw(AssertionError)
+    )
+    code, _, err = run_cli(capsys, "compare", ref, tgt, "--html", ref)  # the report would replace a dump
+    assert code == 2 and "is an HDF5 file, perhaps a dump" in err and not compared  # refused before comparing
