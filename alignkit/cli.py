@@ -44,6 +44,9 @@ def record(
     layer_filter: str | None = typer.Option(
         None, "--layer-filter", help="Record only layers whose name matches this regex."
     ),
+    layer_depth: int | None = typer.Option(
+        None, "--layer-depth", help="Record layers down to this many levels of their path (default: every level)."
+    ),
     steps: str | None = typer.Option(None, "--steps", help="Record only these steps, e.g. 0-4,10."),
     module: str | None = typer.Option(None, "-m", help="Run a module instead of a script."),
     repeat: int = typer.Option(
@@ -62,6 +65,7 @@ def record(
         "steps": parse_steps(steps),
         "layers": layers,
         "layer_filter": layer_filter,
+        "layer_depth": layer_depth,
     }
     code = record_command(
         output, command, label=label, hooks=hook, step_on=step_on, console=err, repeat=repeat, **filters

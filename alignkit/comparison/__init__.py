@@ -120,7 +120,9 @@ def compare(
             tolerance=tolerance(table),
             ref_meta=dict(r.metadata),
             tgt_meta=dict(t.metadata),
-            layers=drill_down(table, first) if first is not None else {},
+            layers=drill_down(table, first, r.descriptions.get(first.submodel, {}).get("stateless_layers"))
+            if first is not None
+            else {},
             uncompared=uncompared,
             suggested_map=suggested,
             tokens=token_agreement(r, t, calls),

@@ -30,11 +30,20 @@ class LayerHooks(Hook):
     """Forward hooks on the leaf modules of ``module`` that append to ``sink()`` (if not None),
     taking each output's values with ``capture``."""
 
-    def __init__(self, module: Any, name: str, sink: Sink, pattern: re.Pattern | None = None, capture: Capture = split):
+    def __init__(
+        self,
+        module: Any,
+        name: str,
+        sink: Sink,
+        pattern: re.Pattern | None = None,
+        capture: Capture = split,
+        depth: int | None = None,
+    ):
         self.name = name
         self._records(module)
         self._handles = [
-            sub.register_forward_hook(_hook(path, sub, sink, capture)) for path, sub in leaf_modules(module, pattern)
+            sub.register_forward_hook(_hook(path, sub, sink, capture))
+            for path, sub in leaf_modules(module, pattern, depth)
         ]
 
     def remove(self) -> None:
@@ -43,14 +52,18 @@ class LayerHooks(Hook):
         self._handles = []
 
 
-def recorder_layers(recorder: CallLog, module: Any, submodel: str, pattern: re.Pattern | None) -> LayerHooks:
+def recorder_layers(
+    recorder: CallLog, module: Any, submodel: str, pattern: re.Pattern | None, depth: int | None = None
+) -> LayerHooks:
     """Layer hooks that add to whichever call of ``submodel`` is being recorded on this thread."""
 
     def sink() -> list[Tensor] | None:
         record = current_call()
         return record.layers if record is not None and record.submodel == submodel else None
 
-    return LayerHooks(module, f"{submodel} layers", sink, pattern, lambda named: recorder.capture(named, layers=True))
+    return LayerHooks(
+        module, f"{submodel} layers", sink, pattern, lambda named: recorder.capture(named, layers=True), depth
+    )
 
 
 @contextmanager
@@ -65,10 +78,24 @@ def capture_layers(module: Any, enabled: bool = True) -> Iterator[list[Tensor]]:
             hooks.remove()
 
 
-def leaf_modules(module: Any, pattern: re.Pattern | None = None) -> Iterator[tuple[str, Any]]:
+def leaf_modules(module: Any, pattern: re.Pattern | None = None, depth: int | None = None) -> Iterator[tuple[str, Any]]:
+    """The modules whose outputs are recorded: every module at every depth (a block's own
+    output as well as its children's, so that an error written inline in a block's forward is
+    found there), down to ``depth`` levels of the path (``down_blocks.0.resnets`` is 3), and
+    whose path ``pattern`` matches."""
     for path, sub in uncompiled(module).named_modules():
-        if path and next(sub.children(), None) is None and (pattern is None or pattern.search(path)):
+        if path and (depth is None or path.count(".") < depth) and (pattern is None or pattern.search(path)):
             yield path, sub
+
+
+def stateless(module: Any) -> list[str]:
+    """The leaf modules with no parameters of their own (activations, dropout, pooling): an
+    error first seen in their output was most often made by the code that fed them."""
+    return [
+        path
+        for path, sub in uncompiled(module).named_modules()
+        if path and next(sub.children(), None) is None and next(sub.parameters(recurse=False), None) is None
+    ]
 
 
 def _hook(path: str, layer: Any, sink: Sink, capture: Capture):

@@ -61,6 +61,7 @@ class Recorder:
         steps: Iterable[int] | None = None,
         layers: Iterable[str] | None = None,
         layer_filter: str | None = None,
+        layer_depth: int | None = None,
         command: str | None = None,
         max_pending_bytes: int = 512 << 20,
         spread_against: list[Any] | None = None,
@@ -73,6 +74,7 @@ class Recorder:
         self._steps = set(steps) if steps is not None else None
         self._layers = list(layers or [])
         self._layer_filter = _regex("layer_filter", layer_filter)
+        self._layer_depth = layer_depth
         self._command = command
         self._max_pending = max_pending_bytes
         self._spread = None
@@ -162,6 +164,7 @@ class Recorder:
             "tensors": self._tensors and self._tensors.pattern,
             "steps": sorted(self._steps) if self._steps is not None else None,
             "layers": self._layers or None,
+            "layer_depth": self._layer_depth,
             "layer_filter": self._layer_filter and self._layer_filter.pattern,
         }
         facts = {"calls_run": json.dumps(dict(self._ordinals))}
@@ -317,9 +320,12 @@ class Recorder:
     def watch_layers(self, module: Any, submodel: str) -> None:
         """Record the outputs of ``module``'s layers under each call of ``submodel``, if asked."""
         if self.wants_layers(submodel):
-            from alignkit.recording.layers import recorder_layers
+            from alignkit.recording.layers import recorder_layers, stateless
 
-            self.add_hook(None, recorder_layers(self, module, submodel, self._layer_filter))
+            self.add_hook(None, recorder_layers(self, module, submodel, self._layer_filter, self._layer_depth))
+            self._redescribe.add(submodel)  # the description again, with the layers that hold no parameters
+            self._described.discard(submodel)
+            self.describe(submodel, module, stateless_layers=json.dumps(stateless(module)))
 
     def session_layers(self, session: Any, submodel: str) -> Callable[[tuple, dict], Named] | None:
         """If ``--layers`` asked for ``submodel``: what runs a copy of the session's model with

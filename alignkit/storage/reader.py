@@ -426,7 +426,7 @@ def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
     return out
 
 
-ENGINE_ATTRS = ("engine", "device", "inference_precision", "precision")  # a submodel's engine facts
+ENGINE_ATTRS = ("engine", "device", "inference_precision", "precision", "stateless_layers")  # a submodel's facts
 JSON_ATTRS = frozenset(
     {"versions", "calls_run", "filters", "filter_notes", "repeat", "imported_from"}
 )  # root attributes that hold JSON (docs/format.md)

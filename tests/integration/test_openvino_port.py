@@ -74,10 +74,11 @@ def test_an_openvino_unet_in_bf16_behind_float32_io_is_judged_against_the_bf16_f
     result = ak.compare(dumps["torch"], dumps["bf16"], target_precision=declared)
     where = "OpenVINO's inference precision" if recorded == "bf16" else "as declared"
     assert result.warnings[0].startswith(f"unet computes in bf16, {where}: its outputs' error is up to ")
-    if recorded == "bf16":  # the tiny UNet's timestep embedding (weights ×30) does not survive bf16
-        fd = result.first_divergence
-        assert (fd.submodel, fd.step, fd.kind) == ("unet", 0, "local error")
+    fd = result.first_divergence
+    if recorded == "bf16" and fd is not None:  # the tiny UNet's timestep embedding (weights ×30) suffers in bf16
+        assert (fd.submodel, fd.kind) == ("unet", "local error")
         assert fd.message.endswith("× the bf16 floor is more than that precision loses")
         assert "unet computes in bf16 (OpenVINO's inference precision)" in fd.message
-    else:  # a CPU without bf16 computes in f32: well within the declared bf16 floor
-        assert result.verdict == "aligned", result.first_divergence
+    else:  # within the bf16 floor (a CPU without bf16 computes in f32): expected precision loss
+        assert result.verdict == "aligned", fd
+        assert result.warnings[0].endswith("expected precision loss")
