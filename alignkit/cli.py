@@ -207,6 +207,36 @@ def replay(
     raise typer.Exit(result.exit_code)
 
 
+@app.command("fix-precision")
+def fix_precision(
+    ref: Path = typer.Argument(..., help="The reference dump (recorded with --layers of the submodel)."),
+    submodel: str = typer.Option(..., "--submodel", help="The submodel to build in the lower precision."),
+    dtype: str = typer.Option(..., "--dtype", help="fp16 or bf16."),
+    output: Path = typer.Option(..., "-o", "--output", help="keep.txt (--module, --builder) or the fixed .onnx."),
+    onnx: Path | None = typer.Option(None, "--onnx", help="The fp32 ONNX model, converted with a node block list."),
+    module: str | None = typer.Option(None, "--module", help="module:factory returning the fp32 torch module."),
+    builder: str | None = typer.Option(None, "--builder", help="module:fn taking the keep list, returning a callable."),
+    max_builds: int = typer.Option(16, "--max-builds", help="Builds to try at most."),
+) -> None:
+    """Search the smallest set of layers to keep in fp32, building and replaying each candidate."""
+    from rich.progress import Progress
+
+    from alignkit.fixing import fix_precision as search
+    from alignkit.reporting.files import check_output
+
+    check_output(output, "keep list")
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("builds", total=max_builds)
+        result = search(
+            ref, submodel=submodel, dtype=dtype, out=output, onnx=onnx, module=module, builder=builder,
+            max_builds=max_builds, progress=lambda done, total: bar.update(task, completed=done),
+        )  # fmt: skip
+    console.print(f"alignkit: {result}", markup=False, highlight=False)
+    for path in result.files:
+        console.print(f"  wrote {path}", markup=False, highlight=False)
+    raise typer.Exit(0 if result.aligned else 1)
+
+
 @app.command("import")
 def import_(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="npy-dir, npz, polygraphy or msprobe."),

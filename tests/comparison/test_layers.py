@@ -2,6 +2,7 @@
 in a block's forward, not as a module: in fp16 it overflows, and the error is placed in the
 block's own code, with a keep list of the one block to keep in fp32."""
 
+import pytest
 import torch
 
 import alignkit as ak
@@ -61,3 +62,68 @@ def test_an_inline_overflow_is_placed_in_the_blocks_own_code(tmp_path):
     assert "after `b1.conv` (matches)" in text
     record(tmp_path / "again.h5", Generator().eval(), torch.float32)
     assert ak.compare(tmp_path / "ref.h5", tmp_path / "again.h5").verdict == "aligned"
+
+
+FACTORY = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.comparison.test_layers import Generator
+
+
+def make():
+    return Generator().eval()
+
+
+def build(keep):
+    '''Any toolchain's build: here torch, b1 in fp32 where kept, the rest in fp16.'''
+    import torch
+    model = Generator().eval()
+    model.half()
+    if "b1" in keep:
+        model.b1.float()
+        model.b1.register_forward_pre_hook(lambda m, args: tuple(a.float() for a in args))
+        model.b1.register_forward_hook(lambda m, args, out: out.half())
+    return model
+"""
+
+
+@pytest.mark.parametrize("how", ["--module", "--builder"])
+def test_fix_precision_finds_the_one_block_to_keep_and_verifies_it(tmp_path, monkeypatch, capsys, how):
+    from alignkit.cli import main
+    from tests.conftest import ROOT
+
+    record(tmp_path / "ref.h5", Generator().eval(), torch.float32)
+    (tmp_path / "gen_factory.py").write_text(FACTORY.format(root=str(ROOT)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = "gen_factory:make" if how == "--module" else "gen_factory:build"
+    args = ["fix-precision", tmp_path / "ref.h5", "--submodel", "generator", "--dtype", "fp16", how, spec]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, args), "-o", str(tmp_path / "keep.txt")])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out
+    assert "keep 1 in fp32: b1 — the fp16 build then aligns at every recorded step" in out
+    assert (tmp_path / "keep.txt").read_text() == "b1\n"  # no more modules than needed
+    assert (tmp_path / "keep.qtable").read_text().splitlines()[1:] == ["b1 F32"]
+
+
+def test_fix_precision_of_an_fp32_onnx_model_gives_a_verified_answer(tmp_path):
+    """ONNX Runtime on a CPU computes many fp16 operators through fp32: the overflow a real
+    NPU meets may not happen here, and the answer says so; otherwise it is a verified list."""
+    from alignkit.fixing import fix_precision
+
+    model = Generator().eval()
+    record(tmp_path / "ref.h5", model, torch.float32)
+    torch.onnx.export(model, (torch.ones(1, 8, 8, 8), torch.ones(1, 8)), str(tmp_path / "g.onnx"),
+                      input_names=["x", "w"], output_names=["output"], dynamo=False)  # fmt: skip
+    result = fix_precision(tmp_path / "ref.h5", submodel="generator", dtype="fp16", out=tmp_path / "fixed.onnx",
+                           onnx=tmp_path / "g.onnx")  # fmt: skip
+    assert result.aligned
+    if result.keep:
+        assert result.keep == ["b1"]
+    else:
+        assert "already aligns on ONNX Runtime on this CPU" in result.message
+    import onnx
+
+    fixed = onnx.load(tmp_path / "fixed.onnx")
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in fixed.graph.initializer)  # a real fp16 build
+    assert ak.replay(tmp_path / "ref.h5", submodel="generator", target=tmp_path / "fixed.onnx").aligned
