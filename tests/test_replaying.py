@@ -384,3 +384,32 @@ def test_torch_replay_with_layers(tmp_path):
     result = ak.replay(ref, submodel="unet", target=model, layers=True)
     assert result.verdict == "aligned"
     assert set(result.table.loc[result.table["io"] == "layers", "tensor"]) == {"conv", "act", "out"}
+
+
+class Twice(torch.nn.Module):
+    """A module called twice in one forward, inside a block with code of its own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1))
+        self.act = torch.nn.LeakyReLU(0.2)
+
+    def forward(self, sample, timestep):
+        return self.act(self.block(self.act(sample)) * 2 + timestep)
+
+
+def test_onnx_layers_map_to_torch_modules_at_every_depth_repeated_modules_included(tmp_path):
+    model = Twice().eval()
+    ref = tmp_path / "ref.h5"
+    with ak.Recorder(ref, layers=["unet"]) as rec, torch.no_grad():
+        rec.watch(model, "unet")(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor(1))
+    path = tmp_path / "twice.onnx"
+    torch.onnx.export(model, (torch.ones(2, 3, 4, 4), torch.tensor(0)), str(path), dynamo=False,
+                      input_names=["sample", "timestep"], output_names=["output"])  # fmt: skip
+    result = ak.replay(ref, submodel="unet", target=path, layers=True)
+    layers = result.table[result.table["io"] == "layers"]
+    assert {"act", "act#2", "block.0", "block"} <= set(layers["tensor"])  # the exporter's act_1 is act#2
+    assert set(layers[layers["tensor"].isin(["act", "act#2", "block"])]["matched_by"]) == {"name"}
+    assert (layers["status"] != "tgt only").all()  # no scope made up from a name with dots in it
+    assert result.verdict == "aligned" and (layers["status"] == "ok").all(), result.first_divergence

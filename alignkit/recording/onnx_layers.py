@@ -49,34 +49,57 @@ def expose(model_path: str, pattern: re.Pattern | None = None, providers: list[s
 
 
 def layer_names(nodes: Any, available: set[str], pattern: re.Pattern | None = None) -> list[tuple[str, str]]:
-    """(layer name, tensor name): the last output of each module scope, or every output."""
+    """(layer name, tensor name): each module's output — the last output of its scope and of
+    the scopes within it, as the torch module's own output is its last child's or its inline
+    code's — in the order they complete (children before their block); or every output."""
+    nodes = list(nodes)
+    chains = [_scope_chain(node) for node in nodes]
+    scopes = {name for chain in chains for name in chain}
     by_scope: dict[str, str] = {}
-    for node in nodes:
-        scope = _scope(node)
-        for out in node.output:
-            if out in available and scope:
-                by_scope.pop(scope, None)  # keep graph order of each scope's last output
-                by_scope[scope] = out
-    pairs = list(by_scope.items())
+    for node, chain in zip(nodes, chains):
+        for prefix in reversed(chain):  # the scope itself, then each block around it
+            for out in node.output:
+                if out in available:
+                    by_scope.pop(prefix, None)  # keep the order of each scope's last output
+                    by_scope[prefix] = out
+    pairs = [(torch_name(scope, scopes), out) for scope, out in by_scope.items()]
     if not pairs:
         pairs = [(out, out) for node in nodes for out in node.output if out in available]
     return [(layer, name) for layer, name in pairs if pattern is None or pattern.search(layer)]
 
 
+_REPEAT = re.compile(r"^(?P<base>.+)_(?P<k>\d+)$")
+
+
+def torch_name(scope: str, scopes: set[str]) -> str:
+    """The torch layer name of an exported scope: a module called again in one forward is
+    ``nonlinearity_1`` to the TorchScript exporter and ``nonlinearity#2`` to alignkit."""
+    head, _, last = scope.rpartition(".")
+    m = _REPEAT.match(last)
+    if m is None:
+        return scope
+    base = f"{head}.{m.group('base')}" if head else m.group("base")
+    return f"{base}#{int(m.group('k')) + 1}" if base in scopes else scope
+
+
 _DYNAMO_SCOPES = "pkg.torch.onnx.name_scopes"  # ['', 'down_blocks.0', 'down_blocks.0.resnets.0', …, '<op>']
 
 
-def _scope(node: Any) -> str:
-    """The torch module a node was exported from, as its dotted path; "" at the top level."""
+def _scope_chain(node: Any) -> list[str]:
+    """The torch modules a node was exported from, outermost first, each as its dotted path
+    (``["down_blocks.0", "down_blocks.0.resnets.0", "down_blocks.0.resnets.0.conv1"]``); empty
+    at the top level."""
     for prop in node.metadata_props:
         if prop.key == _DYNAMO_SCOPES:
             try:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
-                return ""
-            return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
-    parts = [p for p in node.name.split("/") if p]
-    return ".".join(parts[:-1]) if node.name.startswith("/") and len(parts) > 1 else ""
+                return []
+            return [str(s) for s in scopes[1:-1]] if isinstance(scopes, list) else []
+    parts = [p for p in node.name.split("/") if p]  # TorchScript: /down_blocks.0/resnets.0/conv1/Conv
+    if not node.name.startswith("/") or len(parts) < 2:
+        return []
+    return [".".join(parts[:depth]) for depth in range(1, len(parts))]
 
 
 _QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits"}
