@@ -52,6 +52,10 @@ def record(
     repeat: int = typer.Option(
         1, "--repeat", help="Run it this many times and keep each tensor's run-to-run spread: compare's floor."
     ),
+    mode: str = typer.Option("full", "--mode", help="full, or stats: per tensor its statistics and a sample."),
+    full_at: str | None = typer.Option(
+        None, "--full-at", help="With --mode stats: record these calls in full, e.g. 'unet:3-5' (';' between)."
+    ),
 ) -> None:
     """Run a script unmodified and record every submodel call: alignkit record -o ref.h5 -- script.py [args]"""
     from alignkit.recording.cli_run import record_command
@@ -66,6 +70,8 @@ def record(
         "layers": layers,
         "layer_filter": layer_filter,
         "layer_depth": layer_depth,
+        "mode": mode,
+        "full_at": full_at,
     }
     code = record_command(
         output, command, label=label, hooks=hook, step_on=step_on, console=err, repeat=repeat, **filters

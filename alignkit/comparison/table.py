@@ -19,6 +19,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,7 @@ COLUMNS = [
     "swapped_with",
     "broadcast",
     "overlap",
+    "estimate",
     "ref_dtype",
     "tgt_dtype",
     "ref_shape",
@@ -267,6 +269,8 @@ def _row(
         return {**base, "status": "tgt only" if r is None else "ref only"}
     numel_r, numel_t = int(np.prod(r.shape)), int(np.prod(t.shape))
     numel = base["numel"] = max(numel_r, numel_t)
+    if not isinstance(t, MergedTensor) and (ref.is_stats(r.path) or tgt.is_stats(t.path)):
+        return _stats_row(base, ref, tgt, r, t, pair, carried, limits)
     broadcast = _one_value_for_many(pair.io, numel_r, numel_t)
     if numel_r != numel_t and not broadcast:
         return _overlap_row(base, ref, tgt, r, t, floor_dtype_for(r.dtype, t.dtype, carried), limits)
@@ -295,6 +299,49 @@ def _row(
     out = {**base, **m, "exact": exact, "broadcast": broadcast, "status": status}
     if values is not None and (numel <= 8 or (exact and numel <= CONTROL_VALUES_SHOWN)):
         out["ref_value"], out["tgt_value"] = (_value(v) for v in values)
+    return out
+
+
+def _stats_row(
+    base: dict, ref: Dump, tgt: Dump, r: TensorInfo, t: TensorInfo, pair: TensorPair, carried: Any, limits: Thresholds
+) -> dict:
+    """A pair of which one side (or both) was recorded as statistics: the metrics estimated on
+    the sampled positions (the full side sampled at the same ones), the NaN/Inf counts from the
+    whole tensors' statistics, an equal checksum taken as equal values (``estimate``)."""
+    from alignkit.recording.stats import positions
+
+    if int(np.prod(r.shape)) != int(np.prod(t.shape)):
+        return {**base, "status": "shape"}
+    numel = int(np.prod(r.shape))
+
+    def sample(dump: Dump, info: TensorInfo) -> np.ndarray:
+        values = dump.read(info.path, info.dtype)
+        return values if dump.is_stats(info.path) else values.reshape(-1)[positions(numel)].astype(np.float64)
+
+    a, b = sample(ref, r), sample(tgt, t)
+    floor = floor_dtype_for(r.dtype, t.dtype, carried)
+    m = array_metrics(a, b, floor)
+    stats = [dump.stats(info.path) if dump.is_stats(info.path) else {} for dump, info in ((ref, r), (tgt, t))]
+    for side, figures in zip(("ref", "tgt"), stats):
+        if figures:
+            m[f"nan_{side}"], m[f"inf_{side}"] = int(figures["stats_nan"]), int(figures["stats_inf"])
+    same = all(stats) and stats[0].get("stats_checksum") == stats[1].get("stats_checksum") and r.dtype == t.dtype
+    if same:
+        m.update(l1=0.0, rel_l1=0.0, max_abs=0.0, cos=1.0, cos_dist=0.0, rmse=0.0)
+    m["nonfinite_mismatch"] = int(
+        (m["nan_ref"] + m["inf_ref"]) != (m["nan_tgt"] + m["inf_tgt"]) or m.get("nonfinite_mismatch", 0)
+    )
+    if floor:
+        m["floor_ratio"], m["floor_dtype"] = _floor_ratio(m), floor
+    whole = numel <= len(a)  # a small tensor's sample is all of it
+    exact = (
+        pair.io == "inputs"
+        and whole
+        and (_discrete(r.dtype) or _discrete(t.dtype) or (numel <= EXACT_NUMEL and _controls(tuple(r.shape), a)))
+    )
+    out = {**base, **m, "exact": exact, "estimate": numel > len(a), "status": _status(m, exact, limits)}
+    if numel <= 8:
+        out["ref_value"], out["tgt_value"] = _value(a.reshape(r.shape)), _value(b.reshape(t.shape))
     return out
 
 

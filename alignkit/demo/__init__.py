@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -14,8 +15,9 @@ from alignkit.recording import record
 __all__ = ["BUGS", "EXPECTED_VERDICT", "record_demo_pair", "run_demo"]
 
 
-def record_demo_pair(bug: str, steps: int, dumps: Path) -> tuple[Path, Path]:
-    """Record the reference run and the target run with ``bug`` planted; returns both paths."""
+def record_demo_pair(bug: str, steps: int, dumps: Path, **options: Any) -> tuple[Path, Path]:
+    """Record the reference run and the target run with ``bug`` planted; returns both paths.
+    ``options`` go to the recorder (``mode="stats"``, ``layers=["unet"]``…)."""
     if bug not in BUGS:
         raise UsageError(f"unknown bug {bug!r}; choose one of: {', '.join(BUGS)}")
     if steps < 1:
@@ -27,7 +29,7 @@ def record_demo_pair(bug: str, steps: int, dumps: Path) -> tuple[Path, Path]:
     for path, planted, label in ((paths[0], "none", "torch-fp32"), (paths[1], bug, f"port ({bug})")):
         pipe = tiny_pipeline(seed=0, scheduler=scheduler_for(bug))
         plant(pipe, planted)
-        with record(path, pipe, label=label):
+        with record(path, pipe, label=label, **options):
             generate(pipe, steps)
     return paths
 

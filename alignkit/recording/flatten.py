@@ -186,10 +186,15 @@ def name_outputs(result: Any) -> Named:
 
 
 def split(
-    named: Named, *, stage: Stage | None = None, keep: Callable[[str], Any] | None = None
+    named: Named,
+    *,
+    stage: Stage | None = None,
+    keep: Callable[[str], Any] | None = None,
+    take: Callable[[str, Any, Stage | None], Tensor] | None = None,
 ) -> tuple[list[Tensor], dict[str, str]]:
     """Copy out every tensor leaf (only those whose name ``keep`` accepts, when given; large
-    ones written straight into the dump through ``stage``); describe every other leaf as JSON."""
+    ones written straight into the dump through ``stage``); describe every other leaf as JSON.
+    ``take`` takes a tensor instead of copying it whole (``record --mode stats``)."""
     tensors: list[Tensor] = []
     values: dict[str, str] = {}
     seen: set[str] = set()
@@ -200,7 +205,7 @@ def split(
                 values[name] = describe_value(leaf)
             elif keep is None or keep(name):
                 try:
-                    tensors.append(capture(name, leaf, stage))
+                    tensors.append((take or capture)(name, leaf, stage))
                 except (
                     RuntimeError,
                     TypeError,

@@ -23,7 +23,7 @@ from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
 from alignkit.recording.metadata import closing_metadata, run_metadata
 from alignkit.recording.openvino import is_openvino_engine
-from alignkit.recording.seam import pop_call, push_call, recording_paused
+from alignkit.recording.seam import current_call, pop_call, push_call, recording_paused
 from alignkit.recording.targets import (
     ObjectNames,
     description,
@@ -65,6 +65,8 @@ class Recorder:
         command: str | None = None,
         max_pending_bytes: int = 512 << 20,
         spread_against: list[Any] | None = None,
+        mode: str = "full",
+        full_at: str | None = None,
     ):
         self.path = os.fspath(path)
         self.label = label
@@ -77,6 +79,10 @@ class Recorder:
         self._layer_depth = layer_depth
         self._command = command
         self._max_pending = max_pending_bytes
+        if mode not in ("full", "stats"):
+            raise UsageError(f"--mode {mode!r}: expected full or stats")
+        self._mode = mode
+        self._full = parse_full_at(full_at)
         self._spread = None
         if spread_against:
             from alignkit.recording.repeat import Spread
@@ -168,6 +174,8 @@ class Recorder:
             "layer_filter": self._layer_filter and self._layer_filter.pattern,
         }
         facts = {"calls_run": json.dumps(dict(self._ordinals))}
+        if self._mode != "full":
+            facts["mode"] = self._mode
         if self._spread is not None:
             facts["repeat"] = json.dumps({"runs": len(self._spread.earlier) + 1, "measured": self._spread.measured})
         if given := {key: value for key, value in filters.items() if value is not None}:
@@ -504,7 +512,7 @@ class Recorder:
         if self._steps is not None and step not in self._steps:
             return None
         try:
-            tensors, values = self.capture(named())
+            tensors, values = self.capture(named(), at=(submodel, step))
         except Exception as exc:  # never break the user's run over a value we cannot copy
             warnings.warn(
                 f"alignkit: could not record the inputs of {submodel} (seq {seq}): {exc}", RuntimeWarning, stacklevel=3
@@ -524,7 +532,7 @@ class Recorder:
             record.error = f"{type(error).__name__}: {error}"
         else:
             try:
-                tensors, values = self.capture(named())
+                tensors, values = self.capture(named(), at=(record.submodel, record.step))
             except Exception as exc:  # never break the user's run over a value we cannot copy
                 tensors, values = [], {}
                 record.error = f"alignkit could not record the outputs: {exc}"
@@ -537,12 +545,49 @@ class Recorder:
         if self._writer is not None:
             self._writer.put(record)
 
-    def capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
+    def capture(
+        self, named: Named, *, layers: bool = False, at: tuple[str, int] | None = None
+    ) -> tuple[list[Tensor], dict[str, str]]:
         """Take a call's values now: tensors the ``tensors`` filter keeps (layers are filtered
         by module path instead), large host tensors written straight into the dump."""
         writer = self._writer
         keep = self._tensors.search if self._tensors is not None and not layers else None
-        return split(named, stage=writer.stage if writer is not None else None, keep=keep)
+        return split(named, stage=writer.stage if writer is not None else None, keep=keep, take=self._take(at))
+
+    def _take(self, at: tuple[str, int] | None) -> Callable[[str, Any, Any], Tensor] | None:
+        """How a call's tensors are taken: whole, or (``mode="stats"``) as statistics and a
+        sample, unless ``full_at`` asks for this call in full. ``at`` is the call's (submodel,
+        step); layers ask for the call being recorded."""
+        if self._mode != "stats":
+            return None
+        if at is None:
+            record = current_call()
+            at = (record.submodel, record.step) if record is not None else None
+        if at is not None and self._full_at(*at):
+            return None
+        from alignkit.recording.stats import capture_stats
+
+        return lambda name, value, stage: capture_stats(name, value)
+
+    def _full_at(self, submodel: str, step: int) -> bool:
+        return any(
+            re.fullmatch(pattern, submodel) and (steps is None or step in steps) for pattern, steps in self._full
+        )
+
+
+def parse_full_at(text: str | None) -> list[tuple[str, set[int] | None]]:
+    """``"unet:3-5,8;vae.decode"`` → the submodels (regular expressions) and steps to record in
+    full in a statistics recording; a submodel without steps is recorded in full at every step."""
+    from alignkit.replaying import parse_steps
+
+    out = []
+    for part in filter(None, (text or "").split(";")):
+        submodel, _, steps = part.partition(":")
+        if not submodel:
+            raise UsageError(f"--full-at {part!r}: expected submodel[:steps], e.g. unet:3-5")
+        _regex("full_at", submodel)
+        out.append((submodel, set(parse_steps(steps)) if steps else None))
+    return out
 
 
 def _ended_by(error: BaseException) -> str:

@@ -53,6 +53,8 @@ def render(result: Comparison) -> Group:
     parts.append(Text(f"{result.ref_label} vs {result.tgt_label}: {result.verdict.upper()}", style=style))
     if result.verdict == "incomplete":
         parts.append(Text("Not compared: ", style="bold") + Text(result.blind_text()))
+    if "estimate" in result.table and result.table["estimate"].eq(True).any():
+        parts.append(Text("Estimates: ", style="bold") + Text(estimate_text(result)))
     if result.tokens:
         from alignkit.comparison.tokens import tokens_text
 
@@ -113,3 +115,20 @@ class _Null:
 
     def flush(self) -> None:
         pass
+
+
+def estimate_text(result: Comparison) -> str:
+    """What a statistics comparison's figures are, and the command that zooms in on its first
+    divergence (the same run, recorded in full at that submodel and step)."""
+    from alignkit.recording.stats import SAMPLE
+
+    n = int(result.table["estimate"].eq(True).sum())
+    text = f"{n} tensors were recorded as statistics: their figures are estimated from {SAMPLE} sampled elements each"
+    fd = result.first_divergence
+    if fd is not None:
+        command = result.tgt_meta.get("command") or "python run_target.py"
+        text += (
+            f'; zoom in with: alignkit record --mode stats --full-at "{fd.submodel}:{fd.step}" -o zoom.h5 -- '
+            f"{command.split(' -- ', 1)[-1]}"
+        )
+    return text

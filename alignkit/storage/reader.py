@@ -214,7 +214,20 @@ class Dump:
         raw = np.empty(ds.shape, dtype=ds.dtype)
         if raw.size:
             ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
+        if self.is_stats(path):
+            return raw  # a statistics recording's sample, kept in float64 whatever the dtype
         return decode(raw, dtype)
+
+    def is_stats(self, path: str) -> bool:
+        """Whether the tensor at ``path`` was recorded as statistics and a sample (``record --mode stats``)."""
+        if self.metadata.get("mode") != "stats":
+            return False
+        return bool(h5py.h5a.exists(h5py.h5o.open(self._file.id, path.encode("utf-8")), b"stats_shape"))
+
+    def stats(self, path: str) -> dict[str, Any]:
+        """A statistics recording's figures for the tensor at ``path`` (``stats_min``…)."""
+        attrs = self._file[path].attrs
+        return {key: attrs[key] for key in attrs if key.startswith("stats_")}
 
     def dataset(self, path: str) -> h5py.Dataset:
         """The h5py dataset at ``path`` (as in :attr:`tensors`), to read a large tensor in

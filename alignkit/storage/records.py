@@ -22,6 +22,8 @@ class Tensor:
     release: Callable[[], None] | None = None  # give a recycled buffer back once written
     staged: str | None = None  # already in the dump at this path; ``data`` is then a stand-in
     spread: dict[str, float] | None = None  # its run-to-run spread (record --repeat), kept as attributes
+    stats: dict[str, float] | None = None  # record --mode stats: its statistics, ``data`` then its sample
+    full_shape: tuple | None = None  # the tensor's shape where ``data`` is a sample of it
 
     @property
     def nbytes(self) -> int:

@@ -235,7 +235,9 @@ class DumpWriter:
         _write_call(self._file, record)
         self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
         self._tensor_rows.extend(
-            (record.seq, io, t.name, t.dtype, t.data.shape) for io, tensors, _ in record.sides() for t in tensors
+            (record.seq, io, t.name, t.dtype, t.full_shape if t.full_shape is not None else t.data.shape)
+            for io, tensors, _ in record.sides()
+            for t in tensors
         )
         self.calls_written += 1
 
@@ -440,6 +442,9 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
         attrs["device"] = tensor.device
     if tensor.spread:
         attrs.update(tensor.spread)
+    if tensor.stats is not None:  # a sample: its logical dtype and shape are the tensor's
+        attrs.update(tensor.stats)
+        attrs["dtype"], attrs["stats_shape"] = tensor.dtype, list(tensor.full_shape or ())
     return attrs
 
 
