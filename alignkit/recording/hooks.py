@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from alignkit.errors import UsageError
 from alignkit.recording.flatten import Named, name_outputs, signature_binder
-from alignkit.recording.targets import reference, torch_is_tracing, uncompiled
+from alignkit.recording.seam import Hook
+from alignkit.recording.targets import torch_is_tracing, uncompiled
 
 if TYPE_CHECKING:
     from alignkit.recording.seam import CallLog
@@ -75,28 +76,6 @@ class Watch:
         if self.after is not None:
             self.after()
         return result
-
-
-class Hook:
-    """A named, removable hook; ``remove`` may be called more than once."""
-
-    name: str
-    _target: Callable[[], Any] | None = None
-
-    @property
-    def target(self) -> Any:
-        """The object whose calls it records, where it is one object (held weakly: a freed
-        model's hook keeps nothing alive)."""
-        return self._target() if self._target is not None else None
-
-    def _records(self, obj: Any) -> None:
-        self._target = reference(obj)
-
-    def remove(self) -> None:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
 
 
 class MethodHook(Hook):

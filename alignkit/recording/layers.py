@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from alignkit.recording.flatten import Named, name_outputs, split
-from alignkit.recording.hooks import Hook
-from alignkit.recording.seam import current_call
+from alignkit.recording.seam import Hook, current_call
 from alignkit.recording.targets import uncompiled
 from alignkit.recording.tensors import Tensor
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from alignkit.recording.flatten import Named
-from alignkit.recording.hooks import Hook
+from alignkit.recording.seam import Hook
 
 
 def is_openvino_engine(obj: Any) -> bool:

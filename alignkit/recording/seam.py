@@ -15,10 +15,33 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
+from alignkit.recording.targets import reference
+
 if TYPE_CHECKING:
     from alignkit.recording.flatten import Named
-    from alignkit.recording.hooks import Hook
     from alignkit.storage.records import CallRecord, Tensor
+
+
+class Hook:
+    """A named, removable hook; ``remove`` may be called more than once."""
+
+    name: str
+    _target: Callable[[], Any] | None = None
+
+    @property
+    def target(self) -> Any:
+        """The object whose calls it records, where it is one object (held weakly: a freed
+        model's hook keeps nothing alive)."""
+        return self._target() if self._target is not None else None
+
+    def _records(self, obj: Any) -> None:
+        self._target = reference(obj)
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
 
 
 class CallLog(Protocol):
