@@ -11,7 +11,7 @@ operators through fp32 and may not meet the overflow a real NPU meets).
 
 Three ways to build: a torch module (``--module mod:factory``, kept modules stay fp32 with
 their inputs and outputs cast at the boundary), an fp32 ONNX model (``--onnx``, converted with
-onnxconverter-common's float16 converter and a node block list), and ``--builder mod:fn``, a
+ONNX Runtime's float16 converter and a node block list), and ``--builder mod:fn``, a
 function that takes the keep list and returns a callable, for any other toolchain.
 """
 
@@ -65,28 +65,35 @@ def fix_precision(
     if sum(x is not None for x in (onnx, module, builder)) != 1:
         raise UsageError("fix-precision needs one of --onnx model.onnx, --module mod:factory, --builder mod:fn")
     build = _builds(onnx, module, builder, dtype)
+    blocks = _blocks(onnx, module)
     runs = 0
 
     def aligned_with(keep: list[str]) -> tuple[bool, Any]:
+        """Build, replay as deployed; where it does not align, replay again with its layers
+        exposed (which may stop a runtime fusing them) for the drill-down."""
         nonlocal runs
         runs += 1
         if progress is not None:
             progress(runs, max_builds)
-        result = replay(ref, submodel=submodel, target=build(keep), layers=True)
-        return result.aligned, result
+        target = build(keep)
+        judged = {"target_precision": {submodel: dtype}}  # the build computes in it, whatever its I/O
+        result = replay(ref, submodel=submodel, target=target, **judged)
+        if result.aligned:
+            return True, result
+        return False, replay(ref, submodel=submodel, target=target, layers=True, **judged)
 
     ok, result = aligned_with([])
     if ok:
         return _answer([], True, runs, out, onnx, dtype, already=True)
     keep: list[str] = []
     while not ok and runs < max_builds:
-        start = next((k for k in _starts(result) if k not in keep), None)
+        start = next((k for k in [*_starts(result), *blocks] if k not in keep), None)
         if start is None:
             break
         keep.append(start)
         ok, result = aligned_with(keep)
     if not ok:
-        return _answer(keep, False, runs, out, onnx, dtype)
+        return _answer(keep, False, runs, out, onnx, dtype, no_layers=not _starts(result) and not blocks)
     for layer in list(keep)[:-1]:  # the last one added was needed; each earlier one may not be
         if runs >= max_builds:
             break
@@ -94,6 +101,31 @@ def fix_precision(
         if aligned_with(trial)[0]:
             keep = trial
     return _answer(keep, True, runs, out, onnx, dtype)
+
+
+def _blocks(onnx: Any, module: str | None) -> list[str]:
+    """Candidates where the drill-down has none (a reference recorded without layers): the
+    model's top-level blocks, in order."""
+    if module is not None:
+        made = _call(module, _load(module, "factory"))
+        return [name for name, _ in made.named_children()] if hasattr(made, "named_children") else []
+    if onnx is not None:
+        import onnx as onnx_lib
+
+        from alignkit.recording.onnx_layers import _scope_chain
+
+        nodes = list(onnx_lib.load(onnx, load_external_data=False).graph.node)
+        chains = [_scope_chain(node) for node in nodes]
+        depth = 0
+        while len({c[depth] for c in chains if len(c) > depth}) == 1:  # a wrapper around the model: look inside
+            depth += 1
+        loose = any(len(chain) <= depth and node.op_type not in _TRIVIAL for node, chain in zip(nodes, chains))
+        return [*([GRAPH_LEVEL] if loose else []), *dict.fromkeys(c[depth] for c in chains if len(c) > depth)]
+    return []
+
+
+GRAPH_LEVEL = "(graph-level nodes)"  # the nodes of no module: a timestep's casts and embedding glue
+_TRIVIAL = {"Identity", "Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Slice"}
 
 
 def _starts(result: Any) -> list[str]:
@@ -169,12 +201,11 @@ def _onnx_builds(path: Path, dtype: str) -> Callable[[list[str]], str]:
     """Builds of an fp32 ONNX model in float16, its inputs and outputs kept float32, the nodes
     of each kept layer (by the module scope the exporter wrote into node names) blocked."""
     if dtype != "fp16":
-        raise UsageError("--onnx builds fp16 (onnxconverter-common's float16 converter); bf16 needs --builder")
+        raise UsageError("--onnx builds fp16 (ONNX Runtime's float16 converter); bf16 needs --builder")
     try:
         import onnx
-        from onnxconverter_common import float16
     except ImportError as exc:
-        raise UsageError("--onnx needs onnx and onnxconverter-common: pip install onnxconverter-common") from exc
+        raise UsageError("--onnx needs onnx: pip install 'alignkit[onnx]'") from exc
     try:
         model = onnx.load(path)
     except Exception as exc:
@@ -183,12 +214,22 @@ def _onnx_builds(path: Path, dtype: str) -> Callable[[list[str]], str]:
 
     def build(keep: list[str]) -> str:
         blocked = node_names(model, keep)
-        converted = float16.convert_float_to_float16(copy.deepcopy(model), keep_io_types=True, node_block_list=blocked)
+        converted = to_fp16(copy.deepcopy(model), blocked)
         target = folder / f"build_{len(list(folder.iterdir()))}.onnx"
         onnx.save(converted, target)
         return str(target)
 
     return build
+
+
+def to_fp16(model: Any, blocked: list[str]) -> Any:
+    """ONNX Runtime's float16 converter (``onnxruntime.transformers.float16``), float32 inputs
+    and outputs kept, the ``blocked`` nodes left in float32 with casts around them."""
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise UsageError("--onnx needs onnxruntime: pip install 'alignkit[onnx]'") from exc
+    return convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
 
 
 def node_names(model: Any, layers: list[str]) -> list[str]:
@@ -203,7 +244,14 @@ def node_names(model: Any, layers: list[str]) -> list[str]:
 
 
 def _answer(
-    keep: list[str], ok: bool, builds: int, out: Any, onnx: Any, dtype: str, already: bool = False
+    keep: list[str],
+    ok: bool,
+    builds: int,
+    out: Any,
+    onnx: Any,
+    dtype: str,
+    already: bool = False,
+    no_layers: bool = False,
 ) -> FixResult:
     out = Path(out)
     if already:
@@ -215,6 +263,11 @@ def _answer(
     elif ok:
         listed = ", ".join(keep)
         message = f"keep {len(keep)} in fp32: {listed} — the {dtype} build then aligns at every recorded step"
+    elif no_layers:
+        message = (
+            f"the {dtype} build does not align, and nothing says where its errors start: record the reference with "
+            "--layers of the submodel, so that the search can start from its drill-down"
+        )
     else:
         tried = ", ".join(keep) or "none"
         message = f"no keep list within {builds} builds makes the {dtype} build align (last tried: {tried})"
@@ -233,12 +286,10 @@ def _write_forms(keep: list[str], out: Path, onnx: Any, dtype: str) -> list[Path
     names = keep
     if onnx is not None:
         import onnx as onnx_lib
-        from onnxconverter_common import float16
 
         model = onnx_lib.load(onnx)
         names = node_names(model, keep)
-        fixed = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=names)
-        onnx_lib.save(fixed, out)
+        onnx_lib.save(to_fp16(model, names), out)
         files.insert(0, out)
     qtable = base.with_suffix(".qtable")
     qtable.write_text("# TPU-MLIR qtable: layers kept in F32\n" + "".join(f"{n} F32\n" for n in names))

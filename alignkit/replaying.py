@@ -101,6 +101,7 @@ def replay(
             ref.metadata.get("step_source", "none") != "none"
         ):  # the calls keep the reference's steps, which come from there
             writer.set_attr("step_source", ref.metadata["step_source"])
+        writer.describe(submodel, _target_description(target))
         try:
             for call in calls:
                 feed, values, adapted = runner.feed(call)
@@ -383,6 +384,24 @@ def _make_runner(target: Any, layers: bool = False) -> _Runner:
     raise UsageError(
         f"cannot replay into {type(target).__name__}: give an .onnx path, module:factory, a torch module or a callable"
     )
+
+
+def _target_description(target: Any) -> dict[str, str]:
+    """What the replayed target is, for the replay dump's ``/submodels``: an ONNX model's
+    precision read from its graph (an fp16 build behind float32 I/O is judged at its floor)."""
+    from alignkit.recording.targets import description, is_ort_session
+
+    if isinstance(target, (str, os.PathLike)) and str(target).endswith(".onnx"):
+        from alignkit.recording.onnx_layers import onnx_precision
+
+        precision = onnx_precision(str(target))
+        return {"class": "onnx", "engine": "onnxruntime", **({"precision": precision} if precision else {})}
+    if is_ort_session(target) or not isinstance(target, str):
+        try:
+            return description(target)
+        except Exception:  # a target that cannot be described is still replayed
+            return {"class": type(target).__name__}
+    return {"class": str(target)}
 
 
 def _first_line(exc: BaseException) -> str:

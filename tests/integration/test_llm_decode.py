@@ -166,3 +166,20 @@ def test_a_decode_loop_is_also_judged_in_tokens(reference, tmp_path):
     shifted = ak.compare(ref, tmp_path / "shifted.h5").tokens
     assert shifted["identical"] == NEW_TOKENS  # the tiny model still picks the same tokens…
     assert min(r["top_k"] for r in shifted["per_step"]) < 0.5  # …but ranks the candidates otherwise
+
+
+def test_a_model_driven_by_generate_is_recorded_with_no_code_change(tmp_path):
+    """transformers' generate, under alignkit record: the model it drives is the decoder, the
+    prefill then a step a token, its cache named as exports name it."""
+    from alignkit.recording.cli_run import record_command
+    from tests.conftest import ROOT
+
+    (tmp_path / "run.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch\nfrom tests.integration.test_llm_decode import PROMPT, NEW_TOKENS, tiny_gpt2\n"
+        "tiny_gpt2().generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)\n"
+    )
+    assert record_command(tmp_path / "zero.h5", [str(tmp_path / "run.py")]) == 0
+    with ak.open_dump(tmp_path / "zero.h5") as dump:
+        assert dump.submodels == ["decoder"] and dump.steps("decoder") == list(range(NEW_TOKENS))
+        assert "past_key_values.0.key" in dump["decoder", 1].inputs

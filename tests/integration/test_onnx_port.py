@@ -203,3 +203,21 @@ def test_an_int8_unet_names_the_quantized_graph(port, tmp_path):
         "unet computes in int8, read from its ONNX graph (the graph is quantized: its floor is an estimate, an int8 "
         "rounding of each output): its outputs' error is up to "
     )
+
+
+def test_fix_precision_on_the_tiny_unets_fp32_export_gives_a_verified_answer(port, tmp_path):
+    """The UNet's fp32 export through onnxconverter-common's float16 converter: a verified keep
+    list and a fixed model, or the plain answer that ONNX Runtime's fp16 build already aligns."""
+    import onnx
+
+    from alignkit.fixing import fix_precision
+
+    ref, _ = port
+    unet = ref.parent / "onnx" / "unet" / "model.onnx"
+    result = fix_precision(ref, submodel="unet", dtype="fp16", out=tmp_path / "unet_fp16.onnx", onnx=unet, max_builds=6)
+    assert result.aligned, result.message
+    if not result.keep:
+        assert "already aligns on ONNX Runtime on this CPU" in result.message
+    fixed = onnx.load(tmp_path / "unet_fp16.onnx")
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in fixed.graph.initializer)
+    assert ak.replay(ref, submodel="unet", target=tmp_path / "unet_fp16.onnx").aligned

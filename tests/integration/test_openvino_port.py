@@ -82,3 +82,23 @@ def test_an_openvino_unet_in_bf16_behind_float32_io_is_judged_against_the_bf16_f
     else:  # within the bf16 floor (a CPU without bf16 computes in f32): expected precision loss
         assert result.verdict == "aligned", fd
         assert result.warnings[0].endswith("expected precision loss")
+
+
+def test_an_infer_request_records_under_the_name_the_script_gives_it(tmp_path):
+    script = """
+import numpy as np
+import openvino as ov
+import torch
+
+model = ov.convert_model(torch.nn.Linear(4, 3), example_input=torch.ones(2, 4))
+decoder = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+request = decoder.create_infer_request()
+for _ in range(2):
+    request.infer({0: np.ones((2, 4), np.float32)})
+"""
+    (tmp_path / "run.py").write_text(script)
+    assert record_command(tmp_path / "ov.h5", [str(tmp_path / "run.py")], layers=["openvino"]) == 0
+    with ak.open_dump(tmp_path / "ov.h5") as dump:
+        assert len(dump.calls) == 2 and dump.submodels == ["openvino"]  # a request of an unnamed model
+        assert dump.descriptions["openvino"]["precision"] == "fp32"
+        assert any("OpenVINO model, whose layers alignkit cannot record" in n for n in dump.metadata["filter_notes"])

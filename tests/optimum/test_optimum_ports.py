@@ -81,8 +81,8 @@ def llama(tmp_path_factory):
     return folder
 
 
-def record(folder, run: str, *args) -> ak.Comparison:
-    dump = folder / f"{run}.h5"
+def record(folder, run: str, *args, out=None):
+    dump = out or folder / f"{run}.h5"
     assert record_command(dump, [str(folder / "run.py"), run, *map(str, args)]) == 0
     return dump
 
@@ -134,3 +134,22 @@ def test_a_faithful_optimum_llama_port_compares_aligned_at_every_token(llama):
     assert any(
         "`logits`: reference shape [1,1,100], target [1,5,100]: compared on the last 1" in w for w in result.warnings
     )
+
+
+def test_a_quantize_dynamic_int8_decoder_is_judged_in_int8_and_in_tokens(llama, tmp_path):
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    shutil.copytree(llama / "onnx", tmp_path / "int8")
+    quantize_dynamic(
+        str(llama / "onnx" / "model.onnx"), str(tmp_path / "int8" / "model.onnx"), weight_type=QuantType.QInt8
+    )
+    ref, tgt = (
+        record(llama, "torch", llama / "torch"),
+        record(llama, "onnx", tmp_path / "int8", out=tmp_path / "int8.h5"),
+    )
+    result = ak.compare(ref, tgt)
+    assert result.verdict == "aligned", result.first_divergence
+    assert result.warnings[0].startswith("decoder computes in int8, read from its ONNX graph (the graph is quantized")
+    assert result.tokens["identical"] == result.tokens["steps"] == 4  # the tokens an int8 port would generate
