@@ -256,6 +256,9 @@ def import_(
         None, "--inputs", help="npy-dir: tensor names that are inputs (a,b); polygraphy: a --save-inputs file."
     ),
     runner: str | None = typer.Option(None, "--runner", help="polygraphy: the runner (a part of its name)."),
+    outputs: str | None = typer.Option(
+        None, "--outputs", help="polygraphy: the model's outputs (a,b), the rest layers (--onnx-outputs '*')."
+    ),
     iterations: str | None = typer.Option(None, "--iterations", help="polygraphy: iterations are steps or calls."),
     bf16: str | None = typer.Option(None, "--bf16", help="npz: uint16 arrays that hold bf16 bits (names, or all)."),
     rank: int | None = typer.Option(None, "--rank", help="msprobe: the rank to import (default 0)."),
@@ -263,12 +266,12 @@ def import_(
     """Write another tool's dump as an alignkit dump, ready for compare, inspect and replay."""
     from alignkit.importing import import_dump
 
-    options = {"submodel": submodel, "pattern": pattern, "inputs": inputs, "runner": runner}
+    options = {"submodel": submodel, "pattern": pattern, "inputs": inputs, "runner": runner, "outputs": outputs}
     options |= {"iterations": iterations, "bf16": bf16, "rank": rank}
     allowed = {
         "npy-dir": {"pattern", "submodel", "inputs"},
         "npz": {"submodel", "bf16"},
-        "polygraphy": {"runner", "submodel", "inputs", "iterations"},
+        "polygraphy": {"runner", "submodel", "inputs", "iterations", "outputs"},
         "msprobe": {"rank"},
     }.get(fmt, set())
     given = {key for key, value in options.items() if value is not None}

@@ -29,18 +29,27 @@ def read(
     submodel: str = "model",
     inputs: str | None = None,
     iterations: str = "steps",
+    outputs: str | None = None,
 ) -> tuple[list[Imported], bool]:
+    """``outputs`` names the model's outputs (comma-separated) where the run saved more
+    (``--onnx-outputs '*'``): every other tensor is then a layer."""
     if iterations not in ("steps", "calls"):
         raise UsageError(f"--iterations {iterations!r}: expected steps or calls")
     runs = _runners(path)
     name, results = _pick(runs, runner, path)
     feeds = _feeds(Path(inputs)) if inputs else []
+    graph_outputs = {name.strip() for name in (outputs or "").split(",") if name.strip()}
     calls = []
     for i, result in enumerate(results):
-        outputs = [(tensor, decode(value, path)) for tensor, value in result.get("outputs", {}).items()]
+        saved = [(tensor, decode(value, path)) for tensor, value in result.get("outputs", {}).items()]
+        missing = graph_outputs - {name for name, _ in saved}
+        if missing:
+            raise UsageError(f"--outputs {', '.join(sorted(missing))}: not among what {path} saved")
+        outs = [(n, v) for n, v in saved if not graph_outputs or n in graph_outputs]
+        layers = [(n, v) for n, v in saved if graph_outputs and n not in graph_outputs]
         feed = [(tensor, decode(value, path)) for tensor, value in (feeds[i] if i < len(feeds) else {}).items()]
         step, call = (i, 0) if iterations == "steps" else (0, i)
-        calls.append(Imported(submodel, step, call, inputs=feed, outputs=outputs, values={"runner": name}))
+        calls.append(Imported(submodel, step, call, inputs=feed, outputs=outs, layers=layers, values={"runner": name}))
     return calls, iterations == "steps"
 
 

@@ -73,6 +73,17 @@ def test_polygraphy_run_results_compare_with_alignkits_recording_of_the_same_inp
     fd = ak.compare(tmp_path / "ref.h5", tmp_path / "broken.h5").first_divergence
     assert (fd.submodel, fd.step, fd.io, fd.tensor, fd.kind) == ("block", 0, "outputs", "output", "local error")
 
+    # every tensor of the graph (--onnx-outputs '*'): the model's output stays an output, the rest are layers
+    subprocess.run(
+        [polygraphy, "run", str(tmp_path / "m.onnx"), "--onnxrt", "--onnx-outputs", "*",
+         "--save-outputs", str(tmp_path / "all.json"), "--load-inputs", str(tmp_path / "in.json")],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    import_dump("polygraphy", tmp_path / "all.json", tmp_path / "all.h5", submodel="block", outputs="output")
+    with ak.open_dump(tmp_path / "all.h5") as dump:
+        call = dump["block", 0]
+        assert list(call.outputs) == ["output"] and len(call.layers) >= 1  # the convolution's output, at least
+
 
 def _seed_001_folder(folder, bug_step=None):
     """A hand-written UNet loop saving its inputs and outputs as ``bins/<name>-<i>.npy``."""
