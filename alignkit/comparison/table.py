@@ -316,7 +316,9 @@ def _stats_row(
 
     def sample(dump: Dump, info: TensorInfo) -> np.ndarray:
         values = dump.read(info.path, info.dtype)
-        return values if dump.is_stats(info.path) else values.reshape(-1)[positions(numel)].astype(np.float64)
+        if dump.is_stats(info.path):
+            return values.astype(np.float64)
+        return values.reshape(-1)[positions(numel)].astype(np.float64)
 
     a, b = sample(ref, r), sample(tgt, t)
     floor = floor_dtype_for(r.dtype, t.dtype, carried)

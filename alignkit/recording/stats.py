@@ -2,8 +2,9 @@
 its values, so that a whole real run, layers included, fits in megabytes.
 
 Kept per tensor: dtype, shape, min, max, mean, std, L2 norm, NaN and Inf counts, a checksum of
-its bits, and ``SAMPLE`` elements at the same positions in every run (evenly spaced over the
-flattened tensor), from which compare estimates L1, relative L1 and cosine. Reductions run
+its bits, and ``SAMPLE`` elements (in float32) at the same positions in every run (evenly
+spaced over the flattened tensor), from which compare estimates L1, relative L1 and cosine. A
+tensor of at most ``SAMPLE`` elements is kept whole. Reductions run
 where the tensor lives (on the GPU for a CUDA tensor): only the statistics and the sample
 cross to the host.
 """
@@ -28,9 +29,12 @@ def positions(numel: int) -> np.ndarray:
 
 
 def capture_stats(name: str, value: Any) -> Tensor:
-    """A tensor's statistics and sample, as a :class:`Tensor` whose ``data`` is the sample."""
-    from alignkit.recording.tensors import torch_tensor_type
+    """A tensor's statistics and sample, as a :class:`Tensor` whose ``data`` is the sample; a
+    tensor no larger than the sample is taken whole (its statistics would be no smaller)."""
+    from alignkit.recording.tensors import capture, torch_tensor_type
 
+    if int(np.prod(getattr(value, "shape", ()))) <= SAMPLE:
+        return capture(name, value)
     tensor_type = torch_tensor_type()
     if tensor_type is not None and isinstance(value, tensor_type):
         return _torch_stats(name, value)
@@ -40,7 +44,8 @@ def capture_stats(name: str, value: Any) -> Tensor:
     as_float = flat.astype(np.float64) if flat.dtype.kind in "fiub" else np.zeros(flat.size)
     bits = np.ascontiguousarray(flat).view(np.uint8)
     stats = _stats(as_float, _checksum(bits))
-    return Tensor(name, as_float[positions(flat.size)], array.dtype.name, source, stats=stats, full_shape=array.shape)
+    sample = as_float[positions(flat.size)].astype(np.float32)
+    return Tensor(name, sample, array.dtype.name, source, stats=stats, full_shape=array.shape)
 
 
 def _torch_stats(name: str, t: Any) -> Tensor:
@@ -62,7 +67,7 @@ def _torch_stats(name: str, t: Any) -> Tensor:
         "stats_checksum": _torch_checksum(flat),
     }
     index = torch.from_numpy(positions(n)).to(flat.device)
-    sample = values[index].cpu().numpy() if n else np.zeros(0)
+    sample = values[index].float().cpu().numpy() if n else np.zeros(0, np.float32)
     device = str(flat.device)
     return Tensor(name, sample, dtype, "torch", device=device if device != "cpu" else "cpu", stats=stats,
                   full_shape=tuple(t.shape))  # fmt: skip

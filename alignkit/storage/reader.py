@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -215,7 +216,7 @@ class Dump:
         if raw.size:
             ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
         if self.is_stats(path):
-            return raw  # a statistics recording's sample, kept in float64 whatever the dtype
+            return raw  # a statistics recording's sample, kept in float32 whatever the dtype
         return decode(raw, dtype)
 
     def is_stats(self, path: str) -> bool:
@@ -349,12 +350,7 @@ def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
         signature = fh.read(8)
     if signature != b"\x89HDF\r\n\x1a\n":
         raise NotADumpError(f"{path}: not an HDF5 file, so not an alignkit dump")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        if "unable to lock" in str(exc).lower():
-            raise NotADumpError(f"{path}: is open for writing by another process") from exc
-        raise DumpCorruptError(f"{path}: truncated or damaged HDF5 file ({_short(exc)})") from exc
+    f = _open_h5(path)
     try:
         _check_format(path, f)
         index = _read_index(f)
@@ -365,6 +361,24 @@ def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
         f.close()
         raise DumpCorruptError(f"{path}: truncated or damaged dump ({_short(exc)})") from exc
     return f, index
+
+
+LOCK_WAIT = 2.0  # seconds a dump's lock is waited for: a child the recorded process forked may hold it a moment
+
+
+def _open_h5(path: Path) -> h5py.File:
+    """Open a dump for reading. Its lock may outlive its recording for a moment (a process the
+    run forked holds a copy of the file until it exits): that is waited for, briefly."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            return h5py.File(path, "r")
+        except OSError as exc:
+            if "unable to lock" not in str(exc).lower():
+                raise DumpCorruptError(f"{path}: truncated or damaged HDF5 file ({_short(exc)})") from exc
+            if time.monotonic() > deadline:
+                raise NotADumpError(f"{path}: is open for writing by another process") from exc
+            time.sleep(0.05)
 
 
 def _check_format(path: Path, f: h5py.File) -> None:

@@ -29,6 +29,7 @@ machine would then starve it, and a kill would lose more of the run.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import queue
@@ -47,6 +48,7 @@ import numpy as np
 from alignkit.errors import RecordingError, UsageError, os_reason
 from alignkit.storage.journal import DumpLockedError, JournaledFile
 from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
+from alignkit.storage.objects import link as link_to
 from alignkit.storage.records import CallRecord, Tensor
 from alignkit.storage.schema import (
     CALLS,
@@ -95,6 +97,7 @@ class DumpWriter:
         self._held_bytes = 0
         self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal)
         self._tensor_rows: list[tuple] = []  # (seq, io, name, dtype, shape)
+        self._previous: dict[tuple, tuple] = {}  # (submodel, io, name) → (digest, dtype, shape, path) last written
         self._room = _Room(self.path)
         self._file_lock = threading.Lock()  # held while staging from a caller thread, and to close
         self._staging: Any = None
@@ -232,7 +235,7 @@ class DumpWriter:
         for tensor in record.tensors():
             if tensor.ready is not None:
                 tensor.ready()  # an asynchronous device copy must land before it is written
-        _write_call(self._file, record)
+        _write_call(self._file, record, self._previous)
         self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
         self._tensor_rows.extend(
             (record.seq, io, t.name, t.dtype, t.full_shape if t.full_shape is not None else t.data.shape)
@@ -396,7 +399,10 @@ def _create(disk: JournaledFile, metadata: dict[str, Any]) -> h5py.File:
     return f
 
 
-def _write_call(f: h5py.File, record: CallRecord) -> None:
+def _write_call(f: h5py.File, record: CallRecord, previous: dict[tuple, tuple] | None = None) -> None:
+    """One call's group and tensors. A tensor equal, bit for bit, to the one the same submodel's
+    call wrote under the same name before (text embeddings fed at every step) is stored once:
+    a hard link to that dataset, read back like any other (docs/format.md)."""
     group = create_group(f.id, call_group_name(record.seq))
     head = {
         "seq": record.seq,
@@ -410,12 +416,27 @@ def _write_call(f: h5py.File, record: CallRecord) -> None:
         sub = create_group(group, io)
         for tensor in tensors:
             link = escape_name(tensor.name)
+            key, seen = (record.submodel, io, tensor.name), None
             if tensor.staged is not None:
                 dataset = relink(f.id, tensor.staged, sub, link)
+            elif previous is not None and tensor.spread is None and tensor.stats is None:
+                seen = (_digest(tensor.data), tensor.dtype, tensor.data.shape)
+                last = previous.get(key)
+                if last is not None and last[:3] == seen:
+                    link_to(f.id, last[3], sub, link)
+                    continue
+                dataset = create_dataset(sub, link, tensor.data)
             else:
                 dataset = create_dataset(sub, link, tensor.data)
             set_attrs(dataset, _dataset_attrs(tensor, link))
+            if seen is not None:
+                previous[key] = (*seen, f"/{call_group_name(record.seq)}/{io}/{link}")
         set_attrs(sub, values)
+
+
+def _digest(data: np.ndarray) -> bytes:
+    """A tensor's bits, hashed: equal digests, equal tensors (BLAKE2b, 16 bytes)."""
+    return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8).data, digest_size=16).digest()
 
 
 def _write_group(f: h5py.File, parent_name: str, name: str, attrs: dict[str, Any], replace: bool = False) -> None:

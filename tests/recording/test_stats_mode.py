@@ -16,6 +16,7 @@ def test_statistics_of_numpy_and_torch_tensors_agree_and_sample_the_same_positio
     a, b = capture_stats("x", x), capture_stats("x", torch.from_numpy(x))
     assert a.full_shape == b.full_shape == (4, 1000) and a.data.shape == b.data.shape == (SAMPLE,)
     np.testing.assert_array_equal(a.data, b.data)
+    assert capture_stats("small", np.ones(8, np.float32)).stats is None  # no larger than a sample: kept whole
     assert a.stats["stats_checksum"] == b.stats["stats_checksum"]  # the same bits, on either side
     assert (a.stats["stats_nan"], a.stats["stats_inf"]) == (1, 1)
     finite = x[np.isfinite(x)].astype(np.float64)

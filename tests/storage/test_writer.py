@@ -19,10 +19,10 @@ def failing_writer(monkeypatch):
     lost mount would fail it)."""
     write_call = writer._write_call
 
-    def fail_on_negative(f, record):
+    def fail_on_negative(f, record, *rest):
         if any(t.name == "x" and (t.data < 0).any() for t in record.inputs):
             raise OSError("the device said no")
-        write_call(f, record)
+        write_call(f, record, *rest)
 
     monkeypatch.setattr(writer, "_write_call", fail_on_negative)
 
@@ -83,9 +83,9 @@ def writes(monkeypatch):
     written = []
     write_call = writer._write_call
 
-    def noting(f, record):
+    def noting(f, record, *rest):
         written.append(record.seq)
-        write_call(f, record)
+        write_call(f, record, *rest)
 
     monkeypatch.setattr(writer, "_write_call", noting)
     monkeypatch.setattr(writer, "FLUSH_INTERVAL", 60.0)
@@ -118,3 +118,22 @@ def test_calls_are_written_sooner_when_their_bytes_pile_up(tmp_path, writes):
             time.sleep(0.01)
         assert len(writes) >= 6
     assert writes == list(range(8))
+
+
+def test_a_tensor_equal_to_the_previous_calls_is_stored_once(tmp_path):
+    """Text embeddings fed to the UNet at every step: one dataset, linked from each call."""
+    import h5py
+
+    embeddings = np.random.default_rng(0).standard_normal((2, 77, 16)).astype(np.float32)
+    with ak.Recorder(tmp_path / "d.h5") as rec:
+        unet = rec.watch(lambda sample, encoder_hidden_states: sample * 2, "unet")
+        for step in range(3):
+            unet(np.full((2, 4), float(step), np.float32), embeddings)
+            ak.step()
+    with h5py.File(tmp_path / "d.h5") as f:
+        addresses = {h5py.h5o.get_info(f[f"calls/{seq:08d}/inputs/encoder_hidden_states"].id).addr for seq in range(3)}
+        samples = {h5py.h5o.get_info(f[f"calls/{seq:08d}/inputs/sample"].id).addr for seq in range(3)}
+    assert len(addresses) == 1 and len(samples) == 3  # stored once; the input that changes, three times
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        for step in range(3):
+            np.testing.assert_array_equal(dump["unet", step].inputs["encoder_hidden_states"], embeddings)
