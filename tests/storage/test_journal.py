@@ -1,5 +1,7 @@
 """A dump moves from one flush to the next as a whole: a kill at any write leaves one that opens."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -130,10 +132,18 @@ def test_a_killed_dump_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
     _record(path, steps=1)
     journal_path(path).write_bytes(b"whatever a killed recording left")
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    class OsThatRefusesToOpen:
+        """The journal's own ``os``, whose ``open`` refuses (a read-only folder, without being
+        root); the rest of the process keeps the real one."""
 
-    monkeypatch.setattr(journal.os, "open", refuse)  # a read-only folder, without being root
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def open(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(journal, "os", OsThatRefusesToOpen())
     with pytest.raises(
         ak.DumpCorruptError, match=r"killed while it flushed.*remove ro\.h5\.journal \(Permission denied\)"
     ):
