@@ -56,6 +56,9 @@ def record(
     full_at: str | None = typer.Option(
         None, "--full-at", help="With --mode stats: record these calls in full, e.g. 'unet:3-5' (';' between)."
     ),
+    against: Path | None = typer.Option(
+        None, "--against", help="A reference dump: calls that agree with it kept as statistics, the rest in full."
+    ),
 ) -> None:
     """Run a script unmodified and record every submodel call: alignkit record -o ref.h5 -- script.py [args]"""
     from alignkit.recording.cli_run import record_command
@@ -72,6 +75,7 @@ def record(
         "layer_depth": layer_depth,
         "mode": mode,
         "full_at": full_at,
+        "against": against,
     }
     code = record_command(
         output, command, label=label, hooks=hook, step_on=step_on, console=err, repeat=repeat, **filters

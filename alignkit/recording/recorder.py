@@ -67,6 +67,7 @@ class Recorder:
         spread_against: list[Any] | None = None,
         mode: str = "full",
         full_at: str | None = None,
+        against: str | os.PathLike | None = None,
     ):
         self.path = os.fspath(path)
         self.label = label
@@ -83,6 +84,13 @@ class Recorder:
             raise UsageError(f"--mode {mode!r}: expected full or stats")
         self._mode = mode
         self._full = parse_full_at(full_at)
+        self._against = None
+        if against is not None:
+            from alignkit.recording.stats import Against
+            from alignkit.storage.reader import open_dump
+
+            self._against = Against(open_dump(against))
+            self._mode = "stats"  # the dump holds statistics where the runs agree
         self._spread = None
         if spread_against:
             from alignkit.recording.repeat import Spread
@@ -146,6 +154,8 @@ class Recorder:
             writer, self._writer = self._writer, None
             try:
                 writer.close({**closing_metadata(), **self._closing_facts(error)})
+                if self._against is not None:
+                    self._against.reference.close()
             finally:
                 self._written = writer.calls_written
 
@@ -176,6 +186,10 @@ class Recorder:
         facts = {"calls_run": json.dumps(dict(self._ordinals))}
         if self._mode != "full":
             facts["mode"] = self._mode
+        if self._against is not None:
+            facts["against"] = json.dumps(
+                {"reference": str(self._against.reference.path), "full_calls": self._against.full_calls}
+            )
         if self._spread is not None:
             facts["repeat"] = json.dumps({"runs": len(self._spread.earlier) + 1, "measured": self._spread.measured})
         if given := {key: value for key, value in filters.items() if value is not None}:
@@ -542,6 +556,8 @@ class Recorder:
         self._layers_kept[record.submodel] += len(record.layers)
         if self._spread is not None:
             self._spread.measure(record)
+        if self._against is not None:
+            self._against.reduce(record)
         if self._writer is not None:
             self._writer.put(record)
 
@@ -555,6 +571,13 @@ class Recorder:
         return split(named, stage=writer.stage if writer is not None else None, keep=keep, take=self._take(at))
 
     def _take(self, at: tuple[str, int] | None) -> Callable[[str, Any, Any], Tensor] | None:
+        if self._against is not None:  # whole, in memory: kept as statistics once the call agrees
+            from alignkit.recording.tensors import capture
+
+            return lambda name, value, stage: capture(name, value)
+        return self._take_mode(at)
+
+    def _take_mode(self, at: tuple[str, int] | None) -> Callable[[str, Any, Any], Tensor] | None:
         """How a call's tensors are taken: whole, or (``mode="stats"``) as statistics and a
         sample, unless ``full_at`` asks for this call in full. ``at`` is the call's (submodel,
         step); layers ask for the call being recorded."""

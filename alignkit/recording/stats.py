@@ -101,3 +101,60 @@ def _torch_checksum(flat: Any) -> int:
     raw = flat.contiguous().view(torch.uint8).to(torch.int64)
     weights = (torch.arange(raw.numel(), device=raw.device, dtype=torch.int64) % _MIX) + 1
     return int((raw * weights).sum().item() % ((1 << 61) - 1))
+
+
+class Against:
+    """``record --against ref.h5``: each call is compared with the reference's same call (the
+    submodel's n-th) while the run goes on; a call that agrees is kept as statistics, one that
+    differs (or that the reference lacks) in full, so the dump holds full tensors just where
+    the runs part."""
+
+    def __init__(self, reference: Any, cos_min: float = 0.999, rel_l1_max: float = 1e-3):
+        self.reference = reference
+        self.cos_min, self.rel_l1_max = cos_min, rel_l1_max
+        self.full_calls = 0
+
+    def reduce(self, record: Any) -> None:
+        """Turn ``record``'s tensors into statistics where the call agrees with the reference."""
+        if not self._agrees(record):
+            self.full_calls += 1
+            return
+        for _, tensors, _ in record.sides():
+            tensors[:] = [_as_stats(t) for t in tensors]
+
+    def _agrees(self, record: Any) -> bool:
+        from alignkit.comparison.metrics import array_metrics
+        from alignkit.errors import AlignkitError
+        from alignkit.storage.schema import decode
+
+        try:
+            call = self.reference[f"{record.submodel}:{record.ordinal}"]
+        except AlignkitError:
+            return False
+        for io, tensors, _ in record.sides():
+            theirs = getattr(call, io)
+            for t in tensors:
+                other = theirs.get(t.name)
+                if t.staged is not None or other is None or other.size != t.data.size:
+                    return False
+                ours = decode(t.data, t.dtype)
+                if ours.dtype.kind not in "fc" or other.dtype.kind not in "fc":
+                    if not np.array_equal(ours.reshape(-1), other.reshape(-1)):
+                        return False
+                    continue
+                m = array_metrics(other.astype(np.float64), ours.astype(np.float64), None)
+                if m["nonfinite_mismatch"] or m["cos"] < self.cos_min or m["rel_l1"] > self.rel_l1_max:
+                    return False
+        return True
+
+
+def _as_stats(tensor: Tensor) -> Tensor:
+    from alignkit.storage.schema import decode
+
+    if tensor.data.size <= SAMPLE:
+        return tensor
+    stats = capture_stats(tensor.name, decode(tensor.data, tensor.dtype))
+    stats.dtype, stats.source, stats.device = tensor.dtype, tensor.source, tensor.device
+    if tensor.release is not None:
+        tensor.release()
+    return stats

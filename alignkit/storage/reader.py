@@ -455,7 +455,7 @@ def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
 
 ENGINE_ATTRS = ("engine", "device", "inference_precision", "precision", "stateless_layers")  # a submodel's facts
 JSON_ATTRS = frozenset(
-    {"versions", "calls_run", "filters", "filter_notes", "repeat", "imported_from"}
+    {"versions", "calls_run", "filters", "filter_notes", "repeat", "imported_from", "against"}
 )  # root attributes that hold JSON (docs/format.md)
 _KEY = re.compile(r"^(?P<sub>.+?)(?:(?P<at>@step)(?P<step>\d+)(?::(?P<call>\d+))?|:(?P<ord>\d+))$")
 

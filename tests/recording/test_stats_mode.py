@@ -52,3 +52,18 @@ def test_full_at_records_the_named_calls_in_full_and_compares_them_exactly(tmp_p
     rows = result.table[(result.table["submodel"] == "unet") & (result.table["step"] == 1)]
     assert not rows["estimate"].fillna(False).any()  # the zoomed-in calls: full figures
     assert result.first_divergence.step == 1 and result.first_divergence.tensor == "timestep"
+
+
+def test_against_a_reference_keeps_full_tensors_only_where_the_runs_part(tmp_path):
+    ref, _ = record_demo_pair("none", 6, tmp_path / "ref")
+    _, tgt = record_demo_pair("timestep", 6, tmp_path / "tgt", against=ref)
+    with ak.open_dump(tgt) as dump:
+        assert dump.metadata["mode"] == "stats" and dump.metadata["against"]["full_calls"] > 0
+        steps_in_full = sorted({int(row.step) for row in dump.tensors.itertuples() if not dump.is_stats(row.path)})
+        stats_steps = sorted({int(row.step) for row in dump.tensors.itertuples() if dump.is_stats(row.path)})
+        assert 0 in stats_steps  # step 0 agrees with the reference: statistics only
+    result = ak.compare(ref, tgt)
+    full = ak.compare(*record_demo_pair("timestep", 6, tmp_path / "full"))
+    fd, want = result.first_divergence, full.first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == (want.submodel, want.step, want.tensor, want.kind)
+    assert want.step in steps_in_full  # where they part, the full tensors
