@@ -277,7 +277,8 @@ def _row(
     floor = floor_dtype_for(r.dtype, t.dtype, carried)
     values = None
     try:
-        if numel <= BLOCK_ELEMENTS or (broadcast and isinstance(t, MergedTensor)):  # most tensors are small
+        whole = ref.is_whole(r.path) and (isinstance(t, MergedTensor) or tgt.is_whole(t.path))
+        if numel <= BLOCK_ELEMENTS or not whole or (broadcast and isinstance(t, MergedTensor)):  # most are small
             values = ref.read(r.path, r.dtype), _read(tgt, t)
             m = array_metrics(*(np.broadcast_to(v.ravel(), (numel,)) for v in values) if broadcast else values, floor)
         else:  # streamed in blocks: a batch split into calls as its parts one after another

@@ -217,7 +217,28 @@ class Dump:
             ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
         if self.is_stats(path):
             return raw  # a statistics recording's sample, kept in float32 whatever the dtype
+        grown = self._grows_from(path)
+        if grown is not None:  # a KV cache stored as its new positions: the earlier ones first
+            earlier, axis = grown
+            cache = self.__dict__.setdefault("_grown", {})  # the last steps read: a loop reads them in order
+            before = cache[earlier] if earlier in cache else self.read(earlier, dtype)
+            whole = np.concatenate([before, decode(raw, dtype)], axis=axis)
+            cache[path] = whole
+            while len(cache) > GROWN_KEPT:
+                cache.pop(next(iter(cache)))
+            return whole.copy()  # the caller's to change; the kept one stays as stored
         return decode(raw, dtype)
+
+    def _grows_from(self, path: str) -> tuple[str, int] | None:
+        """(the earlier tensor, the axis) of a tensor stored as what it added to it."""
+        if not self.metadata.get("deltas"):
+            return None
+        attrs = self._file[path].attrs
+        return (_text(attrs["grows_from"]), int(attrs["grows_axis"])) if "grows_from" in attrs else None
+
+    def is_whole(self, path: str) -> bool:
+        """Whether the dataset at ``path`` holds the whole tensor (to stream it in blocks)."""
+        return self._grows_from(path) is None and not self.is_stats(path)
 
     def is_stats(self, path: str) -> bool:
         """Whether the tensor at ``path`` was recorded as statistics and a sample (``record --mode stats``)."""
@@ -363,6 +384,7 @@ def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
     return f, index
 
 
+GROWN_KEPT = 64  # grown tensors (KV caches) kept, whole, to read the next step's from
 LOCK_WAIT = 2.0  # seconds a dump's lock is waited for: a child the recorded process forked may hold it a moment
 
 

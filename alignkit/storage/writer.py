@@ -425,6 +425,15 @@ def _write_call(f: h5py.File, record: CallRecord, previous: dict[tuple, tuple] |
                 if last is not None and last[:3] == seen:
                     link_to(f.id, last[3], sub, link)
                     continue
+                grown = _growth(tensor.data, tensor.dtype, last)
+                if grown is not None:  # a KV cache one position longer: its new positions only
+                    axis, old = grown
+                    delta = np.ascontiguousarray(np.take(tensor.data, range(old, tensor.data.shape[axis]), axis=axis))
+                    dataset = create_dataset(sub, link, delta)
+                    set_attrs(dataset, {**_dataset_attrs(tensor, link), "grows_from": last[3], "grows_axis": axis})
+                    previous[key] = (*seen, f"/{call_group_name(record.seq)}/{io}/{link}")
+                    f.attrs["deltas"] = True
+                    continue
                 dataset = create_dataset(sub, link, tensor.data)
             else:
                 dataset = create_dataset(sub, link, tensor.data)
@@ -432,6 +441,19 @@ def _write_call(f: h5py.File, record: CallRecord, previous: dict[tuple, tuple] |
             if seen is not None:
                 previous[key] = (*seen, f"/{call_group_name(record.seq)}/{io}/{link}")
         set_attrs(sub, values)
+
+
+def _growth(data: np.ndarray, dtype: str, last: tuple | None) -> tuple[int, int] | None:
+    """(axis, old length) when ``data`` is the previous tensor of its name grown along one
+    axis, its first positions the previous tensor bit for bit (a KV cache at the next step)."""
+    if last is None or last[1] != dtype or len(last[2]) != data.ndim:
+        return None
+    axes = [i for i, (a, b) in enumerate(zip(last[2], data.shape)) if a != b]
+    if len(axes) != 1 or data.shape[axes[0]] <= last[2][axes[0]]:
+        return None
+    axis, old = axes[0], last[2][axes[0]]
+    prefix = np.take(data, range(old), axis=axis)
+    return (axis, old) if _digest(prefix) == last[0] else None
 
 
 def _digest(data: np.ndarray) -> bytes:

@@ -137,3 +137,28 @@ def test_a_tensor_equal_to_the_previous_calls_is_stored_once(tmp_path):
     with ak.open_dump(tmp_path / "d.h5") as dump:
         for step in range(3):
             np.testing.assert_array_equal(dump["unet", step].inputs["encoder_hidden_states"], embeddings)
+
+
+def test_a_kv_cache_that_grows_a_position_a_step_is_stored_as_its_new_positions(tmp_path):
+    """A decoder's cache at each step is the previous one and one position more: the dump
+    holds the new positions, and reads back every step whole and exact."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    caches = [rng.standard_normal((1, 2, 4, 8)).astype(np.float32)]
+    for _ in range(3):
+        caches.append(np.concatenate([caches[-1], rng.standard_normal((1, 2, 1, 8)).astype(np.float32)], axis=2))
+    with ak.Recorder(tmp_path / "d.h5") as rec:
+        decoder = rec.watch(lambda past_key_values: past_key_values * 1, "decoder")
+        for cache in caches:
+            decoder(cache)
+            ak.step()
+    with h5py.File(tmp_path / "d.h5") as f:
+        stored = [f[f"calls/{seq:08d}/inputs/past_key_values"].shape for seq in range(4)]
+    assert stored == [(1, 2, 4, 8), (1, 2, 1, 8), (1, 2, 1, 8), (1, 2, 1, 8)]
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        for step, cache in enumerate(caches):
+            np.testing.assert_array_equal(dump["decoder", step].inputs["past_key_values"], cache)
+            np.testing.assert_array_equal(dump["decoder", step].outputs["output"], cache)
+        assert list(dump.tensors[dump.tensors["io"] == "inputs"]["shape"]) == [c.shape for c in caches]
+    assert ak.compare(tmp_path / "d.h5", tmp_path / "d.h5").verdict == "aligned"
