@@ -11,6 +11,7 @@ cross to the host.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -39,66 +40,75 @@ def capture_stats(name: str, value: Any) -> Tensor:
     if tensor_type is not None and isinstance(value, tensor_type):
         return _torch_stats(name, value)
     array = np.asarray(value)
-    source = "python" if isinstance(value, (int, float)) else "numpy"
-    flat = array.reshape(-1)
-    as_float = flat.astype(np.float64) if flat.dtype.kind in "fiub" else np.zeros(flat.size)
-    bits = np.ascontiguousarray(flat).view(np.uint8)
-    stats = _stats(as_float, _checksum(bits))
-    sample = as_float[positions(flat.size)].astype(np.float32)
-    return Tensor(name, sample, array.dtype.name, source, stats=stats, full_shape=array.shape)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    values = flat.astype(np.float32, copy=False) if flat.dtype.kind in "fiub" else np.zeros(flat.size, np.float32)
+    finite = np.isfinite(values)
+    clean = values if finite.all() else values[finite]
+    stats = _figures(
+        clean.size,
+        lambda: (float(clean.min()), float(clean.max())),
+        float(clean.sum(dtype=np.float64)),
+        float(np.dot(clean, clean)),
+        int(np.isnan(values).sum()) if clean.size < values.size else 0,
+        int(np.isinf(values).sum()) if clean.size < values.size else 0,
+        zlib.crc32(flat.view(np.uint8)),
+    )
+    return Tensor(
+        name, values[positions(flat.size)].copy(), array.dtype.name, "numpy", stats=stats, full_shape=array.shape
+    )
 
 
 def _torch_stats(name: str, t: Any) -> Tensor:
+    """The same figures for a torch tensor, reduced where it lives: only they and the sample
+    cross to the host."""
     import torch
 
     flat = t.detach().reshape(-1)
     dtype = str(flat.dtype).removeprefix("torch.")
-    values = flat.double() if (flat.is_floating_point() or not flat.is_complex()) else flat.real.double()
-    finite = values[torch.isfinite(values)]
-    n = int(values.numel())
-    stats = {
-        "stats_min": float(finite.min()) if finite.numel() else float("nan"),
-        "stats_max": float(finite.max()) if finite.numel() else float("nan"),
-        "stats_mean": float(finite.mean()) if finite.numel() else float("nan"),
-        "stats_std": float(finite.std(unbiased=False)) if finite.numel() else float("nan"),
-        "stats_l2": float(torch.linalg.vector_norm(finite)) if finite.numel() else 0.0,
-        "stats_nan": int(torch.isnan(values).sum()),
-        "stats_inf": int(torch.isinf(values).sum()),
-        "stats_checksum": _torch_checksum(flat),
-    }
-    index = torch.from_numpy(positions(n)).to(flat.device)
-    sample = values[index].float().cpu().numpy() if n else np.zeros(0, np.float32)
-    device = str(flat.device)
-    return Tensor(name, sample, dtype, "torch", device=device if device != "cpu" else "cpu", stats=stats,
-                  full_shape=tuple(t.shape))  # fmt: skip
+    values = flat.real if flat.is_complex() else flat
+    values = values.float() if values.dtype != torch.float32 else values
+    finite = torch.isfinite(values)
+    whole = bool(finite.all())
+    clean = values if whole else values[finite]
+    stats = _figures(
+        int(clean.numel()),
+        lambda: tuple(float(x) for x in torch.aminmax(clean)),
+        float(clean.sum(dtype=torch.float64)),
+        float(torch.dot(clean, clean)),
+        0 if whole else int(torch.isnan(values).sum()),
+        0 if whole else int(torch.isinf(values).sum()),
+        _checksum(flat),
+    )
+    index = torch.from_numpy(positions(int(values.numel()))).to(flat.device)
+    sample = values[index].cpu().numpy()
+    return Tensor(name, sample, dtype, "torch", device=str(flat.device), stats=stats, full_shape=tuple(t.shape))
 
 
-def _stats(values: np.ndarray, checksum: int) -> dict[str, float | int]:
-    finite = values[np.isfinite(values)]
-    empty = not finite.size
+def _figures(n: int, extremes: Any, total: float, squares: float, nan: int, inf: int, checksum: int) -> dict:
+    """Min, max, mean, std and L2 norm over the ``n`` finite elements (sums in float64)."""
+    low, high = extremes() if n else (float("nan"), float("nan"))
+    mean = total / n if n else float("nan")
     return {
-        "stats_min": float("nan") if empty else float(finite.min()),
-        "stats_max": float("nan") if empty else float(finite.max()),
-        "stats_mean": float("nan") if empty else float(finite.mean()),
-        "stats_std": float("nan") if empty else float(finite.std()),
-        "stats_l2": 0.0 if empty else float(np.sqrt(np.dot(finite, finite))),
-        "stats_nan": int(np.isnan(values).sum()),
-        "stats_inf": int(np.isinf(values).sum()),
+        "stats_min": low,
+        "stats_max": high,
+        "stats_mean": mean,
+        "stats_std": float(np.sqrt(max(squares / n - mean * mean, 0.0))) if n else float("nan"),
+        "stats_l2": float(np.sqrt(squares)),
+        "stats_nan": nan,
+        "stats_inf": inf,
         "stats_checksum": checksum,
     }
 
 
-def _checksum(bits: np.ndarray) -> int:
-    """A position-weighted sum of the bytes, modulo 2⁶¹ − 1: equal bits, equal checksum."""
-    weights = (np.arange(bits.size, dtype=np.int64) % _MIX) + 1
-    return int(np.dot(bits.astype(np.int64), weights) % ((1 << 61) - 1))
-
-
-def _torch_checksum(flat: Any) -> int:
-    """The same checksum, computed on the tensor's device from its bytes."""
+def _checksum(flat: Any) -> int:
+    """CRC-32 of a tensor's bytes: on the host for a CPU tensor (as for numpy: equal bits, equal
+    checksum on either side), a position-weighted sum of its 32-bit words on its device else."""
     import torch
 
-    raw = flat.contiguous().view(torch.uint8).to(torch.int64)
+    if flat.device.type == "cpu":
+        return zlib.crc32(flat.contiguous().view(torch.uint8).numpy())
+    raw = flat.contiguous().view(torch.uint8)
+    raw = torch.nn.functional.pad(raw, (0, (-raw.numel()) % 4)).view(torch.int32).to(torch.int64)
     weights = (torch.arange(raw.numel(), device=raw.device, dtype=torch.int64) % _MIX) + 1
     return int((raw * weights).sum().item() % ((1 << 61) - 1))
 

@@ -101,14 +101,15 @@ def link(file: Any, source: str, parent: Any, name: str) -> h5py.h5d.DatasetID:
 
 
 def set_attrs(oid: Any, attrs: dict[str, Any]) -> None:
-    """Create scalar attributes on a new object, as ``obj.attrs[k] = v`` would, at a quarter
-    of its cost (h5py's high-level path checks for and deletes an existing attribute first)."""
+    """Create scalar (or vector) attributes on a new object, as ``obj.attrs[k] = v`` would, at
+    a quarter of its cost (h5py's high-level path checks for and deletes an existing attribute first)."""
     for key, value in attrs.items():
         if isinstance(value, str):
             data, (file_type, mem_type) = np.array(value, dtype=h5py.string_dtype()), _STR
         else:
             data = np.asarray(value)
             file_type = mem_type = _file_type(data.dtype)
-        attr = h5py.h5a.create(oid, key.encode("utf-8"), file_type, _SCALAR)
+        space = _SCALAR if data.ndim == 0 else h5py.h5s.create_simple(data.shape)
+        attr = h5py.h5a.create(oid, key.encode("utf-8"), file_type, space)
         attr.write(data, mtype=mem_type)
         attr.close()

@@ -34,6 +34,7 @@ from alignkit.storage.schema import (
     INDEX,
     IO_GROUPS,
     PIPELINE_CALLS,
+    STATS_FIGURES,
     SUBMODELS,
     TENSORS,
     call_group_name,
@@ -249,7 +250,8 @@ class Dump:
     def stats(self, path: str) -> dict[str, Any]:
         """A statistics recording's figures for the tensor at ``path`` (``stats_min``…)."""
         attrs = self._file[path].attrs
-        return {key: attrs[key] for key in attrs if key.startswith("stats_")}
+        figures = dict(zip(STATS_FIGURES, (float(v) for v in attrs["stats"])))
+        return {**figures, "stats_checksum": int(attrs["stats_checksum"])}
 
     def dataset(self, path: str) -> h5py.Dataset:
         """The h5py dataset at ``path`` (as in :attr:`tensors`), to read a large tensor in

@@ -135,3 +135,7 @@ def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
         except (ImportError, AttributeError):
             return raw
     return raw
+
+
+# A statistics recording's figures, in the order of a tensor's ``stats`` attribute (docs/format.md).
+STATS_FIGURES = ("stats_min", "stats_max", "stats_mean", "stats_std", "stats_l2", "stats_nan", "stats_inf")

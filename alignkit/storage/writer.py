@@ -58,6 +58,7 @@ from alignkit.storage.schema import (
     INDEX_DTYPE,
     PIPELINE_CALLS,
     STAGING,
+    STATS_FIGURES,
     SUBMODELS,
     TENSORS,
     TENSORS_DTYPE,
@@ -485,9 +486,10 @@ def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
         attrs["device"] = tensor.device
     if tensor.spread:
         attrs.update(tensor.spread)
-    if tensor.stats is not None:  # a sample: its logical dtype and shape are the tensor's
-        attrs.update(tensor.stats)
-        attrs["dtype"], attrs["stats_shape"] = tensor.dtype, list(tensor.full_shape or ())
+    if tensor.stats is not None:  # a sample: its logical dtype and shape are the tensor's; one vector of figures
+        figures = [float(tensor.stats[key]) for key in STATS_FIGURES]
+        attrs["dtype"], attrs["stats_shape"] = tensor.dtype, np.array(tensor.full_shape or (), np.int64)
+        attrs["stats"], attrs["stats_checksum"] = np.array(figures, np.float64), int(tensor.stats["stats_checksum"])
     return attrs
 
 
