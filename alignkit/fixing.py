@@ -64,8 +64,7 @@ def fix_precision(
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if sum(x is not None for x in (onnx, module, builder)) != 1:
         raise UsageError("fix-precision needs one of --onnx model.onnx, --module mod:factory, --builder mod:fn")
-    build = _builds(onnx, module, builder, dtype)
-    blocks = _blocks(onnx, module)
+    build, blocks = _builds(onnx, module, builder, dtype)
     runs = 0
 
     def aligned_with(keep: list[str]) -> tuple[bool, Any]:
@@ -103,25 +102,18 @@ def fix_precision(
     return _answer(keep, True, runs, out, onnx, dtype)
 
 
-def _blocks(onnx: Any, module: str | None) -> list[str]:
+def _onnx_blocks(model: Any) -> list[str]:
     """Candidates where the drill-down has none (a reference recorded without layers): the
-    model's top-level blocks, in order."""
-    if module is not None:
-        made = _call(module, _load(module, "factory"))
-        return [name for name, _ in made.named_children()] if hasattr(made, "named_children") else []
-    if onnx is not None:
-        import onnx as onnx_lib
+    model's top-level blocks, in order, and its graph-level nodes as one."""
+    from alignkit.recording.onnx_layers import scope_chain
 
-        from alignkit.recording.onnx_layers import _scope_chain
-
-        nodes = list(onnx_lib.load(onnx, load_external_data=False).graph.node)
-        chains = [_scope_chain(node) for node in nodes]
-        depth = 0
-        while len({c[depth] for c in chains if len(c) > depth}) == 1:  # a wrapper around the model: look inside
-            depth += 1
-        loose = any(len(chain) <= depth and node.op_type not in _TRIVIAL for node, chain in zip(nodes, chains))
-        return [*([GRAPH_LEVEL] if loose else []), *dict.fromkeys(c[depth] for c in chains if len(c) > depth)]
-    return []
+    nodes = list(model.graph.node)
+    chains = [scope_chain(node) for node in nodes]
+    depth = 0
+    while len({c[depth] for c in chains if len(c) > depth}) == 1:  # a wrapper around the model: look inside
+        depth += 1
+    loose = any(len(chain) <= depth and node.op_type not in _TRIVIAL for node, chain in zip(nodes, chains))
+    return [*([GRAPH_LEVEL] if loose else []), *dict.fromkeys(c[depth] for c in chains if len(c) > depth)]
 
 
 GRAPH_LEVEL = "(graph-level nodes)"  # the nodes of no module: a timestep's casts and embedding glue
@@ -138,19 +130,20 @@ def _starts(result: Any) -> list[str]:
     return list(dict.fromkeys(bad.sort_values("rel_l1", ascending=False)["tensor"]))
 
 
-def _builds(onnx: Any, module: str | None, builder: str | None, dtype: str) -> Callable[[list[str]], Any]:
+Build = Callable[[list[str]], Any]
+
+
+def _builds(onnx: Any, module: str | None, builder: str | None, dtype: str) -> tuple[Build, list[str]]:
+    """What makes a build from a keep list, and the model's top-level blocks (candidates where
+    the drill-down names none; a builder's model is not seen, so it has none)."""
+    from alignkit.replaying import factory_from
+
     if module is not None:
         return _torch_builds(module, dtype)
     if builder is not None:
-        fn = _load(builder, "builder")
-        return lambda keep: _call(builder, fn, list(keep))
+        fn = factory_from(builder)
+        return (lambda keep: _call(builder, fn, list(keep))), []
     return _onnx_builds(Path(onnx), dtype)
-
-
-def _load(spec: str, what: str) -> Callable[..., Any]:
-    from alignkit.replaying import _factory
-
-    return _factory(spec)
 
 
 def _call(spec: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -161,12 +154,14 @@ def _call(spec: str, fn: Callable[..., Any], *args: Any) -> Any:
         raise UsageError(f"{spec!r} raised {type(exc).__name__}: {first[0] if first else ''}") from exc
 
 
-def _torch_builds(spec: str, dtype: str) -> Callable[[list[str]], Any]:
+def _torch_builds(spec: str, dtype: str) -> tuple[Build, list[str]]:
     """Builds of the fp32 module ``factory()`` returns: all in ``dtype``, kept modules in fp32
     with their floating inputs cast up and their outputs cast back."""
     import torch
 
-    made = _call(spec, _load(spec, "factory"))
+    from alignkit.replaying import factory_from
+
+    made = _call(spec, factory_from(spec))
     if not isinstance(made, torch.nn.Module):
         raise UsageError(f"{spec!r} made a {type(made).__name__}: --module needs a factory that returns a torch module")
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -182,7 +177,7 @@ def _torch_builds(spec: str, dtype: str) -> Callable[[list[str]], Any]:
             sub.register_forward_hook(lambda m, args, out: _cast(out, low))
         return model
 
-    return build
+    return build, [name for name, _ in made.named_children()]
 
 
 def _cast(value: Any, dtype: Any) -> Any:
@@ -197,7 +192,7 @@ def _cast(value: Any, dtype: Any) -> Any:
     return value
 
 
-def _onnx_builds(path: Path, dtype: str) -> Callable[[list[str]], str]:
+def _onnx_builds(path: Path, dtype: str) -> tuple[Build, list[str]]:
     """Builds of an fp32 ONNX model in float16, its inputs and outputs kept float32, the nodes
     of each kept layer (by the module scope the exporter wrote into node names) blocked."""
     if dtype != "fp16":
@@ -219,7 +214,7 @@ def _onnx_builds(path: Path, dtype: str) -> Callable[[list[str]], str]:
         onnx.save(converted, target)
         return str(target)
 
-    return build
+    return build, _onnx_blocks(model)
 
 
 def to_fp16(model: Any, blocked: list[str]) -> Any:

@@ -362,7 +362,7 @@ def _make_runner(target: Any, layers: bool = False) -> _Runner:
             raise UsageError(f"{target}: ONNX Runtime cannot load it ({_first_line(exc)})") from exc
         return _make_runner(session, layers)
     if isinstance(target, str):
-        factory = _factory(target)
+        factory = factory_from(target)
         try:
             made = factory()
         except Exception as exc:
@@ -409,7 +409,8 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _factory(spec: str) -> Any:
+def factory_from(spec: str) -> Any:
+    """The callable ``module:name`` names, imported (one line when it cannot be)."""
     module_name, sep, attr = spec.partition(":")
     if not sep:
         raise UsageError(f"{spec!r}: expected an .onnx path or module:factory")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 
-import pandas as pd
-
 from alignkit.comparison import configs, glue
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, blind_spots, match_calls, pair_reordered_calls, run_notes
 from alignkit.comparison.precision import engine_precisions, name_precision, parse_precisions, precision_warnings
-from alignkit.comparison.randomness import looks_random
+from alignkit.comparison.randomness import name_randomness
 from alignkit.comparison.result import Comparison
 from alignkit.comparison.table import (
     Thresholds,
@@ -103,7 +101,7 @@ def compare(
             configs.explain(first, settings, r, configs.call_arguments(r, t, calls, first.seq))
             name_precision(first, engines, t.descriptions, declared)
             if first.submodel not in engines:
-                _name_randomness(first, r, t, calls)
+                name_randomness(first, r, t, calls)
         result = Comparison(
             reference=str(r.path),
             target=str(t.path),
@@ -142,34 +140,6 @@ def compare(
             )
         )
     return result
-
-
-def _name_randomness(first: Divergence, ref: Dump, tgt: Dump, calls: pd.DataFrame) -> None:
-    """A local error between runs of one precision whose added error looks like independent
-    noise is named as nondeterminism inside the submodel, with how to pin it."""
-    ev = first.evidence
-    if first.kind != "local error" or first.io != "outputs" or ev.get("ref_dtype") != ev.get("tgt_dtype"):
-        return
-    row = calls[calls["ref_seq"] == first.seq]
-    if (
-        row.empty
-        or pd.isna(row["tgt_seq"].iloc[0])
-        or "tgt_parts" in row
-        and isinstance(row["tgt_parts"].iloc[0], tuple)
-    ):
-        return
-    tgt_call = tgt.call_at(int(row["tgt_seq"].iloc[0]))
-    ref_out, tgt_out = ref.call_at(first.seq).outputs, tgt_call.outputs
-    name = first.evidence.get("tgt_tensor", first.tensor)
-    if first.tensor not in ref_out or name not in tgt_out or not looks_random(ref_out[first.tensor], tgt_out[name]):
-        return
-    first.message = first.message.replace(
-        f"; the port of {first.submodel} itself is off",
-        f"; the added error looks like an independent draw of noise (uncorrelated with the output, with no structure "
-        f"between neighbouring elements): {first.submodel} is nondeterministic, a random op in its forward (noise "
-        "injection, dropout left in train mode) drawing other numbers in each run. Seed it (torch.manual_seed "
-        "before the call, a generator passed in) or put it in eval mode, then compare again",
-    )
 
 
 class _opened:

@@ -10,6 +10,10 @@ of a convolution's or a matmul's output share most of their inputs, so its error
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+
+from alignkit.comparison.diagnosis import Divergence
+from alignkit.storage.reader import Dump
 
 MIN_ELEMENTS = 256  # fewer, and the correlations do not settle
 MAX_CORRELATION = 0.15  # |corr| below which two series count as uncorrelated (a real error: 0.2–0.9)
@@ -32,3 +36,31 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a - a.mean(), b - b.mean()
     den = float(np.sqrt(np.dot(a, a) * np.dot(b, b)))
     return float(np.dot(a, b)) / den if den else 0.0
+
+
+def name_randomness(first: Divergence, ref: Dump, tgt: Dump, calls: pd.DataFrame) -> None:
+    """A local error between runs of one precision whose added error looks like independent
+    noise is named as nondeterminism inside the submodel, with how to pin it."""
+    ev = first.evidence
+    if first.kind != "local error" or first.io != "outputs" or ev.get("ref_dtype") != ev.get("tgt_dtype"):
+        return
+    row = calls[calls["ref_seq"] == first.seq]
+    if (
+        row.empty
+        or pd.isna(row["tgt_seq"].iloc[0])
+        or "tgt_parts" in row
+        and isinstance(row["tgt_parts"].iloc[0], tuple)
+    ):
+        return
+    tgt_call = tgt.call_at(int(row["tgt_seq"].iloc[0]))
+    ref_out, tgt_out = ref.call_at(first.seq).outputs, tgt_call.outputs
+    name = first.evidence.get("tgt_tensor", first.tensor)
+    if first.tensor not in ref_out or name not in tgt_out or not looks_random(ref_out[first.tensor], tgt_out[name]):
+        return
+    first.message = first.message.replace(
+        f"; the port of {first.submodel} itself is off",
+        f"; the added error looks like an independent draw of noise (uncorrelated with the output, with no structure "
+        f"between neighbouring elements): {first.submodel} is nondeterministic, a random op in its forward (noise "
+        "injection, dropout left in train mode) drawing other numbers in each run. Seed it (torch.manual_seed "
+        "before the call, a generator passed in) or put it in eval mode, then compare again",
+    )

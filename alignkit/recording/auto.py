@@ -205,9 +205,7 @@ class AutoWatch:
             if known is None:
                 base = name_in_caller(engine) or openvino.model_name(engine)
                 known = names.name_for(engine, base, recorder.unique_name)
-                recorder.describe(known, engine, **openvino.precision(engine))
-                if recorder.wants_layers(known):
-                    recorder.note_filter(f"layers: {known} is an OpenVINO model, whose layers alignkit cannot record")
+                openvino.introduce(recorder, engine, known)
             return known
 
         recorder.record_openvino(name)

@@ -42,7 +42,7 @@ class LayerHooks(Hook):
         self._records(module)
         self._handles = [
             sub.register_forward_hook(_hook(path, sub, sink, capture))
-            for path, sub in leaf_modules(module, pattern, depth)
+            for path, sub in recorded_modules(module, pattern, depth)
         ]
 
     def remove(self) -> None:
@@ -77,7 +77,9 @@ def capture_layers(module: Any, enabled: bool = True) -> Iterator[list[Tensor]]:
             hooks.remove()
 
 
-def leaf_modules(module: Any, pattern: re.Pattern | None = None, depth: int | None = None) -> Iterator[tuple[str, Any]]:
+def recorded_modules(
+    module: Any, pattern: re.Pattern | None = None, depth: int | None = None
+) -> Iterator[tuple[str, Any]]:
     """The modules whose outputs are recorded: every module at every depth (a block's own
     output as well as its children's, so that an error written inline in a block's forward is
     found there), down to ``depth`` levels of the path (``down_blocks.0.resnets`` is 3), and

@@ -53,7 +53,7 @@ def layer_names(nodes: Any, available: set[str], pattern: re.Pattern | None = No
     the scopes within it, as the torch module's own output is its last child's or its inline
     code's — in the order they complete (children before their block); or every output."""
     nodes = list(nodes)
-    chains = [_scope_chain(node) for node in nodes]
+    chains = [scope_chain(node) for node in nodes]
     scopes = {name for chain in chains for name in chain}
     by_scope: dict[str, str] = {}
     for node, chain in zip(nodes, chains):
@@ -85,7 +85,7 @@ def torch_name(scope: str, scopes: set[str]) -> str:
 _DYNAMO_SCOPES = "pkg.torch.onnx.name_scopes"  # ['', 'down_blocks.0', 'down_blocks.0.resnets.0', …, '<op>']
 
 
-def _scope_chain(node: Any) -> list[str]:
+def scope_chain(node: Any) -> list[str]:
     """The torch modules a node was exported from, outermost first, each as its dotted path
     (``["down_blocks.0", "down_blocks.0.resnets.0", "down_blocks.0.resnets.0.conv1"]``); empty
     at the top level."""

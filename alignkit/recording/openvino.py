@@ -87,6 +87,14 @@ def precision(engine: Any) -> dict[str, str]:
 _PRECISIONS = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
 
 
+def introduce(log: Any, engine: Any, submodel: str) -> None:
+    """Describe a newly named engine (device, precision) and say, if ``--layers`` asked for it,
+    that its layers cannot be recorded."""
+    log.describe(submodel, engine, **precision(engine))
+    if log.wants_layers(submodel):
+        log.note_filter(f"layers: {submodel} is an OpenVINO model, whose layers alignkit cannot record")
+
+
 def model_name(engine: Any) -> str:
     """The model's friendly name (``Model0`` when the converter gave none: then ``openvino``)."""
     try:

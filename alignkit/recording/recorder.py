@@ -84,6 +84,10 @@ class Recorder:
             raise UsageError(f"--mode {mode!r}: expected full or stats")
         self._mode = mode
         self._full = parse_full_at(full_at)
+        if self._full and mode != "stats" and against is None:
+            raise UsageError("--full-at picks the calls a statistics recording keeps in full: give --mode stats too")
+        if layer_depth is not None and not self._layers:
+            raise UsageError("--layer-depth limits --layers: name the submodel whose layers to record with --layers")
         self._against = None
         if against is not None:
             from alignkit.recording.stats import Against
@@ -191,7 +195,10 @@ class Recorder:
                 {"reference": str(self._against.reference.path), "full_calls": self._against.full_calls}
             )
         if self._spread is not None:
-            facts["repeat"] = json.dumps({"runs": len(self._spread.earlier) + 1, "measured": self._spread.measured})
+            spread = self._spread
+            facts["repeat"] = json.dumps(
+                {"runs": len(spread.earlier) + 1, "measured": spread.measured, "unmatched": spread.unmatched}
+            )
         if given := {key: value for key, value in filters.items() if value is not None}:
             facts["filters"] = json.dumps(given)
         if notes := self._final_notes:
@@ -391,10 +398,8 @@ class Recorder:
     def _watch_openvino(self, engine: Any, submodel: str) -> None:
         """Record an OpenVINO compiled model or infer request as ``submodel``, with the device
         and precision it computes in."""
-        self.describe(submodel, engine, **openvino.precision(engine))
+        openvino.introduce(self, engine, submodel)
         self.mark_watched(engine, submodel)
-        if self.wants_layers(submodel):
-            self.note_filter(f"layers: {submodel} is an OpenVINO model, whose layers alignkit cannot record")
         self.record_openvino()
 
     def record_openvino(self, name_unwatched: Callable[[Any], str | None] | None = None) -> None:
@@ -571,16 +576,14 @@ class Recorder:
         return split(named, stage=writer.stage if writer is not None else None, keep=keep, take=self._take(at))
 
     def _take(self, at: tuple[str, int] | None) -> Callable[[str, Any, Any], Tensor] | None:
-        if self._against is not None:  # whole, in memory: kept as statistics once the call agrees
+        """How a call's tensors are taken (None: whole, as usual): whole and in memory with
+        ``against`` (kept as statistics once the call agrees); as statistics and a sample with
+        ``mode="stats"``, unless ``full_at`` asks for this call in full. ``at`` is the call's
+        (submodel, step); layers ask for the call being recorded."""
+        if self._against is not None:
             from alignkit.recording.tensors import capture
 
             return lambda name, value, stage: capture(name, value)
-        return self._take_mode(at)
-
-    def _take_mode(self, at: tuple[str, int] | None) -> Callable[[str, Any, Any], Tensor] | None:
-        """How a call's tensors are taken: whole, or (``mode="stats"``) as statistics and a
-        sample, unless ``full_at`` asks for this call in full. ``at`` is the call's (submodel,
-        step); layers ask for the call being recorded."""
         if self._mode != "stats":
             return None
         if at is None:

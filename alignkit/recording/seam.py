@@ -55,7 +55,9 @@ class CallLog(Protocol):
     ) -> None:
         """The call returned (its outputs taken now) or raised ``error``."""
 
-    def capture(self, named: Named, *, layers: bool = False) -> tuple[list[Tensor], dict[str, str]]:
+    def capture(
+        self, named: Named, *, layers: bool = False, at: tuple[str, int] | None = None
+    ) -> tuple[list[Tensor], dict[str, str]]:
         """Take values now: the tensors (filtered), and every other value described."""
 
     def step(self, source: str = "explicit") -> None:
@@ -63,6 +65,9 @@ class CallLog(Protocol):
 
     def watch(self, obj: Any, name: str | None = None, *, method: str | None = None) -> Any:
         """Watch another object (a component found inside the one being watched)."""
+
+    def wants_layers(self, submodel: str) -> bool:
+        """Whether ``--layers`` asked for ``submodel``'s layers."""
 
     def watch_layers(self, module: Any, submodel: str) -> None:
         """Record ``module``'s layers under each call of ``submodel``, if ``--layers`` asked."""

@@ -67,3 +67,12 @@ def test_against_a_reference_keeps_full_tensors_only_where_the_runs_part(tmp_pat
     fd, want = result.first_divergence, full.first_divergence
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == (want.submodel, want.step, want.tensor, want.kind)
     assert want.step in steps_in_full  # where they part, the full tensors
+
+
+def test_options_that_would_do_nothing_are_refused(tmp_path):
+    from alignkit.errors import UsageError
+
+    with pytest.raises(UsageError, match="give --mode stats too"):
+        ak.Recorder(tmp_path / "x.h5", full_at="unet:1")
+    with pytest.raises(UsageError, match="--layer-depth limits --layers"):
+        ak.Recorder(tmp_path / "x.h5", layer_depth=2)
