@@ -34,6 +34,7 @@ from alignkit.comparison.metrics import (
     least_precise,
     lower_precision,
 )
+from alignkit.comparison.workers import in_order
 from alignkit.errors import DumpCorruptError, UsageError
 from alignkit.phrasing import count
 from alignkit.storage.reader import Call, Dump, TensorInfo
@@ -111,20 +112,33 @@ def build_table(
 ) -> pd.DataFrame:
     """One row per tensor pair of the matched ``calls``; ``carried`` is the target run's
     :func:`carried_precision`."""
-    rows: list[dict] = []
     parts = calls["tgt_parts"] if "tgt_parts" in calls else pd.Series([None] * len(calls))
-    for i, (row, split) in enumerate(zip(calls.itertuples(index=False), parts)):
-        if not (pd.isna(row.ref_seq) or pd.isna(row.tgt_seq)):
-            rc = ref.call_at(int(row.ref_seq))
-            tc = (
-                _merged_in_order(ref, tgt, rc, [tgt.call_at(int(s)) for s in split])
-                if isinstance(split, tuple)
-                else tgt.call_at(int(row.tgt_seq))
-            )
-            pairs = match_tensors(rc, tc, names)
-            call_rows = [_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc)) for pair in pairs]
-            _mark_swaps(ref, tgt, rc, tc, pairs, call_rows, limits)
-            rows.extend(call_rows)
+
+    def call_rows(item: tuple[Any, Any]) -> list[dict]:
+        row, split = item
+        if pd.isna(row.ref_seq) or pd.isna(row.tgt_seq):
+            return []
+        rc = ref.call_at(int(row.ref_seq))
+        tc = (
+            _merged_in_order(ref, tgt, rc, [tgt.call_at(int(s)) for s in split])
+            if isinstance(split, tuple)
+            else tgt.call_at(int(row.tgt_seq))
+        )
+        pairs = match_tensors(rc, tc, names)
+        out = [_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc)) for pair in pairs]
+        _mark_swaps(ref, tgt, rc, tc, pairs, out, limits)
+        return out
+
+    ref.prepare_for_threads(), tgt.prepare_for_threads()
+    sizes = ref.tensors.groupby("seq")["numel"].sum().to_dict()
+
+    def heavy(item: tuple[Any, Any]) -> bool:  # more than a block: worth a thread of its own
+        return not pd.isna(item[0].ref_seq) and sizes.get(int(item[0].ref_seq), 0) > BLOCK_ELEMENTS
+
+    rows: list[dict] = []
+    items = zip(calls.itertuples(index=False), parts)
+    for i, call_rows_done in enumerate(in_order(call_rows, items, heavy)):
+        rows.extend(call_rows_done)
         if progress is not None:
             progress(i)
     return pd.DataFrame(rows, columns=COLUMNS).astype({"glue": object})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,9 +136,16 @@ class Dump:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file, self._index = _open(self.path)
+        self._grown: dict[str, np.ndarray] = {}
+        self._grown_lock = threading.Lock()
 
     def close(self) -> None:
         self._file.close()
+
+    def prepare_for_threads(self) -> None:
+        """Build the tables that reading builds on first use, so that threads reading calls at
+        once find them made instead of each making its own."""
+        _ = self.metadata, self.calls, self._tensor_table, self._by_seq
 
     def __enter__(self) -> Dump:
         return self
@@ -221,12 +229,15 @@ class Dump:
         grown = self._grows_from(path)
         if grown is not None:  # a KV cache stored as its new positions: the earlier ones first
             earlier, axis = grown
-            cache = self.__dict__.setdefault("_grown", {})  # the last steps read: a loop reads them in order
-            before = cache[earlier] if earlier in cache else self.read(earlier, dtype)
+            cache = self._grown  # the last steps read: a loop reads them in order
+            before = cache.get(earlier)
+            if before is None:
+                before = self.read(earlier, dtype)
             whole = np.concatenate([before, decode(raw, dtype)], axis=axis)
-            cache[path] = whole
-            while len(cache) > GROWN_KEPT:
-                cache.pop(next(iter(cache)))
+            with self._grown_lock:
+                cache[path] = whole
+                while len(cache) > GROWN_KEPT:
+                    cache.pop(next(iter(cache)))
             return whole.copy()  # the caller's to change; the kept one stays as stored
         return decode(raw, dtype)
 
