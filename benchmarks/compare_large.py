@@ -150,9 +150,7 @@ def main() -> None:
         t0 = time.perf_counter()
         big = make_dumps(folder, "big", args.gb, 8) if {"large", "loaded"} & set(args.cases) else None
         small = make_dumps(folder, "small", 1000 * (128 << 10) / (1 << 30), 1000) if "small" in args.cases else None
-        print(
-            f"wrote the dumps in {time.perf_counter() - t0:.1f} s; {args.repeats} interleaved repeats, alternating"
-        )
+        print(f"wrote the dumps in {time.perf_counter() - t0:.1f} s; {args.repeats} interleaved repeats, alternating")
         targets = {"large": 0.8, "small": 0.8, "loaded": 0.6}
         ratios = {}
         for case in args.cases:
