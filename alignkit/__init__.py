@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from alignkit._version import __version__
 from alignkit.comparison import Comparison, Divergence, compare
+from alignkit.comparison.ranks import RankComparisons, compare_ranks
 from alignkit.errors import (
     AlignkitError,
     CallNotFoundError,
@@ -45,11 +46,13 @@ __all__ = [
     "FormatVersionError",
     "MissingDependencyError",
     "NotADumpError",
+    "RankComparisons",
     "Recorder",
     "RecordingError",
     "UsageError",
     "__version__",
     "compare",
+    "compare_ranks",
     "open_dump",
     "record",
     "replay",

@@ -26,7 +26,12 @@ err = Console(stderr=True)
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def record(
     ctx: typer.Context,
-    output: Path = typer.Option(..., "-o", "--output", help="The dump to write (.h5)."),
+    output: Path = typer.Option(
+        ...,
+        "-o",
+        "--output",
+        help="The dump to write (.h5); {rank} in it writes one dump per rank of a torch.distributed run.",
+    ),
     label: str | None = typer.Option(None, help="A name for this run, shown in reports."),
     hook: list[str] = typer.Option(
         [],
@@ -139,8 +144,17 @@ def compare(
     model_explorer: Path | None = typer.Option(
         None, "--model-explorer", help="Write per-layer metrics as Model Explorer node data (JSON)."
     ),
+    dask: str | None = typer.Option(
+        None,
+        "--dask",
+        help="Compare the ranks of dump_{rank}.h5 on a Dask cluster: a scheduler's address, or local[:N] for N "
+        "worker processes here.",
+    ),
 ) -> None:
-    """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input, 3 incomplete (ported submodels not compared)."""
+    """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input, 3 incomplete (ported submodels not compared).
+
+    With {rank} in both paths (dump_{rank}.h5), each rank's dumps are compared on their own."""
+    from alignkit.comparison.ranks import has_rank
     from alignkit.reporting.files import check_output
     from alignkit.reporting.progress import compare_with_progress
 
@@ -148,10 +162,7 @@ def compare(
     for path, what in ((csv, "table"), (json, "JSON"), (report, "report"), (model_explorer, "node data")):
         if path is not None:
             check_output(path, what)  # before the work: a bad path is no reason to compare twice
-    result = compare_with_progress(
-        ref,
-        tgt,
-        console=err,
+    options = dict(
         name_map=map,
         map_file=map_file,
         cos_min=cos_min,
@@ -160,6 +171,9 @@ def compare(
         target_precision=target_precision,
         replay=replay,
     )
+    if has_rank(ref) or has_rank(tgt) or dask is not None:
+        _compare_ranks(ref, tgt, dask, options, csv, json, report, model_explorer)
+    result = compare_with_progress(ref, tgt, console=err, **options)
     _wide(console).print(result)
     _write_outputs(result, csv, json, report)
     if model_explorer:
@@ -288,6 +302,33 @@ def import_(
 def _wide(c: Console) -> Console:
     """Tables keep whole names when written to a file or pipe."""
     return c if c.is_terminal else Console(width=200, highlight=False)
+
+
+def _compare_ranks(
+    ref: Path,
+    tgt: Path,
+    dask: str | None,
+    options: dict,
+    csv: Path | None,
+    json: Path | None,
+    report: Path | None,
+    model_explorer: Path | None,
+) -> None:
+    """One comparison per rank; each output file per rank (``{rank}`` in its path, or ``_rank<N>``)."""
+    from alignkit.comparison.ranks import for_rank
+    from alignkit.reporting.progress import ranks_with_progress
+
+    if options.get("replay") is not None:
+        raise UsageError("--replay draws one replay beside one comparison: give it without {rank}")
+    results = ranks_with_progress(ref, tgt, console=err, dask=dask, **options)
+    for rank, result in results.by_rank.items():
+        _write_outputs(result, *(for_rank(p, rank) if p else None for p in (csv, json, report)))
+        if model_explorer:
+            result.to_model_explorer(for_rank(model_explorer, rank))
+    for line in results.lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(results.headline(), markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(results.exit_code)
 
 
 def _write_outputs(result, csv: Path | None, json: Path | None, html: Path | None) -> None:

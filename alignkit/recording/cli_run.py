@@ -13,6 +13,7 @@ from alignkit.errors import RecordingError, UsageError
 from alignkit.phrasing import count
 from alignkit.recording import script
 from alignkit.recording.auto import AutoWatch
+from alignkit.recording.metadata import path_for_rank
 from alignkit.recording.recorder import Recorder
 from alignkit.storage.reader import open_dump
 
@@ -40,6 +41,7 @@ def record_command(
     (recording/repeat.py): the earlier runs go to scratch dumps beside ``output``.
     """
     console = console or Console(stderr=True)
+    output = Path(path_for_rank(output))  # -o dump_{rank}.h5 under torchrun: this process's own dump
     if repeat < 1:
         raise UsageError(f"--repeat {repeat}: give the number of runs, 2 or more (1 records once)")
     scratch = [output.with_name(f".{output.name}.run{i}.h5") for i in range(1, repeat)]

@@ -21,7 +21,7 @@ from alignkit.phrasing import count
 from alignkit.recording import openvino
 from alignkit.recording.flatten import Named, split
 from alignkit.recording.hooks import CallHook, Hook, MethodHook, ModuleHook, wrap_function
-from alignkit.recording.metadata import closing_metadata, run_metadata
+from alignkit.recording.metadata import closing_metadata, path_for_rank, run_metadata
 from alignkit.recording.openvino import is_openvino_engine
 from alignkit.recording.seam import current_call, pop_call, push_call, recording_paused
 from alignkit.recording.targets import (
@@ -130,6 +130,7 @@ class Recorder:
     def start(self) -> Recorder:
         """Open the dump and start recording; a recorder never stopped is stopped when the
         interpreter exits, so that the dump is complete and holds its last calls."""
+        self.path = path_for_rank(self.path)  # -o dump_{rank}.h5: the rank is known by now, if ever
         self._writer = DumpWriter(self.path, run_metadata(self.label, self._command), self._max_pending)
         _ACTIVE.append(self)
         self._error_before = getattr(sys, "last_value", None)  # an interactive session's earlier error is not the run's
