@@ -40,47 +40,83 @@ def test_a_second_recorder_to_the_same_dump_is_refused_in_one_line(tmp_path):
         assert d.metadata["complete"]
 
 
-def _record(path, steps):
+KINDS = {
+    "small": [(4, 3), (2,)],
+    "staged": [(512, 1024), (2,)],  # 2 MiB: written into the dump at call time and linked into its call later
+}
+
+
+def _value(shape, step, call):
+    return np.full(shape, float(step) * (1 if call == 0 else -1), np.float32)
+
+
+def _record(path, steps, kind="small"):
+    if kind == "layers":
+        import torch
+
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        with ak.Recorder(path, layers=["net"]) as rec, torch.no_grad():
+            rec.watch(net, "net")
+            for step in range(steps):
+                net(torch.from_numpy(_value((4, 3), step, 0)))
+                net(torch.from_numpy(_value((2, 3), step, 1)))
+                ak.step()
+        return
     with ak.Recorder(path) as rec:
         double = rec.watch(lambda x: x * 2, "double")
         for step in range(steps):
-            double(np.full((4, 3), float(step), np.float32))
-            double(np.full((2,), -float(step), np.float32))
+            for call, shape in enumerate(KINDS[kind]):
+                double(_value(shape, step, call))
             ak.step()
 
 
 @pytest.fixture()
-def kill_points(monkeypatch):
+def kill_points(monkeypatch, tmp_path):
     """The dump and its journal as a kill would leave them after each write to disk once the
-    dump is created, and in the middle of each journal write."""
+    dump is created, and in the middle of each journal write: each state kept as files in
+    ``states/`` (a dump of 2 MiB tensors, copied hundreds of times, does not fit in memory)."""
+    folder = tmp_path / "states"
+    folder.mkdir()
     states = []
     monkeypatch.setattr(writer, "FLUSH_INTERVAL", 0.0)  # a flush at every step
     pwrite = JournaledFile._pwrite
 
+    def keep(journal_bytes):
+        n = len(states)
+        (folder / f"{n}.h5").write_bytes(states_source[0].read_bytes())
+        if journal_bytes is not None:
+            (folder / f"{n}.journal").write_bytes(journal_bytes)
+        states.append((folder / f"{n}.h5", folder / f"{n}.journal" if journal_bytes is not None else None))
+
+    states_source = []
+
     def spy(self, fd, data, offset):
         if not self._committed:  # creating the file: a kill here leaves no calls to keep
             return pwrite(self, fd, data, offset)
+        states_source[:] = [self.path]
         if fd == self._journal_fd:
-            states.append((self.path.read_bytes(), bytes(data)[: len(data) // 2]))
+            keep(bytes(data)[: len(data) // 2])
         pwrite(self, fd, data, offset)
         kept = journal_path(self.path)
-        states.append((self.path.read_bytes(), kept.read_bytes() if kept.exists() else None))
+        keep(kept.read_bytes() if kept.exists() else None)
 
     monkeypatch.setattr(JournaledFile, "_pwrite", spy)
     return states
 
 
-def test_a_kill_at_any_write_leaves_a_dump_that_opens_with_its_flushed_calls(tmp_path, kill_points):
-    _record(tmp_path / "full.h5", steps=5)
+@pytest.mark.parametrize("kind", ["small", "staged", "layers"])
+def test_a_kill_at_any_write_leaves_a_dump_that_opens_with_its_flushed_calls(tmp_path, kill_points, kind):
+    steps = 5 if kind == "small" else 3
+    _record(tmp_path / "full.h5", steps, kind)
     full = ak.open_dump(tmp_path / "full.h5")
-    assert len(kill_points) > 50
+    assert len(kill_points) > 20
     dump, kept = tmp_path / "killed.h5", journal_path(tmp_path / "killed.h5")
-    counts, finished = [], 0
-    for data, journal_bytes in kill_points:
-        dump.write_bytes(data)
+    counts, finished, layers_read = [], 0, 0
+    for data, journal_file in kill_points:
+        dump.write_bytes(data.read_bytes())
         kept.unlink(missing_ok=True)
-        if journal_bytes is not None:
-            kept.write_bytes(journal_bytes)
+        if journal_file is not None:
+            kept.write_bytes(journal_file.read_bytes())
         before = dump.read_bytes()
         with ak.open_dump(dump) as d:
             finished += dump.read_bytes() != before
@@ -88,12 +124,19 @@ def test_a_kill_at_any_write_leaves_a_dump_that_opens_with_its_flushed_calls(tmp
             counts.append(len(d))
             for row in d.calls.itertuples():  # by seq: a step boundary not yet flushed keys calls by count
                 same = full.calls.set_index("seq").loc[row.seq]
-                np.testing.assert_array_equal(
-                    d[row.submodel, row.step, row.call].inputs["x"],
-                    full[same.submodel, same.step, same.call].inputs["x"],
-                )
-    assert counts == sorted(counts) and counts[-1] == len(full) == 10  # never fewer calls for a later kill
+                got, want = d[row.submodel, row.step, row.call], full[same.submodel, same.step, same.call]
+                for io in ("inputs", "outputs", "layers"):
+                    have = getattr(got, io)
+                    assert set(have) <= set(getattr(want, io))
+                    for name, value in have.items():  # a call that reads back holds the values it was written with
+                        np.testing.assert_array_equal(value, getattr(want, io)[name])
+                    layers_read += len(have) if io == "layers" else 0
+                if kind != "layers":
+                    assert set(got.inputs) == {"x"}
+    assert counts == sorted(counts) and counts[-1] == len(full) == 2 * steps  # never fewer calls for a later kill
     assert finished > 0  # some kills fell between a whole journal and the end of its commit
+    if kind == "layers":  # the killed dumps' layer groups were read back, not only their calls
+        assert len(next(iter(full)).layers) >= 3 and layers_read > 0
 
 
 def test_the_journal_of_a_live_recording_is_left_to_it(tmp_path):
