@@ -11,6 +11,8 @@ cross to the host.
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 from typing import Any
 
@@ -22,11 +24,38 @@ SAMPLE = 512
 _MIX = 1_000_003  # the checksum weighs each element's bits by its position, modulo a prime
 
 
+@functools.lru_cache(maxsize=1024)
 def positions(numel: int) -> np.ndarray:
-    """The sampled positions of a flattened tensor of ``numel`` elements: the same in every run."""
+    """The sampled positions of a flattened tensor of ``numel`` elements: the same in every run
+    (kept per size: a run's layers come in a few sizes, over and over)."""
     if numel <= SAMPLE:
-        return np.arange(numel, dtype=np.int64)
-    return np.linspace(0, numel - 1, SAMPLE).round().astype(np.int64)
+        out = np.arange(numel, dtype=np.int64)
+    else:
+        out = np.linspace(0, numel - 1, SAMPLE).round().astype(np.int64)
+    out.flags.writeable = False
+    return out
+
+
+def _sums(values: Any, dot: Any, take_finite: Any, widen: Any) -> tuple[Any, float, float, bool]:
+    """(the finite values, their sum in float64, their sum of squares, whether all were finite).
+    A sum and a sum of squares that come out finite prove every element finite, so the NaN/Inf
+    mask is built only for a tensor that has some, or whose squares pass float32's range (then
+    summed in float64)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is what sends it to the float64 path
+        total, squares = float(values.sum(dtype=_float64_of(values))), float(dot(values, values))
+    if math.isfinite(total) and math.isfinite(squares):
+        return values, total, squares, True
+    clean = take_finite(values)
+    wide = widen(clean)
+    return clean, float(wide.sum()), float(dot(wide, wide)), bool(clean.shape[0] == values.shape[0])
+
+
+def _float64_of(values: Any) -> Any:
+    if isinstance(values, np.ndarray):
+        return np.float64
+    import torch
+
+    return torch.float64
 
 
 def capture_stats(name: str, value: Any) -> Tensor:
@@ -42,15 +71,14 @@ def capture_stats(name: str, value: Any) -> Tensor:
     array = np.asarray(value)
     flat = np.ascontiguousarray(array).reshape(-1)
     values = flat.astype(np.float32, copy=False) if flat.dtype.kind in "fiub" else np.zeros(flat.size, np.float32)
-    finite = np.isfinite(values)
-    clean = values if finite.all() else values[finite]
+    clean, total, squares, whole = _sums(values, np.dot, lambda v: v[np.isfinite(v)], lambda v: v.astype(np.float64))
     stats = _figures(
         clean.size,
         lambda: (float(clean.min()), float(clean.max())),
-        float(clean.sum(dtype=np.float64)),
-        float(np.dot(clean, clean)),
-        int(np.isnan(values).sum()) if clean.size < values.size else 0,
-        int(np.isinf(values).sum()) if clean.size < values.size else 0,
+        total,
+        squares,
+        0 if whole else int(np.isnan(values).sum()),
+        0 if whole else int(np.isinf(values).sum()),
         zlib.crc32(flat.view(np.uint8)),
     )
     return Tensor(
@@ -67,21 +95,26 @@ def _torch_stats(name: str, t: Any) -> Tensor:
     dtype = str(flat.dtype).removeprefix("torch.")
     values = flat.real if flat.is_complex() else flat
     values = values.float() if values.dtype != torch.float32 else values
-    finite = torch.isfinite(values)
-    whole = bool(finite.all())
-    clean = values if whole else values[finite]
+    clean, total, squares, whole = _sums(values, torch.dot, lambda v: v[torch.isfinite(v)], lambda v: v.double())
     stats = _figures(
         int(clean.numel()),
         lambda: tuple(float(x) for x in torch.aminmax(clean)),
-        float(clean.sum(dtype=torch.float64)),
-        float(torch.dot(clean, clean)),
+        total,
+        squares,
         0 if whole else int(torch.isnan(values).sum()),
         0 if whole else int(torch.isinf(values).sum()),
         _checksum(flat),
     )
-    index = torch.from_numpy(positions(int(values.numel()))).to(flat.device)
+    index = _torch_positions(int(values.numel()), str(flat.device))
     sample = values[index].cpu().numpy()
     return Tensor(name, sample, dtype, "torch", device=str(flat.device), stats=stats, full_shape=tuple(t.shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _torch_positions(numel: int, device: str) -> Any:
+    import torch
+
+    return torch.from_numpy(positions(numel).copy()).to(device)
 
 
 def _figures(n: int, extremes: Any, total: float, squares: float, nan: int, inf: int, checksum: int) -> dict:

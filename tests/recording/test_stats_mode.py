@@ -26,6 +26,16 @@ def test_statistics_of_numpy_and_torch_tensors_agree_and_sample_the_same_positio
     assert capture_stats("y", y).stats["stats_checksum"] != a.stats["stats_checksum"]
 
 
+def test_statistics_of_values_whose_squares_pass_float32s_range_are_finite():
+    x = np.full(2000, 1e20, np.float32)  # finite, but 1e40 overflows float32
+    x[5] = -3e20
+    for value in (x, torch.from_numpy(x)):
+        stats = capture_stats("x", value).stats
+        want = np.sqrt(np.square(x.astype(np.float64)).sum())
+        assert (stats["stats_nan"], stats["stats_inf"]) == (0, 0)
+        assert stats["stats_l2"] == pytest.approx(want, rel=1e-6) and np.isfinite(stats["stats_std"])
+
+
 @pytest.mark.parametrize("bug", ["timestep", "weights", "none"])
 def test_a_stats_comparison_finds_the_same_first_divergence_as_the_full_one(tmp_path, bug):
     full = ak.compare(*record_demo_pair(bug, 6, tmp_path / "full"))
