@@ -281,7 +281,7 @@ def _row(
     }
     if r is None or t is None:
         return {**base, "status": "tgt only" if r is None else "ref only"}
-    numel_r, numel_t = int(np.prod(r.shape)), int(np.prod(t.shape))
+    numel_r, numel_t = math.prod(r.shape), math.prod(t.shape)
     numel = base["numel"] = max(numel_r, numel_t)
     if not isinstance(t, MergedTensor) and (ref.is_stats(r.path) or tgt.is_stats(t.path)):
         return _stats_row(base, ref, tgt, r, t, pair, carried, limits)
@@ -325,9 +325,9 @@ def _stats_row(
     whole tensors' statistics, an equal checksum taken as equal values (``estimate``)."""
     from alignkit.recording.stats import positions
 
-    if int(np.prod(r.shape)) != int(np.prod(t.shape)):
+    if math.prod(r.shape) != math.prod(t.shape):
         return {**base, "status": "shape"}
-    numel = int(np.prod(r.shape))
+    numel = math.prod(r.shape)
 
     def sample(dump: Dump, info: TensorInfo) -> np.ndarray:
         values = dump.read(info.path, info.dtype)

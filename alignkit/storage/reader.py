@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -196,7 +197,7 @@ class Dump:
                             t.name,
                             t.dtype,
                             t.shape,
-                            int(np.prod(t.shape)),
+                            math.prod(t.shape),
                             t.path,
                         )
                     )
