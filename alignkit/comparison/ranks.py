@@ -174,6 +174,20 @@ def _ranks_on_workers(client: Any, ref: Any, tgt: Any) -> dict[str, dict[int, tu
 
 
 @contextmanager
+def environ_kept() -> Iterator[None]:
+    """Put back this process's environment as it was: a local Dask cluster sets OMP_NUM_THREADS,
+    MKL_NUM_THREADS and OPENBLAS_NUM_THREADS to 1 (and more) in the process that starts it, for its
+    workers, and leaves them there; a torch started later in the same process would then run on one
+    thread."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+@contextmanager
 def _client(address: str) -> Iterator[Any]:
     distributed = require("distributed", "dask")
     Client, LocalCluster = distributed.Client, distributed.LocalCluster
@@ -181,9 +195,10 @@ def _client(address: str) -> Iterator[Any]:
         n = address.partition(":")[2]
         if n and not n.isdigit():
             raise UsageError(f"--dask {address}: expected local or local:N, N the number of workers")
-        cluster = LocalCluster(n_workers=int(n or 2), threads_per_worker=1, processes=True, dashboard_address=None)
-        with cluster, Client(cluster) as client:
-            yield client
+        with environ_kept():
+            cluster = LocalCluster(n_workers=int(n or 2), threads_per_worker=1, processes=True, dashboard_address=None)
+            with cluster, Client(cluster) as client:
+                yield client
         return
     try:
         client = Client(address, timeout="10s")

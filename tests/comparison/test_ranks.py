@@ -11,7 +11,7 @@ import pytest
 
 import alignkit as ak
 from alignkit.cli import main
-from alignkit.comparison.ranks import for_rank, ranks_on_disk
+from alignkit.comparison.ranks import environ_kept, for_rank, ranks_on_disk
 from tests.conftest import ROOT
 
 NET = textwrap.dedent(
@@ -95,7 +95,10 @@ def test_ranks_compare_on_their_own(rank_dumps):
 def test_ranks_compare_on_a_local_dask_cluster_where_the_files_lie(rank_dumps):
     import distributed
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with (
+        environ_kept(),
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+    ):
         with distributed.Client(cluster) as client:
             workers = set(client.scheduler_info()["workers"])
             with distributed.get_task_stream(client) as stream:
@@ -124,6 +127,12 @@ def test_cli_compares_ranks_through_local_dask_and_writes_each_rank(rank_dumps, 
     assert "diverged: ranks 0, 1 of 2" in printed
     for rank in (0, 1):
         assert json.loads(for_rank(out, rank).read_text())["verdict"] == "diverged"
+
+
+def test_a_local_cluster_leaves_the_environment_as_it_was(rank_dumps):
+    before = dict(os.environ)
+    ak.compare_ranks(rank_dumps / "ref_{rank}.h5", rank_dumps / "tgt_{rank}.h5", dask="local:2")
+    assert dict(os.environ) == before  # distributed sets OMP_NUM_THREADS=1 and more for its workers
 
 
 def test_a_rank_that_one_run_lacks_is_a_divergence_not_a_silence(rank_dumps, tmp_path):
