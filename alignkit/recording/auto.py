@@ -357,7 +357,10 @@ def _wrap_subclasses(
     previous = base.__dict__.get("__init_subclass__")
 
     def __init_subclass__(cls: type, **kw: Any) -> None:
-        super(base, cls).__init_subclass__(**kw)
+        if previous is not None:  # another patch's hook (``__call__`` wrapped, then ``__init__``): chained
+            previous.__get__(None, cls)(**kw)
+        else:
+            super(base, cls).__init_subclass__(**kw)
         wrap(cls)
 
     base.__init_subclass__ = classmethod(__init_subclass__)

@@ -1,12 +1,16 @@
 """An OpenVINO port as seed 002 deploys one: a hand-written engine around a compiled model,
 put in the pipeline in place of the UNet, recorded with no code change."""
 
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 import alignkit as ak
 from alignkit.recording.cli_run import record_command
+from tests.conftest import ROOT
 
 SCRIPT = """
 import sys
@@ -41,12 +45,22 @@ generate(pipe, steps=3)
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory):
+    """Each run recorded as a user records it: `alignkit record` in a fresh process (a process
+    that has imported diffusers before differs: its pipeline classes already exist)."""
     folder = tmp_path_factory.mktemp("openvino")
     (folder / "run.py").write_text(textwrap.dedent(SCRIPT))
     out = {}
     for run in ("torch", "f32", "bf16"):
         out[run] = folder / f"{run}.h5"
-        assert record_command(out[run], [str(folder / "run.py"), run]) == 0
+        proc = subprocess.run(
+            [sys.executable, "-m", "alignkit", "record", "-o", str(out[run]), "--", str(folder / "run.py"), run],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 

@@ -158,3 +158,47 @@ def test_a_scheduler_a_pipeline_copies_and_steps_inside_its_call_is_its_own_busi
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the audio scheduler stepped itself
     with ak.open_dump(tmp_path / "av.h5") as dump:
         assert dump.submodels == ["scheduler"] and dump.steps("scheduler") == [0, 1, 2]
+
+
+def test_two_patches_of_one_base_both_reach_a_subclass_made_later():
+    """diffusers imports its pipeline classes lazily: a pipeline class made after the patches
+    must get both ``__call__`` and ``__init__`` wrapped (a later patch once replaced the
+    earlier one's hook, and a fresh process recorded an engine swapped into a pipeline under
+    the engine's own name instead of the component's)."""
+    from alignkit.recording.auto import _wrap_subclasses
+
+    class Base:
+        def __init__(self):
+            self.made = True
+
+        def __call__(self):
+            return "called"
+
+    seen = []
+
+    def around(tag):
+        def wrap(original):
+            def replacement(self, *args, **kwargs):
+                seen.append(tag)
+                return original(self, *args, **kwargs)
+
+            return replacement
+
+        return wrap
+
+    first, second = (
+        _wrap_subclasses(Base, "__call__", around("call")),
+        _wrap_subclasses(Base, "__init__", around("init")),
+    )
+
+    class Later(Base):
+        def __init__(self):
+            super().__init__()
+
+        def __call__(self):
+            return "later"
+
+    assert Later()() == "later" and seen == ["init", "call"]
+    second.remove(), first.remove()
+    seen.clear()
+    assert Later()() == "later" and seen == [] and "__init_subclass__" not in Base.__dict__
