@@ -60,7 +60,12 @@ def _where_from(submodel: str, descriptions: dict, declared: dict) -> str:
     """How the precision of ``submodel`` is known: declared, or read from its engine."""
     if submodel in declared or "all" in declared:
         return "as declared"
-    engine = descriptions.get(submodel, {}).get("engine", "engine")
+    described = descriptions.get(submodel, {})
+    engine = described.get("engine", "engine")
+    if engine == "openvino" and described.get("quantized_layers"):
+        return (
+            f"OpenVINO runs {described['quantized_layers']} of its convolutions and matrix products on 8-bit integers"
+        )
     return {"onnxruntime": "read from its ONNX graph", "openvino": "OpenVINO's inference precision"}.get(
         engine, f"read from its {engine}"
     )

@@ -2,7 +2,7 @@
 
 Diffusers pipelines are watched when they are called, a diffusers scheduler that a hand-written
 loop calls itself on its first ``step``, and ONNX Runtime sessions on each run (``run``,
-``run_with_iobinding``, ``run_with_ort_values``); each patch is
+``run_with_iobinding``, ``run_with_ort_values``); NNCF's calibration runs are left out; each patch is
 installed when the script imports its library (nothing is imported ahead of the script).
 ``--hook module:Qualified.name`` wraps any other engine, and ``--step-on module:qualname``
 makes a function or method the step boundary.
@@ -23,9 +23,11 @@ from typing import Any
 
 from alignkit.errors import UsageError
 from alignkit.recording import openvino
+from alignkit.recording.calibration import PausedWhileCalibrating
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
 from alignkit.recording.ort_runs import PREBOUND, RUN_METHODS, BindingMemory, session_runs
 from alignkit.recording.recorder import Recorder
+from alignkit.recording.seam import recording_paused
 from alignkit.recording.targets import (
     ObjectNames,
     is_torch_module,
@@ -50,6 +52,7 @@ class AutoWatch:
                 "onnxruntime": self._patch_onnxruntime,
                 "openvino": self._patch_openvino,
                 "transformers.generation.utils": self._patch_generate,
+                "nncf": self._patch_calibration,
             }
         )
         self._hook_specs, self._step_specs = list(hooks), list(step_on)
@@ -168,7 +171,7 @@ class AutoWatch:
 
             @functools.wraps(original)
             def run(session: Any, *args: Any, **kwargs: Any) -> Any:
-                if recorder.is_watched(session):  # a watched pipeline's component: recorded under its name
+                if recorder.is_watched(session) or recording_paused():  # a watched component: under its name
                     return original(session, *args, **kwargs)
                 return watches_of(session)[method].call(functools.partial(original, session), args, kwargs)
 
@@ -209,6 +212,11 @@ class AutoWatch:
             return known
 
         recorder.record_openvino(name)
+
+    # -- quantizers ---------------------------------------------------------------------------
+    def _patch_calibration(self, module: Any) -> None:
+        """Leave NNCF's calibration runs out of the recording."""
+        self._patches.append(PausedWhileCalibrating())
 
     # -- --hook and --step-on --------------------------------------------------------------
     def _patch_target(self, spec: str, *, record: bool, after: Callable[[], None] | None = None) -> None:

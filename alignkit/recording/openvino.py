@@ -81,10 +81,35 @@ def precision(engine: Any) -> dict[str, str]:
             out[key] = value.to_string() if hasattr(value, "to_string") else str(value)
     if out.get("inference_precision") in _PRECISIONS:
         out["precision"] = _PRECISIONS[out["inference_precision"]]
+    quantized = quantized_layers(compiled)
+    if quantized:  # NNCF's int8 (FakeQuantize, or weights compressed to int8): layers that run on 8-bit integers
+        out["precision"], out["quantized_layers"] = "int8", str(quantized)
     return out
 
 
 _PRECISIONS = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
+_INTEGER_RUNTIME = {"i8", "u8"}
+# layers whose arithmetic the quantization is for (a boolean mask is u8 too, in any model)
+_MULTIPLYING = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"}
+
+
+def quantized_layers(compiled: Any) -> int:
+    """How many of the compiled model's convolutions and matrix products the plugin runs on 8-bit integers: what an
+    NNCF-quantized model (its FakeQuantize operations) or one whose weights NNCF compressed to
+    int8 becomes on the device, behind a float inference precision."""
+    try:
+        ops = compiled.get_runtime_model().get_ordered_ops()
+    except (RuntimeError, AttributeError):
+        return 0
+    count = 0
+    for op in ops:
+        info = op.get_rt_info()
+        try:
+            kind, runs_in = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        except (KeyError, RuntimeError, AttributeError):
+            continue
+        count += kind in _MULTIPLYING and runs_in in _INTEGER_RUNTIME
+    return count
 
 
 def introduce(log: Any, engine: Any, submodel: str) -> None:
@@ -117,6 +142,7 @@ class OpenVINOHooks(Hook):
         import openvino as ov
 
         from alignkit.recording.hooks import Watch
+        from alignkit.recording.seam import recording_paused
 
         self._restore: list[tuple[type, str, Any]] = []
         inside = threading.local()
@@ -126,7 +152,7 @@ class OpenVINOHooks(Hook):
             original = cls.__dict__[method]
 
             def recorded(engine: Any, *args: Any, **kwargs: Any) -> Any:
-                name = None if getattr(inside, "depth", 0) else namer(engine)
+                name = None if getattr(inside, "depth", 0) or recording_paused() else namer(engine)
                 if name is None:
                     return original(engine, *args, **kwargs)
                 watch = watches.get(name) or watches.setdefault(

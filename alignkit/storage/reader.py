@@ -489,7 +489,14 @@ def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
     return out
 
 
-ENGINE_ATTRS = ("engine", "device", "inference_precision", "precision", "stateless_layers")  # a submodel's facts
+ENGINE_ATTRS = (  # a submodel's facts
+    "engine",
+    "device",
+    "inference_precision",
+    "precision",
+    "quantized_layers",
+    "stateless_layers",
+)
 JSON_ATTRS = frozenset(
     {"versions", "calls_run", "filters", "filter_notes", "repeat", "imported_from", "against"}
 )  # root attributes that hold JSON (docs/format.md)

@@ -27,6 +27,16 @@ class EngineOV:
         example = {"sample": torch.zeros(2, 4, 16, 16), "timestep": torch.tensor(999.0),
                    "encoder_hidden_states": torch.zeros(2, 77, 16)}
         model = ov.convert_model(unet, example_input=example)
+        if hint == "int8":  # NNCF's post-training quantization, calibrated on a few denoising inputs
+            import nncf
+
+            rng = np.random.default_rng(0)
+            calibration = [
+                {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32), "timestep": np.float32(t),
+                 "encoder_hidden_states": rng.standard_normal((2, 77, 16), dtype=np.float32)}
+                for t in (999, 666, 333)
+            ]
+            model, hint = nncf.quantize(model, nncf.Dataset(calibration), subset_size=3), "f32"
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint} if hint else {})
         self.config, self.dtype, self.device = unet.config, unet.dtype, unet.device
 
@@ -50,7 +60,7 @@ def dumps(tmp_path_factory):
     folder = tmp_path_factory.mktemp("openvino")
     (folder / "run.py").write_text(textwrap.dedent(SCRIPT))
     out = {}
-    for run in ("torch", "f32", "bf16"):
+    for run in ("torch", "f32", "bf16", "int8"):
         out[run] = folder / f"{run}.h5"
         proc = subprocess.run(
             [sys.executable, "-m", "alignkit", "record", "-o", str(out[run]), "--", str(folder / "run.py"), run],
@@ -96,6 +106,24 @@ def test_an_openvino_unet_in_bf16_behind_float32_io_is_judged_against_the_bf16_f
     else:  # within the bf16 floor (a CPU without bf16 computes in f32): expected precision loss
         assert result.verdict == "aligned", fd
         assert result.warnings[0].endswith("expected precision loss")
+
+
+def test_an_nncf_int8_unet_is_named_int8_and_its_calibration_is_not_recorded(dumps):
+    with ak.open_dump(dumps["int8"]) as dump:
+        # NNCF runs the model on its calibration set through compiled models of its own: none is recorded
+        assert dump.submodels == ["text_encoder", "unet", "scheduler", "vae.decode"]
+        assert len(dump) == 9
+        unet = dump.descriptions["unet"]
+        assert (unet["inference_precision"], unet["precision"]) == ("f32", "int8") and int(unet["quantized_layers"]) > 0
+    result = ak.compare(dumps["torch"], dumps["int8"])
+    assert result.warnings[0].startswith(
+        f"unet computes in int8, OpenVINO runs {unet['quantized_layers']} of its convolutions and matrix products on "
+        "8-bit integers (the graph is quantized: its floor is an estimate"
+    )
+    fd = result.first_divergence
+    if fd is not None:  # calibrated on three noise samples, the tiny UNet may lose more than int8's floor
+        assert (fd.submodel, fd.kind) == ("unet", "local error")
+        assert "unet computes in int8 (OpenVINO runs" in fd.message and "× the int8 floor" in fd.message
 
 
 def test_an_infer_request_records_under_the_name_the_script_gives_it(tmp_path):
