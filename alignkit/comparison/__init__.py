@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pandas as pd
 
 from alignkit.comparison import configs, glue
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.comparison.engines import name_conversion
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, blind_spots, match_calls, pair_reordered_calls, run_notes
 from alignkit.comparison.precision import engine_precisions, name_precision, parse_precisions, precision_warnings
@@ -97,10 +101,14 @@ def compare(
             per_call = classify_calls(table, calls, raised)
             first = first_divergence(table, per_call, explainer.text, seed)
         settings = configs.differences(r, t, calls)
+        shown = _as_compared(t, calls)  # engines, descriptions and declarations by the names the table shows
+        engines_shown, described = _renamed(engines, shown), _renamed(t.descriptions, shown)
+        declared_shown = _renamed(declared, shown)
         if first is not None:
             configs.explain(first, settings, r, configs.call_arguments(r, t, calls, first.seq))
-            name_precision(first, engines, t.descriptions, declared)
-            if first.submodel not in engines:
+            name_precision(first, engines_shown, described, declared_shown)
+            name_conversion(first, described)
+            if first.submodel not in engines_shown:
                 name_randomness(first, r, t, calls)
         result = Comparison(
             reference=str(r.path),
@@ -110,7 +118,7 @@ def compare(
             table=table,
             calls=per_call,
             thresholds=limits,
-            warnings=precision_warnings(engines, t.descriptions, declared, table, floor_factor)
+            warnings=precision_warnings(engines_shown, described, declared_shown, table, floor_factor)
             + configs.warnings(settings)
             + warnings_for(table, floor_factor),
             notes=notes + one_side_notes(table),
@@ -157,3 +165,19 @@ class _opened:
     def __exit__(self, *exc: object) -> None:
         if self._given is None and self._dump is not None:
             self._dump.close()
+
+
+def _as_compared(t: Dump, calls: pd.DataFrame) -> dict[str, str]:
+    """Target submodels compared under the reference's name (optimum's ``vae_decoder`` as
+    ``vae.decode``): their names as the table shows them."""
+    matched = calls.dropna(subset=["ref_seq", "tgt_seq"])
+    out = {}
+    for submodel, tgt_seq in zip(matched["submodel"], matched["tgt_seq"]):
+        own = t.call_at(int(tgt_seq)).submodel
+        if own != submodel:
+            out.setdefault(own, submodel)
+    return out
+
+
+def _renamed(by_submodel: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    return {names.get(key, key): value for key, value in by_submodel.items()}

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from alignkit.recording.hooks import CallHook
-from alignkit.recording.optimum import watch_wrapper
+from alignkit.recording.optimum import watch_wrapper, wraps_unwatched_engine
 from alignkit.recording.targets import is_diffusers_scheduler, is_torch_module
 from alignkit.recording.tensors import plain_value
 
@@ -36,7 +36,9 @@ def watch_pipeline(recorder: CallLog, pipe: Any) -> None:
     if recorder.method_watched_as(pipe, "__call__") is None:
         _note_calls(recorder, pipe)
     for name, component in _components(pipe).items():
-        if component is None or not is_submodel_name(name) or recorder.is_watched(component):
+        if component is None or not is_submodel_name(name):
+            continue
+        if recorder.is_watched(component) and not _engine_since(recorder, component, name):
             continue
         _free_name(recorder, name, component)
         if name.startswith("scheduler") or is_diffusers_scheduler(component):
@@ -53,6 +55,16 @@ def watch_pipeline(recorder: CallLog, pipe: Any) -> None:
             continue
         elif callable(component):
             recorder.watch(component, name)
+
+
+def _engine_since(recorder: CallLog, component: Any, name: str) -> bool:
+    """Whether a wrapper watched as itself, because it held no engine yet when the pipeline was
+    made (optimum-intel compiles its models after making the pipeline), now holds one that is not
+    watched: the wrapper is then let go, if it never ran, for the engine to take its name."""
+    if not wraps_unwatched_engine(recorder, component):
+        return False
+    _free_name(recorder, name, component)
+    return not recorder.is_watched(component)
 
 
 def _free_name(recorder: CallLog, name: str, component: Any) -> None:

@@ -9,6 +9,7 @@ float32 inputs and outputs says so there.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -43,17 +44,54 @@ def port_names(ports: Any) -> list[str]:
 
 def bind_inputs(engine: Any, args: tuple, kwargs: dict) -> Named:
     """The inputs of ``compiled(inputs)`` / ``request.infer(inputs)``: a dict by name or by
-    index, a list in the model's order, or one array."""
+    index, a list in the model's order, or one array; each as the engine computes with it (see
+    :func:`as_declared`)."""
     inputs = args[0] if args else kwargs.get("inputs")
-    names = port_names(compiled_model_of(engine).inputs)
+    ports = compiled_model_of(engine).inputs
+    names = port_names(ports)
     if isinstance(inputs, dict):
-        return [
+        named = [
             (names[k] if isinstance(k, int) else getattr(k, "get_any_name", lambda k=k: str(k))(), v)
             for k, v in inputs.items()
         ]
-    if isinstance(inputs, (list, tuple)):
-        return list(zip(names, inputs))
-    return [] if inputs is None else [(names[0], inputs)]
+    elif isinstance(inputs, (list, tuple)):
+        named = list(zip(names, inputs))
+    else:
+        named = [] if inputs is None else [(names[0], inputs)]
+    declared = dict(zip(names, (_declared_dtype(port) for port in ports)))
+    return [(name, as_declared(value, declared.get(name))) for name, value in named]
+
+
+def as_declared(value: Any, dtype: np.dtype | None) -> Any:
+    """``value`` converted to the element type its model input declares, as OpenVINO converts it
+    before computing: a float timestep fed to an input declared int64 (optimum-intel exports
+    the UNet's so) is truncated, 499.5 to 499, and the recording must show what the engine
+    computed with, not what it was handed."""
+    if dtype is None:
+        return value
+    from alignkit.recording.tensors import torch_tensor_type
+
+    tensor_type = torch_tensor_type()
+    if tensor_type is not None and isinstance(value, tensor_type):  # optimum-intel feeds torch tensors
+        import torch
+
+        wanted = torch.from_numpy(np.zeros(0, dtype)).dtype
+        return value if value.dtype == wanted or value.is_complex() else value.detach().to(wanted)
+    if not isinstance(value, (np.ndarray, np.generic, int, float)):
+        return value
+    array = np.asarray(value)
+    if array.dtype == dtype or array.dtype.kind not in "biuf":
+        return value
+    with np.errstate(invalid="ignore", over="ignore"):
+        return array.astype(dtype)
+
+
+def _declared_dtype(port: Any) -> np.dtype | None:
+    try:
+        dtype = np.dtype(port.get_element_type().to_dtype())
+    except (RuntimeError, TypeError, AttributeError):  # a dynamic element type: fed as it comes
+        return None
+    return dtype if dtype.kind in "biuf" else None
 
 
 def name_results(engine: Any, result: Any) -> Named:
@@ -81,6 +119,13 @@ def precision(engine: Any) -> dict[str, str]:
             out[key] = value.to_string() if hasattr(value, "to_string") else str(value)
     if out.get("inference_precision") in _PRECISIONS:
         out["precision"] = _PRECISIONS[out["inference_precision"]]
+    declared = {
+        name: dtype.name
+        for name, dtype in zip(port_names(compiled.inputs), map(_declared_dtype, compiled.inputs))
+        if dtype is not None
+    }
+    if declared:  # what OpenVINO converts each input to (see as_declared)
+        out["input_types"] = json.dumps(declared)
     quantized = quantized_layers(compiled)
     if quantized:  # NNCF's int8 (FakeQuantize, or weights compressed to int8): layers that run on 8-bit integers
         out["precision"], out["quantized_layers"] = "int8", str(quantized)

@@ -34,6 +34,14 @@ def engine_inside(wrapper: Any) -> Any:
     return held[0] if len(held) == 1 else None  # a hand-written wrapper's one engine, whatever it is called
 
 
+def wraps_unwatched_engine(log: CallLog, wrapper: Any) -> bool:
+    """Whether ``wrapper`` holds an engine (itself, or its decoder's and encoder's) not watched yet."""
+    engines = [engine_inside(wrapper)] + [
+        engine_inside(getattr(wrapper, part, None)) for part in _METHOD_PARTS.values()
+    ]
+    return any(engine is not None and not log.is_watched(engine) for engine in engines)
+
+
 def watch_wrapper(log: CallLog, wrapper: Any, name: str) -> bool:
     """Watch the engine(s) inside ``wrapper`` as ``name`` (a VAE's parts as ``name.decode`` and
     ``name.encode``); False when it wraps none."""

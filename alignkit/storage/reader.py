@@ -495,6 +495,7 @@ ENGINE_ATTRS = (  # a submodel's facts
     "inference_precision",
     "precision",
     "quantized_layers",
+    "input_types",
     "stateless_layers",
 )
 JSON_ATTRS = frozenset(

@@ -144,3 +144,35 @@ for _ in range(2):
         assert len(dump.calls) == 2 and dump.submodels == ["openvino"]  # a request of an unnamed model
         assert dump.descriptions["openvino"]["precision"] == "fp32"
         assert any("OpenVINO model, whose layers alignkit cannot record" in n for n in dump.metadata["filter_notes"])
+
+
+def test_a_float_fed_to_an_input_declared_int64_is_recorded_as_openvino_computes_with_it(tmp_path):
+    """optimum-intel exports a UNet's ``timestep`` as int64: OpenVINO truncates the float it is
+    fed. The recording holds what the engine computed with, and compare names the conversion."""
+    script = """
+import sys
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import torch
+
+t = ops.parameter([1], ov.Type.i64 if sys.argv[1] == "int64" else ov.Type.f32, name="timestep")
+x = ops.parameter([4], ov.Type.f32, name="sample")
+out = ops.multiply(x, ops.convert(t, ov.Type.f32))
+unet = ov.Core().compile_model(ov.Model([out], [x, t], "unet"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+for step, timestep in enumerate((3.0, 2.5)):
+    unet({"sample": np.ones(4, np.float32), "timestep": torch.tensor([timestep])})
+"""
+    (tmp_path / "run.py").write_text(script)
+    for run in ("float32", "int64"):
+        assert record_command(tmp_path / f"{run}.h5", [str(tmp_path / "run.py"), run]) == 0
+    with ak.open_dump(tmp_path / "int64.h5") as dump:
+        assert dump.submodels == ["unet"]
+        assert [int(dump["unet", s].inputs["timestep"][0]) for s in (0, 1)] == [3, 2]  # 2.5 truncated, as OpenVINO does
+        assert dump["unet", 1].inputs["timestep"].dtype == "int64"
+    result = ak.compare(tmp_path / "float32.h5", tmp_path / "int64.h5")
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 1, "timestep", "input mismatch")
+    assert "unet's OpenVINO model declares `timestep` int64, and OpenVINO converts the float32 it is fed" in fd.message
+    assert "glue code" not in fd.message
