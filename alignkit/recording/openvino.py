@@ -174,10 +174,19 @@ def model_name(engine: Any) -> str:
     return name if name and not name.startswith("Model") else "openvino"
 
 
+def _run_to_end(start_async: Any, request: Any, args: tuple, kwargs: dict) -> Any:
+    """Start an asynchronous inference and wait for it: a recorded call has its outputs. The
+    caller's own ``wait`` then returns at once; what recording costs is the overlap."""
+    start_async(request, *args, **kwargs)
+    request.wait()
+    return request.results
+
+
 class OpenVINOHooks(Hook):
-    """Record ``CompiledModel.__call__`` and ``InferRequest.infer`` for every engine that
-    ``namer`` names (None: not recorded), by patching the two classes for as long as the hook
-    lives. An engine's call that runs an infer request of its own is recorded once."""
+    """Record ``CompiledModel.__call__``, ``InferRequest.infer`` and ``InferRequest.start_async``
+    for every engine that ``namer`` names (None: not recorded), by patching the two classes for
+    as long as the hook lives. An engine's call that runs an infer request of its own is
+    recorded once."""
 
     name = "openvino"
 
@@ -193,7 +202,8 @@ class OpenVINOHooks(Hook):
         inside = threading.local()
         watches: dict[str, Watch] = {}
 
-        def patch(cls: type, method: str) -> None:
+        def patch(cls: type, method: str, to_end: bool = False) -> None:
+            """``to_end``: an asynchronous start, run to its end so that the call has its outputs."""
             original = cls.__dict__[method]
 
             def recorded(engine: Any, *args: Any, **kwargs: Any) -> Any:
@@ -211,6 +221,9 @@ class OpenVINOHooks(Hook):
                 )
                 inside.depth = getattr(inside, "depth", 0) + 1
                 try:
+                    if to_end:
+                        watch.call(lambda *a, **k: _run_to_end(original, engine, a, k), args, kwargs)
+                        return None
                     return watch.call(lambda *a, **k: original(engine, *a, **k), args, kwargs)
                 finally:
                     inside.depth -= 1
@@ -221,6 +234,7 @@ class OpenVINOHooks(Hook):
 
         patch(ov.CompiledModel, "__call__")
         patch(ov.InferRequest, "infer")
+        patch(ov.InferRequest, "start_async", to_end=True)  # optimum-intel's decoders: start_async, then wait
         self._pause_while_converting(ov)
 
     def _pause_while_converting(self, ov: Any) -> None:

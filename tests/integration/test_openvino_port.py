@@ -176,3 +176,26 @@ for step, timestep in enumerate((3.0, 2.5)):
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 1, "timestep", "input mismatch")
     assert "unet's OpenVINO model declares `timestep` int64, and OpenVINO converts the float32 it is fed" in fd.message
     assert "glue code" not in fd.message
+
+
+def test_an_infer_request_run_with_start_async_and_wait_is_recorded_with_its_outputs(tmp_path):
+    script = """
+import numpy as np
+import openvino as ov
+import torch
+
+model = ov.convert_model(torch.nn.Linear(4, 3), example_input=torch.ones(2, 4))
+decoder = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+request = decoder.create_infer_request()
+for i in range(3):
+    request.start_async({0: np.full((2, 4), float(i), np.float32)})
+    request.wait()
+    out = request.get_output_tensor(0).data.copy()
+"""
+    (tmp_path / "run.py").write_text(script)
+    assert record_command(tmp_path / "ov.h5", [str(tmp_path / "run.py")]) == 0
+    with ak.open_dump(tmp_path / "ov.h5") as dump:
+        assert len(dump) == 3
+        third = dump["openvino", 2]
+        value, result = next(iter(third.inputs.values())), next(iter(third.outputs.values()))
+        assert value.tolist() == [[2.0] * 4] * 2 and result.shape == (2, 3)

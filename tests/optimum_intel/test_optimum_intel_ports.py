@@ -99,3 +99,53 @@ def test_the_default_precision_is_named_for_each_component_as_the_table_shows_it
     named = [w for w in result.warnings if " computes in bf16, OpenVINO's inference precision: " in w]
     assert {w.split(" ", 1)[0] for w in named} == {"text_encoder", "unet", "vae.decode"}
     assert "nondeterministic" not in str(result.first_divergence)  # bf16 rounding is not a random op
+
+
+LLM_SCRIPT = """
+import sys
+
+import torch
+
+PROMPT = torch.tensor([[5, 17, 3, 42, 8]])
+if sys.argv[1] == "torch":
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(sys.argv[2]).eval()
+else:
+    from optimum.intel import OVModelForCausalLM
+
+    model = OVModelForCausalLM.from_pretrained(sys.argv[2], ov_config={"INFERENCE_PRECISION_HINT": "f32"})
+model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=4, do_sample=False, pad_token_id=0)
+"""
+
+
+def test_a_stateful_ov_decoder_is_recorded_through_its_async_requests_and_compared_in_tokens(tmp_path):
+    """OVModelForCausalLM runs its request with ``start_async`` and ``wait``, its KV cache kept
+    inside the model: its calls are recorded as ``decoder``, and the port agrees in tokens."""
+    import torch
+    from optimum.intel import OVModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, max_position_embeddings=64,
+    )  # fmt: skip
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "torch")
+    OVModelForCausalLM.from_pretrained(str(tmp_path / "torch"), export=True).save_pretrained(tmp_path / "ov")
+    (tmp_path / "run.py").write_text(textwrap.dedent(LLM_SCRIPT))
+    dumps = {}
+    for run in ("torch", "ov"):
+        dumps[run] = tmp_path / f"{run}.h5"
+        command = [sys.executable, "-m", "alignkit", "record", "-o", str(dumps[run]), "--", "run.py", run]
+        proc = subprocess.run(
+            [*command, str(tmp_path / run)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with ak.open_dump(dumps["ov"]) as dump:
+        assert dump.submodels == ["decoder"] and len(dump) == 4  # the prefill and three decode steps
+        assert dump["decoder", 0].outputs["logits"].shape == (1, 5, 100)
+    result = ak.compare(dumps["torch"], dumps["ov"])
+    assert result.verdict == "aligned", result.first_divergence
+    assert (result.tokens["submodel"], result.tokens["identical"], result.tokens["steps"]) == ("decoder", 4, 4)
