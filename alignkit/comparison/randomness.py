@@ -17,6 +17,9 @@ from alignkit.storage.reader import Dump
 
 MIN_ELEMENTS = 256  # fewer, and the correlations do not settle
 MAX_CORRELATION = 0.15  # |corr| below which two series count as uncorrelated (a real error: 0.2–0.9)
+# A relative L1 below which the noise may as well be rounding: a text encoder computing in bf16
+# behind float32 inputs and outputs differs by about 0.005; dropout by about its rate.
+ROUNDING_SIZED = 0.02
 
 
 def looks_random(ref: np.ndarray, tgt: np.ndarray) -> bool:
@@ -57,10 +60,21 @@ def name_randomness(first: Divergence, ref: Dump, tgt: Dump, calls: pd.DataFrame
     name = first.evidence.get("tgt_tensor", first.tensor)
     if first.tensor not in ref_out or name not in tgt_out or not looks_random(ref_out[first.tensor], tgt_out[name]):
         return
-    first.message = first.message.replace(
-        f"; the port of {first.submodel} itself is off",
-        f"; the added error looks like an independent draw of noise (uncorrelated with the output, with no structure "
-        f"between neighbouring elements): {first.submodel} is nondeterministic, a random op in its forward (noise "
-        "injection, dropout left in train mode) drawing other numbers in each run. Seed it (torch.manual_seed "
-        "before the call, a generator passed in) or put it in eval mode, then compare again",
+    looks = (
+        "; the added error looks like an independent draw of noise (uncorrelated with the output, with no structure "
+        "between neighbouring elements): "
     )
+    random_op = (
+        "a random op in its forward (noise injection, dropout left in train mode) drawing other numbers in each run. "
+        "Seed it (torch.manual_seed before the call, a generator passed in) or put it in eval mode, then compare again"
+    )
+    if float(ev.get("rel_l1", 1.0)) < ROUNDING_SIZED:
+        cause = (
+            f"{looks}as rounding makes it, where {first.submodel} computes in a lower precision than its "
+            f"{ev.get('tgt_dtype')} inputs and outputs show (fp16 or bf16 on the device: say so with "
+            f"--target-precision {first.submodel}=bf16 and compare again; `alignkit record --repeat 2` of the "
+            f"reference tells nondeterminism apart), or {random_op}"
+        )
+    else:
+        cause = f"{looks}{first.submodel} is nondeterministic, {random_op}"
+    first.message = first.message.replace(f"; the port of {first.submodel} itself is off", cause)

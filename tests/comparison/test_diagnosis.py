@@ -734,6 +734,22 @@ def test_a_random_op_inside_a_submodel_is_named_as_nondeterminism(tmp_path):
     assert "keep_fp32" not in result.layers  # both runs compute in fp32: no layer to keep in it
 
 
+def test_noise_the_size_of_rounding_names_a_lower_precision_before_a_random_op(tmp_path):
+    """An engine computing in bf16 behind float32 outputs adds noise as independent as a random
+    op's, but the size of bf16 rounding: the verdict names both causes, precision first."""
+    conv = NoisyGenerator().conv.eval()
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    for run, cast in (("ref", False), ("tgt", True)):
+        with ak.Recorder(tmp_path / f"{run}.h5") as rec, torch.no_grad():
+            engine = rec.watch(lambda v, cast=cast: conv(v).bfloat16().float() if cast else conv(v), "encoder")
+            engine(x)
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").first_divergence
+    assert (fd.submodel, fd.kind) == ("encoder", "local error")
+    assert "as rounding makes it, where encoder computes in a lower precision than its float32" in fd.message
+    assert "--target-precision encoder=bf16" in fd.message and "or a random op in its forward" in fd.message
+    assert "encoder is nondeterministic" not in fd.message
+
+
 def test_perturbed_weights_are_not_taken_for_randomness(demo_dumps):
     fd = ak.compare(*demo_dumps["weights"]).first_divergence
     assert "the port of unet itself is off" in fd.message and "nondeterministic" not in fd.message
