@@ -21,10 +21,11 @@ from alignkit.demo.pipeline import generate, tiny_pipeline
 if sys.argv[1] == "torch":
     pipe = tiny_pipeline()
 else:
-    from optimum.intel import OVStableDiffusionPipeline
+    from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
 
     config = {"INFERENCE_PRECISION_HINT": sys.argv[3]} if sys.argv[3] != "default" else {}
-    pipe = OVStableDiffusionPipeline.from_pretrained(sys.argv[2], ov_config=config)
+    int8 = {"quantization_config": OVWeightQuantizationConfig(bits=8)} if sys.argv[4:] == ["int8"] else {}
+    pipe = OVStableDiffusionPipeline.from_pretrained(sys.argv[2], ov_config=config, **int8)
     pipe.set_progress_bar_config(disable=True)
 generate(pipe, steps=3)
 """
@@ -42,7 +43,9 @@ def sd(tmp_path_factory):
     OVStableDiffusionPipeline.from_pretrained(str(folder / "torch"), export=True).save_pretrained(folder / "ov")
     (folder / "run.py").write_text(textwrap.dedent(SCRIPT))
     dumps = {}
-    for run, args in (("torch", []), ("f32", [folder / "ov", "f32"]), ("default", [folder / "ov", "default"])):
+    runs = {"torch": [], "f32": [folder / "ov", "f32"], "default": [folder / "ov", "default"]}
+    runs["int8"] = [folder / "torch", "f32", "int8"]  # weights compressed to int8 as the pipeline loads
+    for run, args in runs.items():
         dumps[run] = folder / f"{run}.h5"
         command = [
             sys.executable,
@@ -87,6 +90,19 @@ def test_the_int64_timestep_of_optimum_intels_unet_is_the_first_divergence(sd):
     assert "unet's OpenVINO model declares `timestep` int64, and OpenVINO converts the float32" in fd.message
     compared = result.table.groupby("submodel")["step"].nunique().to_dict()
     assert compared == {"text_encoder": 1, "unet": 3, "scheduler": 3, "vae.decode": 1}  # every submodel, no --map
+
+
+def test_int8_weights_are_named_and_the_timestep_is_still_the_first_divergence(sd):
+    with ak.open_dump(sd["int8"]) as dump:
+        described = dump.descriptions
+        assert {s: described[s]["precision"] for s in ("text_encoder", "unet", "vae_decoder")} == dict.fromkeys(
+            ("text_encoder", "unet", "vae_decoder"), "int8"
+        )
+    result = ak.compare(sd["torch"], sd["int8"])
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.tensor) == ("unet", 1, "timestep")
+    assert "computes in int8" not in fd.message  # no precision explains a control input that differs
+    assert any(w.startswith("unet computes in int8, OpenVINO runs ") for w in result.warnings)
 
 
 def test_the_default_precision_is_named_for_each_component_as_the_table_shows_it(sd):
