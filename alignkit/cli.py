@@ -147,8 +147,8 @@ def compare(
     dask: str | None = typer.Option(
         None,
         "--dask",
-        help="Compare the ranks of dump_{rank}.h5 on a Dask cluster: a scheduler's address, or local[:N] for N "
-        "worker processes here.",
+        help="Spread the comparison over a Dask cluster (a scheduler's address, or local[:N] for N worker processes "
+        "here): the ranks of dump_{rank}.h5, or one pair's calls; workers read the dumps at the same paths.",
     ),
 ) -> None:
     """Compare two dumps; exit 0 aligned, 1 diverged, 2 bad input, 3 incomplete (ported submodels not compared).
@@ -171,9 +171,9 @@ def compare(
         target_precision=target_precision,
         replay=replay,
     )
-    if has_rank(ref) or has_rank(tgt) or dask is not None:
+    if has_rank(ref) or has_rank(tgt):
         _compare_ranks(ref, tgt, dask, options, csv, json, report, model_explorer)
-    result = compare_with_progress(ref, tgt, console=err, **options)
+    result = compare_with_progress(ref, tgt, console=err, dask=dask, **options)
     _wide(console).print(result)
     _write_outputs(result, csv, json, report)
     if model_explorer:

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from alignkit.comparison import configs, glue
+from alignkit.comparison.cluster import client_for, table_on_cluster
 from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
 from alignkit.comparison.engines import name_conversion
 from alignkit.comparison.layers import drill_down
@@ -46,6 +47,7 @@ def compare(
     replay: Comparison | str | os.PathLike | None = None,
     submodels: Iterable[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    dask: str | None = None,
 ) -> Comparison:
     """Compare a target dump against a reference dump and diagnose the first divergence.
 
@@ -54,7 +56,9 @@ def compare(
     replay comparison (or a replay dump to compare against ``ref``) so the report can draw local
     error beside pipeline drift. ``target_precision`` says what a target submodel computes in
     where its dump cannot (``{"unet": "fp16"}``, ``["all=bf16"]``); the engine's own, where it
-    was recorded, is used otherwise (docs/comparing.md).
+    was recorded, is used otherwise (docs/comparing.md). ``dask``, a scheduler's address or
+    ``local[:N]``, spreads the metrics over a Dask cluster whose workers see the dumps at the
+    same paths (``compare_ranks`` compares the dumps of a distributed run rank by rank).
     """
     names = NameMap.build(name_map, map_file)
     declared = parse_precisions(target_precision)
@@ -81,9 +85,12 @@ def compare(
             notes = [n for n in notes if n.split(":", 1)[0] in keep]
         notes = run_notes(r, t) + notes
         total = len(calls)
-        table = build_table(
-            r, t, calls, names, limits, (lambda i: progress(i + 1, total)) if progress else None, carried
-        )
+        advance = (lambda i: progress(i + 1, total)) if progress else None
+        if dask is None:
+            table = build_table(r, t, calls, names, limits, advance, carried)
+        else:
+            with client_for(dask) as client:
+                table = table_on_cluster(client, r.path, t.path, calls, names, limits, carried, advance)
         unused = names.unused()
         if unused:
             raise UsageError(

@@ -12,16 +12,15 @@ import glob
 import os
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit.comparison.cluster import client_for
 from alignkit.comparison.result import Comparison
-from alignkit.errors import UsageError, require
+from alignkit.errors import UsageError
 
 RANK = "{rank}"
-LOCAL = "local"  # --dask local[:N]: a cluster of N worker processes on this machine
 
 
 def has_rank(path: str | os.PathLike) -> bool:
@@ -100,7 +99,7 @@ def compare_ranks(
         raise UsageError(f"{ref}, {tgt}: name one dump per rank in both, with {RANK} where the rank goes")
     if dask is None:
         return _pair_up(ref, tgt, ranks_on_disk(ref), ranks_on_disk(tgt), _here, progress, options)
-    with _client(dask) as client:
+    with client_for(dask) as client:
         seen = _ranks_on_workers(client, ref, tgt)
         refs = {rank: path for rank, (path, _) in seen["ref"].items()}
         tgts = {rank: path for rank, (path, _) in seen["tgt"].items()}
@@ -171,38 +170,3 @@ def _ranks_on_workers(client: Any, ref: Any, tgt: Any) -> dict[str, dict[int, tu
             for rank, path in found.items():
                 out[side].setdefault(rank, (Path(path), worker))
     return out
-
-
-@contextmanager
-def environ_kept() -> Iterator[None]:
-    """Put back this process's environment as it was: a local Dask cluster sets OMP_NUM_THREADS,
-    MKL_NUM_THREADS and OPENBLAS_NUM_THREADS to 1 (and more) in the process that starts it, for its
-    workers, and leaves them there; a torch started later in the same process would then run on one
-    thread."""
-    before = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(before)
-
-
-@contextmanager
-def _client(address: str) -> Iterator[Any]:
-    distributed = require("distributed", "dask")
-    Client, LocalCluster = distributed.Client, distributed.LocalCluster
-    if address == LOCAL or address.startswith(LOCAL + ":"):
-        n = address.partition(":")[2]
-        if n and not n.isdigit():
-            raise UsageError(f"--dask {address}: expected local or local:N, N the number of workers")
-        with environ_kept():
-            cluster = LocalCluster(n_workers=int(n or 2), threads_per_worker=1, processes=True, dashboard_address=None)
-            with cluster, Client(cluster) as client:
-                yield client
-        return
-    try:
-        client = Client(address, timeout="10s")
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise UsageError(f"--dask {address}: cannot reach the scheduler ({exc})") from None
-    with client:
-        yield client

@@ -112,6 +112,24 @@ def build_table(
 ) -> pd.DataFrame:
     """One row per tensor pair of the matched ``calls``; ``carried`` is the target run's
     :func:`carried_precision`."""
+    return as_table(table_rows(ref, tgt, calls, names, limits, progress, carried))
+
+
+def as_table(rows: list[dict]) -> pd.DataFrame:
+    """The table of :func:`table_rows`' rows (also of rows computed in parts, elsewhere)."""
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"glue": object})
+
+
+def table_rows(
+    ref: Dump,
+    tgt: Dump,
+    calls: pd.DataFrame,
+    names: NameMap,
+    limits: Thresholds,
+    progress: Callable[[int], None] | None = None,
+    carried: tuple[str, int] | None = None,
+) -> list[dict]:
+    """The rows of :func:`build_table`, in order."""
     parts = calls["tgt_parts"] if "tgt_parts" in calls else pd.Series([None] * len(calls))
 
     def call_rows(item: tuple[Any, Any]) -> list[dict]:
@@ -141,7 +159,7 @@ def build_table(
         rows.extend(call_rows_done)
         if progress is not None:
             progress(i)
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"glue": object})
+    return rows
 
 
 def carried_precision(ref: Dump, tgt: Dump, engines: dict[str, str] | None = None) -> tuple[str, int] | None:

@@ -11,7 +11,8 @@ import pytest
 
 import alignkit as ak
 from alignkit.cli import main
-from alignkit.comparison.ranks import environ_kept, for_rank, ranks_on_disk
+from alignkit.comparison.cluster import environ_kept
+from alignkit.comparison.ranks import for_rank, ranks_on_disk
 from tests.conftest import ROOT
 
 NET = textwrap.dedent(
@@ -148,7 +149,7 @@ def test_a_rank_that_one_run_lacks_is_a_divergence_not_a_silence(rank_dumps, tmp
 
 def test_bad_rank_patterns_are_refused_in_one_line(rank_dumps, capsys):
     for argv, message in (
-        (["compare", str(rank_dumps / "ref_0.h5"), str(rank_dumps / "tgt_0.h5"), "--dask", "local"], "{rank}"),
+        (["compare", str(rank_dumps / "ref_{rank}.h5"), str(rank_dumps / "tgt_0.h5")], "{rank}"),
         (["compare", str(rank_dumps / "ref_{rank}.h5"), str(rank_dumps / "no_{rank}.h5")], "no target dump"),
         (
             ["compare", str(rank_dumps / "ref_{rank}.h5"), str(rank_dumps / "tgt_{rank}.h5"), "--dask", "local:x"],
@@ -172,3 +173,17 @@ def test_a_rank_pattern_outside_a_distributed_run_is_refused(tmp_path, monkeypat
         rec.watch(lambda x: x, "f")(1.0)
     with ak.open_dump(tmp_path / "d_3.h5") as dump:
         assert (dump.metadata["rank"], dump.metadata["world_size"]) == (3, 4)
+
+
+def test_one_pair_spread_over_a_local_cluster_gives_the_table_and_verdict_computed_here(demo_dumps):
+    """The calls of one pair of dumps sliced over two workers: the same rows, in order, and the
+    same first divergence."""
+    ref, tgt = demo_dumps["timestep"]
+    here = ak.compare(ref, tgt)
+    spread = ak.compare(ref, tgt, dask="local:2")
+    assert spread.first_divergence.message == here.first_divergence.message
+    assert spread.table[["seq", "io", "tensor", "status"]].equals(here.table[["seq", "io", "tensor", "status"]])
+    assert spread.table["rel_l1"].tolist() == pytest.approx(here.table["rel_l1"].tolist(), nan_ok=True)
+    assert spread.table.dtypes.equals(here.table.dtypes)
+    with pytest.raises(ak.UsageError, match="matches no submodel or tensor"):
+        ak.compare(ref, tgt, name_map=["no_such=unet"], dask="local:2")  # a map entry no worker used
