@@ -59,7 +59,17 @@ def bind_inputs(engine: Any, args: tuple, kwargs: dict) -> Named:
     else:
         named = [] if inputs is None else [(names[0], inputs)]
     declared = dict(zip(names, (_declared_dtype(port) for port in ports)))
-    return [(name, as_declared(value, declared.get(name))) for name, value in named]
+    return [(name, as_declared(_values_of(value), declared.get(name))) for name, value in named]
+
+
+def _values_of(value: Any) -> Any:
+    """An ``ov.Tensor``'s values as an array (its ``data``); anything else as it is."""
+    if type(value).__name__ == "Tensor" and type(value).__module__.startswith("openvino"):
+        try:
+            return np.array(value.data)  # a copy: the tensor may share memory the engine reuses
+        except (RuntimeError, TypeError):
+            return value
+    return value
 
 
 def as_declared(value: Any, dtype: np.dtype | None) -> Any:

@@ -188,7 +188,7 @@ model = ov.convert_model(torch.nn.Linear(4, 3), example_input=torch.ones(2, 4))
 decoder = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 request = decoder.create_infer_request()
 for i in range(3):
-    request.start_async({0: np.full((2, 4), float(i), np.float32)})
+    request.start_async({0: ov.Tensor(np.full((2, 4), float(i), np.float32))})
     request.wait()
     out = request.get_output_tensor(0).data.copy()
 """
