@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from alignkit.recording.hooks import CallHook
-from alignkit.recording.optimum import watch_wrapper, wraps_unwatched_engine
+from alignkit.recording.optimum import ready_engines, watch_wrapper, wraps_unwatched_engine
 from alignkit.recording.targets import is_diffusers_scheduler, is_torch_module
 from alignkit.recording.tensors import plain_value
 
@@ -94,6 +94,8 @@ def _note_calls(recorder: CallLog, pipe: Any) -> None:
     pipeline = f"{type(pipe).__module__}.{type(pipe).__qualname__}"
 
     def around(call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if ready_engines(pipe):  # optimum-intel's parts compiled now: their engines take the parts' names
+            watch_pipeline(recorder, pipe)
         try:
             arguments = call_arguments(signature, args, kwargs)
         except Exception:  # an argument that cannot be described is no reason to stop the run

@@ -34,6 +34,21 @@ def engine_inside(wrapper: Any) -> Any:
     return held[0] if len(held) == 1 else None  # a hand-written wrapper's one engine, whatever it is called
 
 
+def ready_engines(pipe: Any) -> bool:
+    """Compile the parts of an optimum-intel pipeline that compile on their first call, as the
+    call about to run would: their engines are then there to be watched under the parts' names
+    (``compile=False`` at load, or ``clear_requests()``). True when one was compiled."""
+    compiled = False
+    for part in getattr(pipe, "components", {}).values():
+        if getattr(part, "request", False) is None and callable(getattr(part, "compile", None)):
+            try:
+                part.compile()
+            except Exception:  # the call itself will meet the same trouble, and say why
+                continue
+            compiled = True
+    return compiled
+
+
 def wraps_unwatched_engine(log: CallLog, wrapper: Any) -> bool:
     """Whether ``wrapper`` holds an engine (itself, or its decoder's and encoder's) not watched yet."""
     engines = [engine_inside(wrapper)] + [

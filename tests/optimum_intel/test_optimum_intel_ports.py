@@ -24,8 +24,11 @@ else:
     from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
 
     config = {"INFERENCE_PRECISION_HINT": sys.argv[3]} if sys.argv[3] != "default" else {}
-    int8 = {"quantization_config": OVWeightQuantizationConfig(bits=8)} if sys.argv[4:] == ["int8"] else {}
-    pipe = OVStableDiffusionPipeline.from_pretrained(sys.argv[2], ov_config=config, **int8)
+    extra = {
+        "int8": {"quantization_config": OVWeightQuantizationConfig(bits=8)},
+        "lazy": {"compile": False},  # each part compiles on its first call
+    }.get(sys.argv[4] if len(sys.argv) > 4 else "", {})
+    pipe = OVStableDiffusionPipeline.from_pretrained(sys.argv[2], ov_config=config, **extra)
     pipe.set_progress_bar_config(disable=True)
 generate(pipe, steps=3)
 """
@@ -45,6 +48,7 @@ def sd(tmp_path_factory):
     dumps = {}
     runs = {"torch": [], "f32": [folder / "ov", "f32"], "default": [folder / "ov", "default"]}
     runs["int8"] = [folder / "torch", "f32", "int8"]  # weights compressed to int8 as the pipeline loads
+    runs["lazy"] = [folder / "ov", "f32", "lazy"]
     for run, args in runs.items():
         dumps[run] = folder / f"{run}.h5"
         command = [
@@ -78,6 +82,13 @@ def test_each_ov_model_is_recorded_once_under_its_component_name(sd):
         unet = tgt.descriptions["unet"]
         assert (unet["engine"], unet["precision"]) == ("openvino", "fp32")
         assert list(tgt["unet", 0].inputs) == ["sample", "timestep", "encoder_hidden_states"]
+
+
+def test_parts_that_compile_on_their_first_call_are_recorded_as_their_engines(sd):
+    with ak.open_dump(sd["lazy"]) as lazy:
+        assert lazy.submodels == ["text_encoder", "unet", "scheduler", "vae_decoder"] and len(lazy) == 9
+        assert lazy.descriptions["unet"]["engine"] == "openvino"
+    assert ak.compare(sd["f32"], sd["lazy"]).verdict == "aligned"
 
 
 def test_the_int64_timestep_of_optimum_intels_unet_is_the_first_divergence(sd):
