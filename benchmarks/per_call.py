@@ -1,9 +1,11 @@
 """What recording costs a call at submodel level, beside the same calls unwatched.
 
 A torch module whose forward does almost nothing (so that the figure is alignkit's, not the
-model's), fed a UNet's three inputs (``sample`` 2×4×32×32, ``timestep``, ``encoder_hidden_states``
-2×77×32), called ``--calls`` times with a step boundary every other call; the recorded run
-includes opening and closing the dump (the writer finishes its work before close returns).
+model's), fed a UNet's three inputs as a denoising loop feeds them: a new ``sample``
+(2×4×32×32) and ``timestep`` at every call, the same ``encoder_hidden_states`` (2×77×32, stored
+once); called ``--calls`` times with a step boundary every other call. The inputs are made
+before the timing; the recorded run includes opening and closing the dump (the writer
+finishes its work before close returns).
 Each figure is the median of ``--repeats`` interleaved runs (order alternating), with its range.
 
     python benchmarks/per_call.py [--calls 2000] [--repeats 5]
@@ -30,16 +32,18 @@ class Unet(torch.nn.Module):
 
 
 def run(model: torch.nn.Module, calls: int, path: Path | None) -> float:
-    x, t, e = torch.randn(2, 4, 32, 32), torch.tensor(10.0), torch.randn(2, 77, 32)
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randn(2, 4, 32, 32, generator=generator) for _ in range(calls)]
+    timesteps, e = [torch.tensor(float(999 - i)) for i in range(calls)], torch.randn(2, 77, 32)
     t0 = time.perf_counter()
     with torch.no_grad():
         if path is None:
-            for _ in range(calls):
+            for x, t in zip(samples, timesteps):
                 model(x, t, e)
         else:
             with ak.Recorder(path) as rec:
                 rec.watch(model, "unet")
-                for i in range(calls):
+                for i, (x, t) in enumerate(zip(samples, timesteps)):
                     model(x, t, e)
                     if i % 2:
                         ak.step()

@@ -458,8 +458,9 @@ def _growth(data: np.ndarray, dtype: str, last: tuple | None) -> tuple[int, int]
 
 
 def _digest(data: np.ndarray) -> bytes:
-    """A tensor's bits, hashed: equal digests, equal tensors (BLAKE2b, 16 bytes)."""
-    return hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8).data, digest_size=16).digest()
+    """A tensor's bits, hashed: equal digests, equal tensors. SHA-256, which CPUs with SHA
+    extensions compute at about 2 GB/s (BLAKE2b in Python's hashlib: 1.4 GB/s)."""
+    return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8).data).digest()
 
 
 def _write_group(f: h5py.File, parent_name: str, name: str, attrs: dict[str, Any], replace: bool = False) -> None:
