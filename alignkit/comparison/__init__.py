@@ -19,11 +19,12 @@ from alignkit.comparison.randomness import name_randomness
 from alignkit.comparison.result import Comparison
 from alignkit.comparison.table import (
     Thresholds,
-    build_table,
+    as_table,
     carried_precision,
     inputs_agree,
     one_side_notes,
     raised_calls,
+    table_rows,
 )
 from alignkit.comparison.tokens import token_agreement
 from alignkit.errors import UsageError
@@ -87,7 +88,7 @@ def compare(
         total = len(calls)
         advance = (lambda i: progress(i + 1, total)) if progress else None
         if dask is None:
-            table = build_table(r, t, calls, names, limits, advance, carried)
+            table = as_table(table_rows(r, t, calls, names, limits, advance, carried))
         else:
             with client_for(dask) as client:
                 table = table_on_cluster(client, r.path, t.path, calls, names, limits, carried, advance)

@@ -65,7 +65,7 @@ def table_on_cluster(
     carried: Any,
     progress: Any = None,
 ) -> Any:
-    """:func:`~alignkit.comparison.table.build_table` of one pair of dumps, its calls sliced
+    """The table of one pair of dumps (:func:`~alignkit.comparison.table.table_rows`), its calls sliced
     over the cluster's workers, each slice's rows computed where the worker opens the dumps;
     the slices joined in order. The names each worker's map matched are merged back into
     ``names``, so that a map entry that matched nothing is still refused."""

@@ -101,22 +101,8 @@ class Thresholds:
             raise UsageError(f"floor_factor {self.floor_factor:g}: a multiple of the noise floor is never negative")
 
 
-def build_table(
-    ref: Dump,
-    tgt: Dump,
-    calls: pd.DataFrame,
-    names: NameMap,
-    limits: Thresholds,
-    progress: Callable[[int], None] | None = None,
-    carried: tuple[str, int] | None = None,
-) -> pd.DataFrame:
-    """One row per tensor pair of the matched ``calls``; ``carried`` is the target run's
-    :func:`carried_precision`."""
-    return as_table(table_rows(ref, tgt, calls, names, limits, progress, carried))
-
-
 def as_table(rows: list[dict]) -> pd.DataFrame:
-    """The table of :func:`table_rows`' rows (also of rows computed in parts, elsewhere)."""
+    """The table of :func:`table_rows`' rows (rows computed in parts elsewhere, joined, too)."""
     return pd.DataFrame(rows, columns=COLUMNS).astype({"glue": object})
 
 
@@ -129,7 +115,8 @@ def table_rows(
     progress: Callable[[int], None] | None = None,
     carried: tuple[str, int] | None = None,
 ) -> list[dict]:
-    """The rows of :func:`build_table`, in order."""
+    """One row per tensor pair of the matched ``calls``, in order (:func:`as_table` makes them
+    the table); ``carried`` is the target run's :func:`carried_precision`."""
     parts = calls["tgt_parts"] if "tgt_parts" in calls else pd.Series([None] * len(calls))
 
     def call_rows(item: tuple[Any, Any]) -> list[dict]:
