@@ -49,10 +49,11 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, s
     """One row per matched call with its kind ('' when it matches) and worst output error;
     ``raised`` says which calls raised on one side only (by reference seq)."""
     bad = table["status"].isin(BAD)
+    recast = bad & (table["io"] == "inputs") & _kinds_differ(table)
     per_call = (
-        table.assign(bad_in=bad & (table["io"] == "inputs"), bad_out=bad & (table["io"] == "outputs"))
+        table.assign(bad_in=bad & (table["io"] == "inputs"), bad_out=bad & (table["io"] == "outputs"), recast=recast)
         .groupby("seq", sort=True)
-        .agg(bad_in=("bad_in", "any"), bad_out=("bad_out", "any"))
+        .agg(bad_in=("bad_in", "any"), bad_out=("bad_out", "any"), recast=("recast", "any"))
     )
     outputs = table[table["io"] == "outputs"]
     outs = outputs.groupby("seq").agg(out_rel_l1=("rel_l1", "max"), out_cos=("cos", "min"))
@@ -60,12 +61,12 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, s
     outs["out_nonfinite"] = outputs.assign(nf=outputs["status"] == "nonfinite").groupby("seq")["nf"].any()
     matched = calls.dropna(subset=["ref_seq", "tgt_seq"]).sort_values("ref_seq")
     frame = matched[["seq", "submodel", "step", "call"]].astype({"seq": "int64"}).set_index("seq")
-    frame = frame.join(per_call).join(outs).fillna({"bad_in": False, "bad_out": False})
+    frame = frame.join(per_call).join(outs).fillna({"bad_in": False, "bad_out": False, "recast": False})
     frame["raised"] = [(raised or {}).get(seq, "") for seq in frame.index]
     kinds, earlier = [], False
-    for bad_in, bad_out, raise_ in zip(frame["bad_in"], frame["bad_out"], frame["raised"]):
-        if bad_in:
-            kinds.append(PROPAGATED if earlier else INPUT_MISMATCH)
+    for bad_in, recast_in, bad_out, raise_ in zip(frame["bad_in"], frame["recast"], frame["bad_out"], frame["raised"]):
+        if bad_in:  # an input of another kind of dtype (a float timestep as int64) is no earlier error's doing
+            kinds.append(PROPAGATED if earlier and not recast_in else INPUT_MISMATCH)
         elif raise_:
             kinds.append(RAISED)
         elif bad_out:
@@ -75,6 +76,21 @@ def classify_calls(table: pd.DataFrame, calls: pd.DataFrame, raised: dict[int, s
         earlier = earlier or bool(bad_in) or bool(bad_out) or bool(raise_)
     frame["kind"] = kinds
     return frame.reset_index()
+
+
+_FLOAT_KINDS = ("float", "bfloat", "complex")
+
+
+def _kinds_differ(table: pd.DataFrame) -> pd.Series:
+    """Rows whose two sides are of other kinds of dtype (float against integer or bool): drift
+    changes values, never a dtype, so such an input is made so by the glue or the engine."""
+
+    def kind(dtype: object) -> str:
+        text = str(dtype)
+        return "" if text in ("None", "nan") else "float" if text.startswith(_FLOAT_KINDS) else "integer"
+
+    ref, tgt = table["ref_dtype"].map(kind), table["tgt_dtype"].map(kind)
+    return (ref != "") & (tgt != "") & (ref != tgt)
 
 
 def first_divergence(

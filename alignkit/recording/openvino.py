@@ -32,14 +32,20 @@ def compiled_model_of(engine: Any) -> Any:
 
 
 def port_names(ports: Any) -> list[str]:
-    """A port's name as the model gives it (its first tensor name), else ``output.N``."""
+    """A port's name as the model gives it (its first tensor name), else ``output.N``.
+
+    A name that several ports share says nothing of which is which: compiling an SDXL text
+    encoder exported by optimum-intel, OpenVINO's CPU plugin names ``last_hidden_state`` as it
+    names ``hidden_states.5``. Those ports are named by position (``output.1``), so that they
+    pair with the reference by their place, not by a name that would swap them."""
     names = []
     for i, port in enumerate(ports):
         try:
             names.append(port.get_any_name())
         except RuntimeError:  # a port with no name
             names.append(f"output.{i}")
-    return names
+    shared = {name for name in names if names.count(name) > 1}
+    return [f"output.{i}" if name in shared else name for i, name in enumerate(names)]
 
 
 def bind_inputs(engine: Any, args: tuple, kwargs: dict) -> Named:

@@ -767,3 +767,20 @@ def test_a_small_control_input_that_differs_is_told_by_its_values(tmp_path):
         "reference float32 [[1024., 1024., 0., 0., 1024., 1024.], [1024., 1024., 0., 0., 1024., 1024.]]" in fd.message
     )
     assert "target float32 [[1024., 1024., 64., 0., 1024., 1024.]," in fd.message and "cos" not in fd.message
+
+
+def test_an_input_of_another_kind_of_dtype_after_a_local_error_is_not_called_propagated(tmp_path):
+    """A text encoder's unused output differs first; later the UNet gets its timestep as int64:
+    drift changes values, never a dtype, so the UNet's is an input mismatch of its own."""
+    for path, port in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
+        with ak.Recorder(path) as rec:
+            encoder = rec.watch(lambda ids: {"pooled": np.ones(8, np.float32) * (2.0 if port else 1.0)}, "encoder")
+            unet = rec.watch(lambda sample, timestep: sample * 0.5, "unet")
+            encoder(np.arange(4))
+            ak.step()
+            ts = np.array(499, np.int64) if port else np.array(499.5, np.float32)
+            unet(np.ones((2, 4), np.float32), ts)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    kinds = dict(zip(result.calls["submodel"], result.calls["kind"]))
+    assert kinds == {"encoder": "local error", "unet": "input mismatch"}
+    assert result.first_divergence.submodel == "encoder"  # still the earliest

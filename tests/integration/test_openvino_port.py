@@ -199,3 +199,27 @@ for i in range(3):
         third = dump["openvino", 2]
         value, result = next(iter(third.inputs.values())), next(iter(third.outputs.values()))
         assert value.tolist() == [[2.0] * 4] * 2 and result.shape == (2, 3)
+
+
+def test_ports_that_share_a_name_are_named_by_position():
+    """OpenVINO's CPU plugin gives an SDXL text encoder's ``last_hidden_state`` the name of
+    ``hidden_states.5``: neither name can be trusted, so both ports are named by place."""
+    from alignkit.recording.openvino import port_names
+
+    class Port:
+        def __init__(self, name):
+            self.name = name
+
+        def get_any_name(self):
+            if self.name is None:
+                raise RuntimeError("no name")
+            return self.name
+
+    names = ["text_embeds", "hidden_states.5", "hidden_states.0", None, "hidden_states.5"]
+    assert port_names([Port(n) for n in names]) == [
+        "text_embeds",
+        "output.1",
+        "hidden_states.0",
+        "output.3",
+        "output.4",
+    ]
