@@ -10,7 +10,15 @@ import pandas as pd
 
 from alignkit.comparison import configs, glue
 from alignkit.comparison.cluster import client_for, table_on_cluster
-from alignkit.comparison.diagnosis import Divergence, classify_calls, first_divergence, growth, tolerance, warnings_for
+from alignkit.comparison.diagnosis import (
+    Divergence,
+    classify_calls,
+    first_divergence,
+    growth,
+    tolerance,
+    unread_warnings,
+    warnings_for,
+)
 from alignkit.comparison.engines import name_conversion
 from alignkit.comparison.layers import drill_down
 from alignkit.comparison.matching import NameMap, blind_spots, match_calls, pair_reordered_calls, run_notes
@@ -128,6 +136,7 @@ def compare(
             thresholds=limits,
             warnings=precision_warnings(engines_shown, described, declared_shown, table, floor_factor)
             + configs.warnings(settings)
+            + unread_warnings(table, per_call)
             + warnings_for(table, floor_factor),
             notes=notes + one_side_notes(table),
             growth=growth(per_call, first) if first is not None else {},

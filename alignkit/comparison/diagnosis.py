@@ -93,6 +93,42 @@ def _kinds_differ(table: pd.DataFrame) -> pd.Series:
     return (ref != "") & (tgt != "") & (ref != tgt)
 
 
+def unread_errors(per_call: pd.DataFrame) -> set[int]:
+    """The seqs of local errors that nothing later reads: some later call was compared, every
+    later call's inputs match up to the next divergence of its own (an input of another kind of
+    dtype), and the submodel never diverges again. An SDXL text encoder exported with a wrong
+    ``hidden_states[-1]``, which the pipeline never uses, is such an error: named first, it
+    would hide the divergence that matters."""
+    rows = per_call.reset_index(drop=True)
+    recast = rows["recast"] if "recast" in rows else pd.Series(False, index=rows.index)
+    out = set()
+    for i in rows.index[rows["kind"] == LOCAL_ERROR]:
+        later = rows.iloc[i + 1 :]
+        if later.empty or later.loc[later["submodel"] == rows.at[i, "submodel"], "bad_out"].any():
+            continue
+        roots = later.index[(later["kind"] == INPUT_MISMATCH) & recast.loc[later.index]]
+        before_root = later.loc[: roots[0] - 1] if len(roots) else later
+        if not before_root.empty and not before_root["bad_in"].any():
+            out.add(int(rows.at[i, "seq"]))
+    return out
+
+
+def unread_warnings(table: pd.DataFrame, per_call: pd.DataFrame) -> list[str]:
+    """Each local error that nothing later reads, said once (the first divergence skips them)."""
+    out = []
+    for seq in sorted(unread_errors(per_call)):
+        call = per_call[per_call["seq"] == seq].iloc[0]
+        rows = table[(table["seq"] == seq) & (table["io"] == "outputs") & table["status"].isin(BAD)]
+        if rows.empty:
+            continue
+        row = rows.iloc[0]
+        out.append(
+            f"{_where(call)}: output `{row['tensor']}` differs ({_metrics_text(_evidence(row))}), but no later call's "
+            "input differs: nothing downstream reads it, so it is not taken for the first divergence"
+        )
+    return out
+
+
 def first_divergence(
     table: pd.DataFrame,
     per_call: pd.DataFrame,
@@ -105,7 +141,8 @@ def first_divergence(
     hits = per_call[per_call["kind"] != ""]
     if hits.empty:
         return None
-    call = hits.iloc[0]
+    read = hits[~hits["seq"].isin(unread_errors(per_call))]
+    call = (read if not read.empty else hits).iloc[0]
     if call["kind"] == RAISED:
         where = _where(call)
         inputs = table[(table["seq"] == call["seq"]) & (table["io"] == "inputs")].dropna(

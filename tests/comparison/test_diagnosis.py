@@ -784,3 +784,35 @@ def test_an_input_of_another_kind_of_dtype_after_a_local_error_is_not_called_pro
     kinds = dict(zip(result.calls["submodel"], result.calls["kind"]))
     assert kinds == {"encoder": "local error", "unet": "input mismatch"}
     assert result.first_divergence.submodel == "encoder"  # still the earliest
+
+
+def test_a_local_error_nothing_reads_is_not_taken_for_the_first_divergence(tmp_path):
+    """The encoder's second output differs but no later input shows it; the UNet's timestep,
+    fed as int64, is the divergence that matters. The unread error is said as a warning."""
+    for path, port in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
+        with ak.Recorder(path) as rec:
+            encoder = rec.watch(
+                lambda ids: {"used": np.ones(8, np.float32), "unused": np.full(8, 2.0 if port else 1.0, np.float32)},
+                "encoder",
+            )
+            unet = rec.watch(lambda sample, embeds, timestep: sample * 0.5, "unet")
+            embeds = encoder(np.arange(4))["used"]
+            ak.step()
+            unet(np.ones((2, 4), np.float32), embeds, np.array(10.0, np.float32))
+            ak.step()
+            unet(np.ones((2, 4), np.float32), embeds, np.array(499, np.int64) if port else np.array(499.5, np.float32))
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 2, "timestep", "input mismatch")
+    assert any(w.startswith("encoder step 0: output `unused` differs") and "nothing downstream reads it" in w
+               for w in result.warnings)  # fmt: skip
+
+
+def test_a_local_error_later_inputs_show_is_still_the_first_divergence(tmp_path):
+    for path, port in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
+        with ak.Recorder(path) as rec:
+            encoder = rec.watch(lambda ids: np.full(8, 2.0 if port else 1.0, np.float32), "encoder")
+            unet = rec.watch(lambda sample, embeds: sample * 0.5, "unet")
+            unet(np.ones((2, 4), np.float32), encoder(np.arange(4)))
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").first_divergence
+    assert (fd.submodel, fd.kind) == ("encoder", "local error")
