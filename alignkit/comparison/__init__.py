@@ -117,7 +117,7 @@ def compare(
             per_call = classify_calls(table, calls, raised)
             first = first_divergence(table, per_call, explainer.text, seed)
         settings = configs.differences(r, t, calls)
-        shown = _as_compared(t, calls)  # engines, descriptions and declarations by the names the table shows
+        shown = _as_compared(calls)  # engines, descriptions and declarations by the names the table shows
         engines_shown, described = _renamed(engines, shown), _renamed(t.descriptions, shown)
         declared_shown = _renamed(declared, shown)
         if first is not None:
@@ -184,16 +184,11 @@ class _opened:
             self._dump.close()
 
 
-def _as_compared(t: Dump, calls: pd.DataFrame) -> dict[str, str]:
+def _as_compared(calls: pd.DataFrame) -> dict[str, str]:
     """Target submodels compared under the reference's name (optimum's ``vae_decoder`` as
-    ``vae.decode``): their names as the table shows them."""
+    ``vae.decode``, or a ``--map``): their names as the table shows them."""
     matched = calls.dropna(subset=["ref_seq", "tgt_seq"])
-    out = {}
-    for submodel, tgt_seq in zip(matched["submodel"], matched["tgt_seq"]):
-        own = t.call_at(int(tgt_seq)).submodel
-        if own != submodel:
-            out.setdefault(own, submodel)
-    return out
+    return {own: shown for own, shown in zip(matched["tgt_name"], matched["submodel"]) if own != shown}
 
 
 def _renamed(by_submodel: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:

@@ -148,6 +148,7 @@ class MergedTensor(TensorInfo):
 
 def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, list[str]]:
     """Join the call tables on (submodel, step, call); notes say what only one side has.
+    ``tgt_name`` is the target's own name for a submodel compared under another.
 
     A target that splits every call of a submodel into calls of a smaller batch has them
     joined as one (``tgt_parts`` lists their sequence numbers), and a note says so."""
@@ -177,7 +178,7 @@ def match_calls(ref: Dump, tgt: Dump, names: NameMap) -> tuple[pd.DataFrame, lis
                 "batch 1 does); "
                 "compared with the reference's call as one, concatenated"
             )
-    columns = ["submodel", "step", "call", "tgt_seq"] + (["tgt_parts"] if "tgt_parts" in t else [])
+    columns = ["submodel", "step", "call", "tgt_seq", "tgt_name"] + (["tgt_parts"] if "tgt_parts" in t else [])
     joined = r.merge(t[columns], on=["submodel", "step", "call"], how="outer")
     joined = joined.sort_values(["ref_seq", "tgt_seq"], kind="stable").reset_index(drop=True)
     return joined, notes + _one_side_notes(joined, r, t)

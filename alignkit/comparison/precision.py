@@ -93,9 +93,8 @@ def precision_warnings(
 def name_precision(first: Divergence, engines: dict[str, str], descriptions: dict, declared: dict) -> None:
     """A verdict on a reduced-precision submodel names the precision."""
     precision = engines.get(first.submodel)
-    if precision is None or (
-        first.io == "inputs" and "ref_value" in first.evidence
-    ):  # a control input: no precision explains it
+    control_input = first.io == "inputs" and "ref_value" in first.evidence  # no precision explains it
+    if precision is None or control_input:
         return
     ratio = first.evidence.get("floor_ratio")
     where = _where_from(first.submodel, descriptions, declared)

@@ -25,7 +25,6 @@ from alignkit.errors import UsageError
 from alignkit.recording import openvino
 from alignkit.recording.calibration import PausedWhileCalibrating
 from alignkit.recording.hooks import ClassHook, FunctionHook, Hook, Watch
-from alignkit.recording.optimum import ready_engines
 from alignkit.recording.ort_runs import PREBOUND, RUN_METHODS, BindingMemory, session_runs
 from alignkit.recording.recorder import Recorder
 from alignkit.recording.seam import recording_paused
@@ -87,7 +86,6 @@ class AutoWatch:
             def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
                 hooked = recorder.method_watched_as(pipe, "__call__") is not None
                 try:
-                    ready_engines(pipe)  # optimum-intel compiles its parts on their first call
                     recorder.watch(pipe)  # again on each call: a component may have been swapped since
                 except UsageError:
                     raise

@@ -17,6 +17,7 @@ import numpy as np
 
 from alignkit.recording.flatten import Named
 from alignkit.recording.seam import Hook
+from alignkit.recording.tensors import torch_tensor_type
 
 
 def is_openvino_engine(obj: Any) -> bool:
@@ -48,13 +49,19 @@ def port_names(ports: Any) -> list[str]:
     return [f"output.{i}" if name in shared else name for i, name in enumerate(names)]
 
 
-def bind_inputs(engine: Any, args: tuple, kwargs: dict) -> Named:
+def declared_inputs(engine: Any) -> list[tuple[str, np.dtype | None]]:
+    """Each model input's name and the element type it declares (None where dynamic): asked
+    once per engine, not on every call."""
+    ports = compiled_model_of(engine).inputs
+    return list(zip(port_names(ports), map(_declared_dtype, ports)))
+
+
+def bind_inputs(declared: list[tuple[str, np.dtype | None]], args: tuple, kwargs: dict) -> Named:
     """The inputs of ``compiled(inputs)`` / ``request.infer(inputs)``: a dict by name or by
     index, a list in the model's order, or one array; each as the engine computes with it (see
-    :func:`as_declared`)."""
+    :func:`as_declared`). ``declared`` is the engine's :func:`declared_inputs`."""
     inputs = args[0] if args else kwargs.get("inputs")
-    ports = compiled_model_of(engine).inputs
-    names = port_names(ports)
+    names = [name for name, _ in declared]
     if isinstance(inputs, dict):
         named = [
             (names[k] if isinstance(k, int) else getattr(k, "get_any_name", lambda k=k: str(k))(), v)
@@ -64,8 +71,8 @@ def bind_inputs(engine: Any, args: tuple, kwargs: dict) -> Named:
         named = list(zip(names, inputs))
     else:
         named = [] if inputs is None else [(names[0], inputs)]
-    declared = dict(zip(names, (_declared_dtype(port) for port in ports)))
-    return [(name, as_declared(_values_of(value), declared.get(name))) for name, value in named]
+    types = dict(declared)
+    return [(name, as_declared(_values_of(value), types.get(name))) for name, value in named]
 
 
 def _values_of(value: Any) -> Any:
@@ -85,8 +92,6 @@ def as_declared(value: Any, dtype: np.dtype | None) -> Any:
     computed with, not what it was handed."""
     if dtype is None:
         return value
-    from alignkit.recording.tensors import torch_tensor_type
-
     tensor_type = torch_tensor_type()
     if tensor_type is not None and isinstance(value, tensor_type):  # optimum-intel feeds torch tensors
         import torch
@@ -135,11 +140,7 @@ def precision(engine: Any) -> dict[str, str]:
             out[key] = value.to_string() if hasattr(value, "to_string") else str(value)
     if out.get("inference_precision") in _PRECISIONS:
         out["precision"] = _PRECISIONS[out["inference_precision"]]
-    declared = {
-        name: dtype.name
-        for name, dtype in zip(port_names(compiled.inputs), map(_declared_dtype, compiled.inputs))
-        if dtype is not None
-    }
+    declared = {name: dtype.name for name, dtype in declared_inputs(engine) if dtype is not None}
     if declared:  # what OpenVINO converts each input to (see as_declared)
         out["input_types"] = json.dumps(declared)
     quantized = quantized_layers(compiled)
@@ -231,7 +232,7 @@ class OpenVINOHooks(Hook):
                     Watch(
                         log,
                         name,
-                        lambda a, k, e=engine: bind_inputs(e, a, k),
+                        lambda a, k, d=declared_inputs(engine): bind_inputs(d, a, k),
                         lambda r, a, k, e=engine: name_results(e, r),
                     ),
                 )

@@ -36,26 +36,18 @@ def positions(numel: int) -> np.ndarray:
     return out
 
 
-def _sums(values: Any, dot: Any, take_finite: Any, widen: Any) -> tuple[Any, float, float, bool]:
+def _sums(values: Any, dot: Any, float64: Any, take_finite: Any) -> tuple[Any, float, float, bool]:
     """(the finite values, their sum in float64, their sum of squares, whether all were finite).
     A sum and a sum of squares that come out finite prove every element finite, so the NaN/Inf
     mask is built only for a tensor that has some, or whose squares pass float32's range (then
     summed in float64)."""
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is what sends it to the float64 path
-        total, squares = float(values.sum(dtype=_float64_of(values))), float(dot(values, values))
+        total, squares = float(values.sum(dtype=float64)), float(dot(values, values))
     if math.isfinite(total) and math.isfinite(squares):
         return values, total, squares, True
     clean = take_finite(values)
-    wide = widen(clean)
+    wide = clean.astype(float64) if isinstance(clean, np.ndarray) else clean.to(float64)
     return clean, float(wide.sum()), float(dot(wide, wide)), bool(clean.shape[0] == values.shape[0])
-
-
-def _float64_of(values: Any) -> Any:
-    if isinstance(values, np.ndarray):
-        return np.float64
-    import torch
-
-    return torch.float64
 
 
 def capture_stats(name: str, value: Any) -> Tensor:
@@ -71,7 +63,7 @@ def capture_stats(name: str, value: Any) -> Tensor:
     array = np.asarray(value)
     flat = np.ascontiguousarray(array).reshape(-1)
     values = flat.astype(np.float32, copy=False) if flat.dtype.kind in "fiub" else np.zeros(flat.size, np.float32)
-    clean, total, squares, whole = _sums(values, np.dot, lambda v: v[np.isfinite(v)], lambda v: v.astype(np.float64))
+    clean, total, squares, whole = _sums(values, np.dot, np.float64, lambda v: v[np.isfinite(v)])
     stats = _figures(
         clean.size,
         lambda: (float(clean.min()), float(clean.max())),
@@ -95,7 +87,7 @@ def _torch_stats(name: str, t: Any) -> Tensor:
     dtype = str(flat.dtype).removeprefix("torch.")
     values = flat.real if flat.is_complex() else flat
     values = values.float() if values.dtype != torch.float32 else values
-    clean, total, squares, whole = _sums(values, torch.dot, lambda v: v[torch.isfinite(v)], lambda v: v.double())
+    clean, total, squares, whole = _sums(values, torch.dot, torch.float64, lambda v: v[torch.isfinite(v)])
     stats = _figures(
         int(clean.numel()),
         lambda: tuple(float(x) for x in torch.aminmax(clean)),
