@@ -126,8 +126,7 @@ def test_an_nncf_int8_unet_is_named_int8_and_its_calibration_is_not_recorded(dum
         assert "unet computes in int8 (OpenVINO runs" in fd.message and "× the int8 floor" in fd.message
 
 
-def test_an_infer_request_records_under_the_name_the_script_gives_it(tmp_path):
-    script = """
+LINEAR_REQUEST = """
 import numpy as np
 import openvino as ov
 import torch
@@ -135,9 +134,16 @@ import torch
 model = ov.convert_model(torch.nn.Linear(4, 3), example_input=torch.ones(2, 4))
 decoder = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 request = decoder.create_infer_request()
-for _ in range(2):
+"""  # an infer request of an unnamed model, for the script that uses it to go on
+
+
+def test_an_infer_request_records_under_the_name_the_script_gives_it(tmp_path):
+    script = (
+        LINEAR_REQUEST
+        + """for _ in range(2):
     request.infer({0: np.ones((2, 4), np.float32)})
 """
+    )
     (tmp_path / "run.py").write_text(script)
     assert record_command(tmp_path / "ov.h5", [str(tmp_path / "run.py")], layers=["openvino"]) == 0
     with ak.open_dump(tmp_path / "ov.h5") as dump:
@@ -179,19 +185,14 @@ for step, timestep in enumerate((3.0, 2.5)):
 
 
 def test_an_infer_request_run_with_start_async_and_wait_is_recorded_with_its_outputs(tmp_path):
-    script = """
-import numpy as np
-import openvino as ov
-import torch
-
-model = ov.convert_model(torch.nn.Linear(4, 3), example_input=torch.ones(2, 4))
-decoder = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-request = decoder.create_infer_request()
-for i in range(3):
+    script = (
+        LINEAR_REQUEST
+        + """for i in range(3):
     request.start_async({0: ov.Tensor(np.full((2, 4), float(i), np.float32))})
     request.wait()
     out = request.get_output_tensor(0).data.copy()
 """
+    )
     (tmp_path / "run.py").write_text(script)
     assert record_command(tmp_path / "ov.h5", [str(tmp_path / "run.py")]) == 0
     with ak.open_dump(tmp_path / "ov.h5") as dump:
