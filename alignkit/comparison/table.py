@@ -296,7 +296,8 @@ def _row(
     floor = floor_dtype_for(r.dtype, t.dtype, carried)
     values = None
     try:
-        whole = ref.is_whole(r.path) and (isinstance(t, MergedTensor) or tgt.is_whole(t.path))
+        parts = t.parts if isinstance(t, MergedTensor) else (t.path,)
+        whole = ref.is_whole(r.path) and all(tgt.is_whole(p) for p in parts)
         if numel <= BLOCK_ELEMENTS or not whole or (broadcast and isinstance(t, MergedTensor)):  # most are small
             values = ref.read(r.path, r.dtype), _read(tgt, t)
             m = array_metrics(*(np.broadcast_to(v.ravel(), (numel,)) for v in values) if broadcast else values, floor)
@@ -468,7 +469,7 @@ SPREAD = "run-to-run spread"  # the floor_dtype of a floor that is the reference
 def _with_spread(m: dict, ref: Dump, r: TensorInfo) -> None:
     """Raise the floor to the reference's own run-to-run spread (``record --repeat``), where it
     is the wider: a kernel that is not bit-deterministic is the honest floor."""
-    attrs = ref.dataset(r.path).attrs
+    attrs = ref.tensor_attrs(r.path)
     if "spread_rel_l1" not in attrs:
         return
     spread = {"floor_rel_l1": float(attrs["spread_rel_l1"]), "floor_cos_dist": float(attrs["spread_cos_dist"])}

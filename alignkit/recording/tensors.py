@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from alignkit.storage.records import Tensor
-from alignkit.storage.schema import BIT_STORED
+from alignkit.storage.schema import BIT_STORED, STACK_MAX_BYTES
 
 
 class BufferPool:
@@ -54,7 +54,7 @@ POOL = BufferPool()
 Stage = Callable[[np.ndarray], "str | None"]
 """Writes a large array into the dump at once and says where (None: it could not)."""
 
-STAGE_MIN_BYTES = 1 << 20
+STAGE_MIN_BYTES = STACK_MAX_BYTES  # what the dump keeps as a dataset of its own
 
 
 def _from_array(name: str, source: np.ndarray, dtype: str, origin: str, device: str, stage: Stage | None) -> Tensor:

@@ -148,7 +148,7 @@ def graph_inputs(dumps: list[Dump]) -> dict[str, list[tuple[str, str, list[tuple
             part = t[t["submodel"] == sub]
             entries = out.setdefault(sub, {})
             for name, group in part.groupby("name", sort=False):
-                if dump.dataset(group["path"].iloc[0]).attrs.get("source") == "python":
+                if dump.tensor_attrs(group["path"].iloc[0]).get("source") == "python":
                     continue
                 dtype, shapes = entries.setdefault(name, (str(group["dtype"].iloc[0]), []))
                 shapes.extend(tuple(s) for s in group["shape"])

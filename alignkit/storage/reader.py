@@ -42,10 +42,14 @@ from alignkit.storage.schema import (
     call_group_name,
     decode,
     logical_dtype,
+    row_path,
+    split_row,
     tensor_name,
     tensor_path,
     unescape_name,
 )
+
+_INDEX_COLUMNS = ("seq", "submodel", "step", "call", "ordinal")
 
 
 @dataclass(frozen=True)
@@ -75,14 +79,9 @@ class Call:
         return f"<Call {self.submodel} step {self.step} call {self.call} (seq {self.seq})>"
 
     @property
-    def _group(self) -> h5py.Group:
-        return self._dump._file[self.group_path]
-
-    @property
     def error(self) -> str | None:
         """The exception the call raised, if it did."""
-        value = self._group.attrs.get("error")
-        return str(value) if value is not None else None
+        return self._dump._call_error(self)
 
     def info(self, io: str) -> list[TensorInfo]:
         """The tensors of one side (inputs, outputs, layers), in recorded (creation) order."""
@@ -102,7 +101,7 @@ class Call:
 
     def source(self, io: str, name: str) -> str:
         """Where a tensor came from: ``torch``, ``numpy``, or ``python`` (a Python number)."""
-        return str(self.dataset(io, name).attrs.get("source", "torch"))
+        return str(self._dump.tensor_attrs(self._find(io, name).path).get("source", "torch"))
 
     def tensor(self, io: str, name: str) -> np.ndarray:
         """One tensor as numpy (bfloat16 widened to float32 exactly)."""
@@ -127,8 +126,7 @@ class Call:
     def values(self, io: str = "inputs") -> dict[str, Any]:
         """Non-tensor arguments (numbers, strings, flags), decoded from JSON; an attribute that
         is not JSON (another writer's) as its text."""
-        group = self._group.get(io)
-        return {} if group is None else {k: _decoded(v) for k, v in group.attrs.items()}
+        return {k: _decoded(v) for k, v in self._dump._call_values(self, io).items()}
 
 
 class Dump:
@@ -136,9 +134,10 @@ class Dump:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file, self._index = _open(self.path)
+        self._file, self._index, self._version = _open(self.path)
         self._grown: dict[str, np.ndarray] = {}
         self._grown_lock = threading.Lock()
+        self._rows = _RowBlocks(self._file)
 
     def close(self) -> None:
         self._file.close()
@@ -146,7 +145,7 @@ class Dump:
     def prepare_for_threads(self) -> None:
         """Build the tables that reading builds on first use, so that threads reading calls at
         once find them made instead of each making its own."""
-        _ = self.metadata, self.calls, self._tensor_table, self._by_seq
+        _ = self.metadata, self.calls, self._tensor_table, self._by_seq, self._call_extras
 
     def __enter__(self) -> Dump:
         return self
@@ -174,7 +173,7 @@ class Dump:
     @cached_property
     def calls(self) -> pd.DataFrame:
         """One row per call in time order: seq, submodel, step, call, ordinal."""
-        frame = self._index
+        frame = self._index[list(_INDEX_COLUMNS)]
         if self.metadata.get("step_source", "none") == "none" and (frame["step"] == 0).all():
             frame["step"], frame["call"] = frame["ordinal"], 0  # no step source: each call is a step
         return frame.reset_index(drop=True)
@@ -207,8 +206,44 @@ class Dump:
     @cached_property
     def _tensor_table(self) -> dict[tuple[int, str], list[TensorInfo]] | None:
         """The tensors of every call from ``/tensors``, keyed by (seq, io); None when the dump
-        has no table to trust (a killed run), and each call's groups are listed instead."""
+        has no table to trust (a killed run of version 1), and each call's groups are listed instead."""
+        if self._version >= 2:
+            return self._tables_v2[0]
         return _read_tensor_table(self._file, len(self.calls))
+
+    @cached_property
+    def _tables_v2(self) -> tuple[dict[tuple[int, str], list[TensorInfo]], dict[str, dict[str, Any]]]:
+        return _read_tensor_table_v2(self._file, set(self._index["seq"].tolist()))
+
+    def _facts(self, path: str) -> dict[str, Any]:
+        """What version 2's ``/tensors`` says of the tensor at ``path`` beyond its name, dtype and shape."""
+        facts = self._tables_v2[1].get(path)
+        if facts is None:
+            raise KeyError(f"{path}: no such tensor in {self.path}")
+        return facts
+
+    @cached_property
+    def _call_extras(self) -> dict[int, tuple[str, str, str]]:
+        """Version 2: each call's error and its sides' non-tensor arguments, by seq."""
+        if self._version < 2:
+            return {}
+        frame = self._index
+        return dict(zip(frame["seq"].tolist(), zip(frame["error"], frame["inputs_values"], frame["outputs_values"])))
+
+    def _call_error(self, call: Call) -> str | None:
+        if self._version >= 2:
+            return self._call_extras[call.seq][0] or None
+        value = self._file[call.group_path].attrs.get("error")
+        return str(value) if value is not None else None
+
+    def _call_values(self, call: Call, io: str) -> dict[str, Any]:
+        """A side's non-tensor arguments as stored: JSON text by name."""
+        if self._version >= 2:
+            extras = self._call_extras[call.seq]
+            text = extras[1] if io == "inputs" else extras[2] if io == "outputs" else ""
+            return json.loads(text) if text else {}
+        group = self._file[call.group_path].get(io)
+        return {} if group is None else dict(group.attrs)
 
     def _infos(self, call: Call, io: str) -> list[TensorInfo]:
         table = self._tensor_table
@@ -220,11 +255,16 @@ class Dump:
         """The values of the tensor stored at ``path`` whose logical dtype is ``dtype`` (both as
         in :attr:`tensors`), whole, bfloat16 widened to float32 exactly. The dataset is
         opened by path at HDF5's level: h5py's ``file[path]`` costs several times more, which
-        shows when a dump holds 100k small tensors."""
-        ds = h5py.h5d.open(self._file.id, path.encode("utf-8"))
-        raw = np.empty(ds.shape, dtype=ds.dtype)
-        if raw.size:
-            ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
+        shows when a dump holds 100k small tensors. A row of a stack (version 2) is read with
+        the rows after it, which the next calls ask for."""
+        dataset, row = split_row(path)
+        if row >= 0:
+            raw = self._rows.read(dataset, row)
+        else:
+            ds = h5py.h5d.open(self._file.id, dataset.encode("utf-8"))
+            raw = np.empty(ds.shape, dtype=ds.dtype)
+            if raw.size:
+                ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
         if self.is_stats(path):
             return raw  # a statistics recording's sample, kept in float32 whatever the dtype
         grown = self._grows_from(path)
@@ -244,31 +284,56 @@ class Dump:
 
     def _grows_from(self, path: str) -> tuple[str, int] | None:
         """(the earlier tensor, the axis) of a tensor stored as what it added to it."""
+        if self._version >= 2:
+            facts = self._facts(path)
+            return (facts["grows_from"], facts["grows_axis"]) if facts["stored"] == "delta" else None
         if not self.metadata.get("deltas"):
             return None
         attrs = self._file[path].attrs
         return (_text(attrs["grows_from"]), int(attrs["grows_axis"])) if "grows_from" in attrs else None
 
     def is_whole(self, path: str) -> bool:
-        """Whether the dataset at ``path`` holds the whole tensor (to stream it in blocks)."""
+        """Whether the dataset at ``path`` holds the whole tensor, alone (to stream it in blocks)."""
+        if self._version >= 2:
+            return split_row(path)[1] < 0 and self._facts(path)["stored"] == "whole"
         return self._grows_from(path) is None and not self.is_stats(path)
 
     def is_stats(self, path: str) -> bool:
         """Whether the tensor at ``path`` was recorded as statistics and a sample (``record --mode stats``)."""
+        if self._version >= 2:
+            return self._facts(path)["stored"] == "sample"
         if self.metadata.get("mode") != "stats":
             return False
         return bool(h5py.h5a.exists(h5py.h5o.open(self._file.id, path.encode("utf-8")), b"stats_shape"))
 
     def stats(self, path: str) -> dict[str, Any]:
         """A statistics recording's figures for the tensor at ``path`` (``stats_min``…)."""
+        if self._version >= 2:
+            facts = self._facts(path)
+            return {**dict(zip(STATS_FIGURES, facts["stats"])), "stats_checksum": facts["stats_checksum"]}
         attrs = self._file[path].attrs
         figures = dict(zip(STATS_FIGURES, (float(v) for v in attrs["stats"])))
         return {**figures, "stats_checksum": int(attrs["stats_checksum"])}
 
     def dataset(self, path: str) -> h5py.Dataset:
         """The h5py dataset at ``path`` (as in :attr:`tensors`), to read a large tensor in
-        blocks rather than whole; its values are the stored bits (see ``dtype``)."""
-        return self._file[path]
+        blocks rather than whole; its values are the stored bits (see ``dtype``). A tensor
+        under 1 MiB is a row of a stack (``path#row``): read it with :meth:`read`."""
+        dataset, row = split_row(path)
+        if row >= 0:
+            raise ValueError(f"{path} is row {row} of a stack of small tensors, not a dataset: read it with Dump.read")
+        return self._file[dataset]
+
+    def tensor_attrs(self, path: str) -> dict[str, Any]:
+        """What is kept of the tensor at ``path`` beyond its values: ``source`` and ``device``
+        where not torch and cpu, and a repeated recording's ``spread_rel_l1`` and ``spread_cos_dist``."""
+        if self._version < 2:
+            return {key: _plain(value) for key, value in self._file[path].attrs.items()}
+        facts = self._facts(path)
+        out = {key: facts[key] for key in ("source", "device") if facts[key] not in ("torch", "cpu")}
+        if not math.isnan(facts["spread_rel_l1"]):
+            out.update(spread_rel_l1=facts["spread_rel_l1"], spread_cos_dist=facts["spread_cos_dist"])
+        return out
 
     @property
     def submodels(self) -> list[str]:
@@ -372,7 +437,7 @@ def _finish_killed(path: Path) -> None:
         ) from exc
 
 
-def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
+def _open(path: Path) -> tuple[h5py.File, pd.DataFrame, int]:
     """The open file and its index of calls (read here, so a damaged dump is refused at once)."""
     if not path.exists():
         raise NotADumpError(f"{path}: no such file")
@@ -387,15 +452,15 @@ def _open(path: Path) -> tuple[h5py.File, pd.DataFrame]:
         raise NotADumpError(f"{path}: not an HDF5 file, so not an alignkit dump")
     f = _open_h5(path)
     try:
-        _check_format(path, f)
-        index = _read_index(f)
+        version = _check_format(path, f)
+        index = _read_index_v2(f) if version >= 2 else _read_index(f)
     except (NotADumpError, FormatVersionError):
         f.close()
         raise
     except Exception as exc:
         f.close()
         raise DumpCorruptError(f"{path}: truncated or damaged dump ({_short(exc)})") from exc
-    return f, index
+    return f, index, version
 
 
 GROWN_KEPT = 64  # grown tensors (KV caches) kept, whole, to read the next step's from
@@ -417,7 +482,8 @@ def _open_h5(path: Path) -> h5py.File:
             time.sleep(0.05)
 
 
-def _check_format(path: Path, f: h5py.File) -> None:
+def _check_format(path: Path, f: h5py.File) -> int:
+    """The dump's format version, once it is one this alignkit reads."""
     if f.attrs.get("format") != FORMAT_NAME:
         raise NotADumpError(f"{path}: an HDF5 file, but not an alignkit dump (no format={FORMAT_NAME!r} attribute)")
     version = int(f.attrs.get("format_version", 0))
@@ -426,6 +492,7 @@ def _check_format(path: Path, f: h5py.File) -> None:
             f"{path}: dump format version {version} is newer than this alignkit reads ({FORMAT_VERSION}); upgrade "
             "alignkit"
         )
+    return version
 
 
 def _read_index(f: h5py.File) -> pd.DataFrame:
@@ -446,6 +513,98 @@ def _read_index(f: h5py.File) -> pd.DataFrame:
     for col in ("seq", "step", "call", "ordinal"):
         frame[col] = frame[col].astype("int64")
     return frame.sort_values("seq", kind="stable").reset_index(drop=True)
+
+
+def _read_index_v2(f: h5py.File) -> pd.DataFrame:
+    """Version 2's ``/index``: every call as of the last flush, with its error and arguments."""
+    table = f[INDEX][()]
+    frame = pd.DataFrame({name: table[name] for name in table.dtype.names})
+    for column in ("submodel", "error", "inputs_values", "outputs_values"):
+        frame[column] = _strings(frame[column])
+    for column in ("seq", "step", "call", "ordinal"):
+        frame[column] = frame[column].astype("int64")
+    return frame.sort_values("seq", kind="stable").reset_index(drop=True)
+
+
+def _read_tensor_table_v2(
+    f: h5py.File, calls: set[int]
+) -> tuple[dict[tuple[int, str], list[TensorInfo]], dict[str, dict[str, Any]]]:
+    """Version 2's ``/tensors``: each listed call's tensors by (seq, io), and what the table
+    says of each stored tensor by its path (rows of calls the index does not list, placed by
+    a run killed before it flushed them, are left out)."""
+    rows = f[TENSORS][()]
+    infos: dict[tuple[int, str], list[TensorInfo]] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    text = {
+        key: _strings(rows[key]) for key in ("io", "name", "dtype", "path", "stored", "source", "device", "grows_from")
+    }
+    numbers = {
+        key: rows[key].tolist()
+        for key in ("seq", "row", "grows_axis", "spread_rel_l1", "spread_cos_dist", "stats", "stats_checksum")
+    }
+    for i, seq in enumerate(numbers["seq"]):
+        if seq not in calls:
+            continue
+        io, path = text["io"][i], row_path(text["path"][i], numbers["row"][i])
+        infos.setdefault((seq, io), []).append(
+            TensorInfo(io, text["name"][i], text["dtype"][i], tuple(rows["shape"][i].tolist()), path)
+        )
+        if path not in facts:
+            facts[path] = {
+                **{key: text[key][i] for key in ("stored", "source", "device", "grows_from")},
+                **{
+                    key: numbers[key][i]
+                    for key in ("grows_axis", "spread_rel_l1", "spread_cos_dist", "stats", "stats_checksum")
+                },
+            }
+    return infos, facts
+
+
+class _RowBlocks:
+    """Rows of stacks read a block at a time, kept while they may be asked for: compare reads
+    the calls in order, so the rows after the one asked for are next. The blocks kept take at
+    most ROW_CACHE_BYTES together, each at most ROW_BLOCK_BYTES (less when many stacks are read)."""
+
+    def __init__(self, f: h5py.File):
+        self._file = f
+        self._blocks: dict[str, tuple[int, np.ndarray]] = {}  # stack → (first row, rows), oldest first
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def read(self, stack: str, row: int) -> np.ndarray:
+        with self._lock:
+            hit = self._blocks.get(stack)
+            if hit is not None and hit[0] <= row < hit[0] + len(hit[1]):
+                self._blocks[stack] = self._blocks.pop(stack)  # lately used: kept longest
+                return hit[1][row - hit[0]].copy()
+            block = self._read_block(stack, row)
+            if hit is not None:
+                self._held -= hit[1].nbytes
+                del self._blocks[stack]
+            self._blocks[stack] = (row, block)
+            self._held += block.nbytes
+            while self._held > ROW_CACHE_BYTES and len(self._blocks) > 1:
+                oldest = next(iter(self._blocks))
+                self._held -= self._blocks.pop(oldest)[1].nbytes
+            return block[0].copy()
+
+    def _read_block(self, stack: str, row: int) -> np.ndarray:
+        ds = h5py.h5d.open(self._file.id, stack.encode("utf-8"))
+        shape = ds.shape
+        row_bytes = max(1, math.prod(shape[1:]) * ds.dtype.itemsize)
+        budget = min(ROW_BLOCK_BYTES, max(row_bytes, ROW_CACHE_BYTES // max(1, len(self._blocks) + 1)))
+        if row >= shape[0]:
+            raise KeyError(f"{stack}: row {row} is past its {shape[0]} rows")
+        rows = min(shape[0] - row, max(1, budget // row_bytes))
+        block = np.empty((rows, *shape[1:]), dtype=ds.dtype)
+        space = ds.get_space()
+        space.select_hyperslab((row, *(0 for _ in shape[1:])), block.shape)
+        ds.read(h5py.h5s.create_simple(block.shape), space, block)
+        return block
+
+
+ROW_BLOCK_BYTES = 1 << 20  # rows of one stack read at once
+ROW_CACHE_BYTES = 64 << 20  # rows of all stacks kept at once
 
 
 def _read_tensor_table(f: h5py.File, n_calls: int) -> dict[tuple[int, str], list[TensorInfo]] | None:
@@ -519,6 +678,13 @@ def _parse_key(key: Any) -> tuple[str, int, int, bool]:
         if m and m.group("ord") is not None:
             return m.group("sub"), int(m.group("ord")), 0, True
     raise CallNotFoundError(f"cannot read {key!r} as a call: use (submodel, step[, call]), 'unet@step3' or 'unet:12'")
+
+
+def _plain(value: Any) -> Any:
+    """An attribute's value as Python: text for strings, a number for a numpy scalar."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _text(value: Any) -> str:

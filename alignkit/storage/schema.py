@@ -1,6 +1,20 @@
-"""The dump layout, version 1 (written down in docs/format.md).
+"""The dump layout (written down in docs/format.md). Version 2 is written; version 1 is read.
 
-::
+Version 2 stacks the tensors of one name along a call axis, so that a call costs a few rows
+instead of HDF5 objects::
+
+    /                      attrs: format="alignkit-dump", format_version=2, run metadata
+    /index                 table: seq, submodel, step, call, ordinal, error, and the non-tensor
+                           arguments of each side as JSON (one row per call; grows at each flush)
+    /tensors               table: one row per tensor: seq, io, name, dtype, shape, and where it is
+                           (path, row), how (stored: whole, sample or delta), with its attributes
+    /stacks/<n>            the tensors of one (submodel, io, name, stored dtype, shape) under 1 MiB,
+                           a row per call (chunked, grown as needed)
+    /data/<n>              a tensor of 1 MiB or more, a dataset of its own
+    /submodels/<name>      attrs: class, and config (JSON) for diffusers and transformers objects
+    /pipeline_calls/<n>    attrs: class, seq (where the call began), arguments (JSON), per pipeline call
+
+Version 1 gave each call a group::
 
     /                      attrs: format="alignkit-dump", format_version=1, run metadata
     /index                 table: seq, submodel, step, call, ordinal (one row per call)
@@ -25,8 +39,11 @@ import h5py
 import numpy as np
 
 FORMAT_NAME = "alignkit-dump"
-FORMAT_VERSION = 1
-CALLS = "calls"
+FORMAT_VERSION = 2
+CALLS = "calls"  # version 1: a group per call
+STACKS = "stacks"  # version 2: tensors of one name and shape, a row per call
+DATA = "data"  # version 2: tensors of STACK_MAX_BYTES and more, each a dataset of its own
+STACK_MAX_BYTES = 1 << 20  # a tensor this large is a dataset of its own, which compare reads in blocks
 SUBMODELS = "submodels"  # what each submodel is: its class, and its config where it has one
 PIPELINE_CALLS = "pipeline_calls"  # the arguments of each call of a watched pipeline
 STAGING = "staging"  # large tensors written at call time, before their call is; empty in a finished dump
@@ -54,6 +71,41 @@ TENSORS_DTYPE = np.dtype(
     ]
 )
 
+# Version 2's tables: one row per call, one per tensor (docs/format.md).
+INDEX_V2_DTYPE = np.dtype(
+    [
+        ("seq", "<i8"),
+        ("submodel", h5py.string_dtype()),
+        ("step", "<i8"),
+        ("call", "<i8"),
+        ("ordinal", "<i8"),
+        ("error", h5py.string_dtype()),
+        ("inputs_values", h5py.string_dtype()),
+        ("outputs_values", h5py.string_dtype()),
+    ]
+)
+
+TENSORS_V2_DTYPE = np.dtype(
+    [
+        ("seq", "<i8"),
+        ("io", h5py.string_dtype()),
+        ("name", h5py.string_dtype()),
+        ("dtype", h5py.string_dtype()),
+        ("shape", h5py.vlen_dtype(np.int64)),
+        ("path", h5py.string_dtype()),
+        ("row", "<i8"),
+        ("stored", h5py.string_dtype()),
+        ("source", h5py.string_dtype()),
+        ("device", h5py.string_dtype()),
+        ("grows_from", h5py.string_dtype()),
+        ("grows_axis", "<i8"),
+        ("spread_rel_l1", "<f8"),
+        ("spread_cos_dist", "<f8"),
+        ("stats", "<f8", (7,)),
+        ("stats_checksum", "<i8"),
+    ]
+)
+
 # Logical dtypes that HDF5 cannot hold natively, stored as unsigned ints of the same width.
 BIT_STORED = {
     "bfloat16": np.uint16,
@@ -75,8 +127,19 @@ def call_group_name(seq: int) -> str:
 
 
 def tensor_path(seq: int, io: str, name: str) -> str:
-    """The HDF5 path of a tensor's dataset."""
+    """The HDF5 path of a tensor's dataset in a version-1 dump."""
     return f"/{call_group_name(seq)}/{io}/{escape_name(name)}"
+
+
+def row_path(path: str, row: int) -> str:
+    """Where a stored tensor is, as one string: a dataset's path, and ``#row`` for a row of a stack."""
+    return path if row < 0 else f"{path}#{row}"
+
+
+def split_row(path: str) -> tuple[str, int]:
+    """(dataset path, row) from :func:`row_path`'s string; row -1 for a dataset of its own."""
+    dataset, _, row = path.partition("#")
+    return dataset, int(row) if row else -1
 
 
 def escape_name(name: str) -> str:

@@ -1,7 +1,8 @@
 """Write recorded calls to HDF5 in a background thread, behind a bounded queue.
 
 The pipeline thread copies small tensors out and enqueues them, and writes large ones into
-``/staging`` itself (:meth:`DumpWriter.stage`); this thread does the rest of the HDF5 work.
+``/data`` itself (:meth:`DumpWriter.stage`); this thread does the rest of the HDF5 work, in
+the layout :mod:`alignkit.storage.stacks` places calls in.
 Memory is bounded by ``max_pending_bytes``: a producer that would exceed it waits.
 
 Crash safety: the metadata cache never evicts and freed file space is never reused, so HDF5
@@ -28,8 +29,6 @@ machine would then starve it, and a kill would lose more of the run.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import queue
@@ -47,24 +46,10 @@ import numpy as np
 
 from alignkit.errors import RecordingError, UsageError, os_reason
 from alignkit.storage.journal import DumpLockedError, JournaledFile
-from alignkit.storage.objects import create_dataset, create_group, relink, set_attrs
-from alignkit.storage.objects import link as link_to
-from alignkit.storage.records import CallRecord, Tensor
-from alignkit.storage.schema import (
-    CALLS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX,
-    INDEX_DTYPE,
-    PIPELINE_CALLS,
-    STAGING,
-    STATS_FIGURES,
-    SUBMODELS,
-    TENSORS,
-    TENSORS_DTYPE,
-    call_group_name,
-    escape_name,
-)
+from alignkit.storage.objects import create_group, set_attrs
+from alignkit.storage.records import CallRecord
+from alignkit.storage.schema import FORMAT_NAME, FORMAT_VERSION, PIPELINE_CALLS, SUBMODELS, escape_name
+from alignkit.storage.stacks import CallLayout
 
 _HEADROOM = 4 * 1024 * 1024  # bytes kept free for the final metadata flush
 _CALL_METADATA = 64 * 1024  # more than the headers, links and attributes of one call take
@@ -82,7 +67,7 @@ class DumpWriter:
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], max_pending_bytes: int = 512 << 20):
         self.path = Path(path)
-        self._file, self._disk = _create_dump(self.path, metadata)
+        self._file, self._disk, self._layout = _create_dump(self.path, metadata)
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._limit = max_pending_bytes
@@ -96,13 +81,8 @@ class DumpWriter:
         self._last_flush, self._unflushed = time.monotonic(), False  # the new file is flushed
         self._held: list[CallRecord] = []  # calls to write at the next flush
         self._held_bytes = 0
-        self._index_rows: list[tuple] = []  # (seq, submodel, step, call, ordinal)
-        self._tensor_rows: list[tuple] = []  # (seq, io, name, dtype, shape)
-        self._previous: dict[tuple, tuple] = {}  # (submodel, io, name) → (digest, dtype, shape, path) last written
         self._room = _Room(self.path)
         self._file_lock = threading.Lock()  # held while staging from a caller thread, and to close
-        self._staging: Any = None
-        self._staged = 0
         self._thread = threading.Thread(target=self._run, name="alignkit-writer", daemon=True)
         self._thread.start()
 
@@ -127,22 +107,18 @@ class DumpWriter:
         """Write a large array into the dump now, from the calling thread, under ``/staging``.
 
         This is the call-time copy of a large host tensor: one pass over its bytes (a copy
-        and a later write would be two) and nothing held in memory. The writer links it into
-        its call's group when it writes the call; what is still staged when recording ends
+        and a later write would be two) and nothing held in memory. The writer lists it with
+        its call when it writes the call; what no written call lists when recording ends
         (calls dropped after an early stop) is unlinked then. None when recording has stopped
         or the disk has no room: the caller copies the array instead, and the writer stops.
         """
         with self._file_lock:
             if self._file is None or self._stopped_reason is not None or self._room.claim(data.nbytes):
                 return None
-            name, self._staged = str(self._staged), self._staged + 1
             try:
-                if self._staging is None:
-                    self._staging = create_group(self._file.id, STAGING)
-                create_dataset(self._staging, name, data)
+                return self._layout.stage(data)
             except Exception:  # the writer meets the same trouble with the copy, and says why
                 return None
-            return f"{STAGING}/{name}"
 
     def flush(self) -> None:
         """Ask for a flush once everything queued so far is written (a step boundary)."""
@@ -211,16 +187,23 @@ class DumpWriter:
         """Write the held calls in order (dropped after a failure or an early stop), and give
         back their memory."""
         held, self._held, self._held_bytes = self._held, [], 0
-        for record in held:
+        try:
+            for record in held:
+                try:
+                    self._write_or_stop(record)
+                except BaseException as exc:  # surfaced by close(); the calls after it are dropped
+                    self._fail(exc, record)
             try:
-                self._write_or_stop(record)
-            except BaseException as exc:  # surfaced by close(); the calls after it are dropped
-                self._fail(exc, record)
-            finally:
+                if self._file is not None:
+                    self._layout.write_rows()
+            except BaseException as exc:
+                self._fail(exc)
+        finally:
+            for record in held:
                 _give_back(record)
-                with self._cond:
-                    self._pending -= record.nbytes
-                    self._cond.notify_all()
+            with self._cond:
+                self._pending -= sum(record.nbytes for record in held)
+                self._cond.notify_all()
 
     def _write_or_stop(self, record: CallRecord) -> None:
         if self._file is None:
@@ -236,13 +219,7 @@ class DumpWriter:
         for tensor in record.tensors():
             if tensor.ready is not None:
                 tensor.ready()  # an asynchronous device copy must land before it is written
-        _write_call(self._file, record, self._previous)
-        self._index_rows.append((record.seq, record.submodel, record.step, record.call, record.ordinal))
-        self._tensor_rows.extend(
-            (record.seq, io, t.name, t.dtype, t.full_shape if t.full_shape is not None else t.data.shape)
-            for io, tensors, _ in record.sides()
-            for t in tensors
-        )
+        self._layout.add(record)
         self.calls_written += 1
 
     def _step_ended(self) -> None:
@@ -259,10 +236,10 @@ class DumpWriter:
         return max(0.0, FLUSH_INTERVAL - (time.monotonic() - self._last_flush))
 
     def _flush(self) -> None:
-        """Write the held calls and make the file durable (the index is written when recording
-        ends)."""
+        """Write the held calls and their rows of the tables, and make the file durable."""
         self._write_held()
         if self._file is not None:
+            self._layout.write_tables()
             self._file.flush()
             self._disk.commit()
         self._last_flush, self._unflushed = time.monotonic(), False
@@ -272,10 +249,7 @@ class DumpWriter:
             if self._file is None:
                 return
             try:
-                if self._staging is not None:
-                    self._file.id.unlink(STAGING.encode())  # staged tensors of calls never written
-                    self._staging = None
-                _write_tables(self._file, self._index_rows, self._tensor_rows)
+                self._layout.finish()
                 for key, value in metadata.items():
                     self._file.attrs[key] = value
                 self._file.attrs["complete"] = self._stopped_reason is None and self._error is None
@@ -300,6 +274,11 @@ class DumpWriter:
                 self._failed_at = f" at call {record.seq} ({record.submodel}, step {record.step}, call {record.call})"
             self._stopped_reason = f"recording stopped: {exc}"
         with self._file_lock:
+            try:
+                if self._file is not None:
+                    self._layout.write_tables()  # the calls written before it stay listed
+            except Exception:
+                pass
             try:
                 if self._file is not None:
                     self._file.attrs["writer_error"] = f"{type(exc).__name__}: {exc}{self._failed_at}"
@@ -362,7 +341,7 @@ def _give_back(record: CallRecord) -> None:
             release()
 
 
-def _create_dump(path: Path, metadata: dict[str, Any]) -> tuple[h5py.File, JournaledFile]:
+def _create_dump(path: Path, metadata: dict[str, Any]) -> tuple[h5py.File, JournaledFile, CallLayout]:
     """Create the dump file (and its folder), or say in one line why it cannot be."""
     if path.is_dir():
         raise UsageError(f"{path} is a directory: give the dump a file name, e.g. {path / 'ref.h5'}")
@@ -370,7 +349,8 @@ def _create_dump(path: Path, metadata: dict[str, Any]) -> tuple[h5py.File, Journ
         path.parent.mkdir(parents=True, exist_ok=True)
         disk = JournaledFile(path)
         try:
-            return _create(disk, metadata), disk
+            f, layout = _create(disk, metadata)
+            return f, disk, layout
         except BaseException:
             disk.close()
             raise
@@ -380,7 +360,7 @@ def _create_dump(path: Path, metadata: dict[str, Any]) -> tuple[h5py.File, Journ
         raise UsageError(f"{path}: cannot write a dump here ({os_reason(exc)})") from exc
 
 
-def _create(disk: JournaledFile, metadata: dict[str, Any]) -> h5py.File:
+def _create(disk: JournaledFile, metadata: dict[str, Any]) -> tuple[h5py.File, CallLayout]:
     f = h5py.File(disk, "w", fs_strategy="none", track_order=True)
     config = f.id.get_mdc_config()
     config.evictions_enabled = False
@@ -394,73 +374,10 @@ def _create(disk: JournaledFile, metadata: dict[str, Any]) -> h5py.File:
     }
     set_attrs(f.id, {**plain, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step_source": "none"})
     f.attrs["complete"] = False
-    create_group(f.id, CALLS)
+    layout = CallLayout(f)
     f.flush()
     disk.commit()
-    return f
-
-
-def _write_call(f: h5py.File, record: CallRecord, previous: dict[tuple, tuple] | None = None) -> None:
-    """One call's group and tensors. A tensor equal, bit for bit, to the one the same submodel's
-    call wrote under the same name before (text embeddings fed at every step) is stored once:
-    a hard link to that dataset, read back like any other (docs/format.md)."""
-    group = create_group(f.id, call_group_name(record.seq))
-    head = {
-        "seq": record.seq,
-        "submodel": record.submodel,
-        "step": record.step,
-        "call": record.call,
-        "ordinal": record.ordinal,
-    }
-    set_attrs(group, head if record.error is None else {**head, "error": record.error})
-    for io, tensors, values in record.sides():
-        sub = create_group(group, io)
-        for tensor in tensors:
-            link = escape_name(tensor.name)
-            key, seen = (record.submodel, io, tensor.name), None
-            if tensor.staged is not None:
-                dataset = relink(f.id, tensor.staged, sub, link)
-            elif previous is not None and tensor.spread is None and tensor.stats is None:
-                seen = (_digest(tensor.data), tensor.dtype, tensor.data.shape)
-                last = previous.get(key)
-                if last is not None and last[:3] == seen:
-                    link_to(f.id, last[3], sub, link)
-                    continue
-                grown = _growth(tensor.data, tensor.dtype, last)
-                if grown is not None:  # a KV cache one position longer: its new positions only
-                    axis, old = grown
-                    delta = np.ascontiguousarray(np.take(tensor.data, range(old, tensor.data.shape[axis]), axis=axis))
-                    dataset = create_dataset(sub, link, delta)
-                    set_attrs(dataset, {**_dataset_attrs(tensor, link), "grows_from": last[3], "grows_axis": axis})
-                    previous[key] = (*seen, f"/{call_group_name(record.seq)}/{io}/{link}")
-                    f.attrs["deltas"] = True
-                    continue
-                dataset = create_dataset(sub, link, tensor.data)
-            else:
-                dataset = create_dataset(sub, link, tensor.data)
-            set_attrs(dataset, _dataset_attrs(tensor, link))
-            if seen is not None:
-                previous[key] = (*seen, f"/{call_group_name(record.seq)}/{io}/{link}")
-        set_attrs(sub, values)
-
-
-def _growth(data: np.ndarray, dtype: str, last: tuple | None) -> tuple[int, int] | None:
-    """(axis, old length) when ``data`` is the previous tensor of its name grown along one
-    axis, its first positions the previous tensor bit for bit (a KV cache at the next step)."""
-    if last is None or last[1] != dtype or len(last[2]) != data.ndim:
-        return None
-    axes = [i for i, (a, b) in enumerate(zip(last[2], data.shape)) if a != b]
-    if len(axes) != 1 or data.shape[axes[0]] <= last[2][axes[0]]:
-        return None
-    axis, old = axes[0], last[2][axes[0]]
-    prefix = np.take(data, range(old), axis=axis)
-    return (axis, old) if _digest(prefix) == last[0] else None
-
-
-def _digest(data: np.ndarray) -> bytes:
-    """A tensor's bits, hashed: equal digests, equal tensors. SHA-256, which CPUs with SHA
-    extensions compute at about 2 GB/s (BLAKE2b in Python's hashlib: 1.4 GB/s)."""
-    return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8).data).digest()
+    return f, layout
 
 
 def _write_group(f: h5py.File, parent_name: str, name: str, attrs: dict[str, Any], replace: bool = False) -> None:
@@ -472,42 +389,6 @@ def _write_group(f: h5py.File, parent_name: str, name: str, attrs: dict[str, Any
         del f[parent_name][link]
     group = create_group(parent, link)
     set_attrs(group, attrs if link == name else {**attrs, "name": name})
-
-
-def _dataset_attrs(tensor: Tensor, link: str) -> dict[str, str]:
-    """Only what the link name and the HDF5 type cannot say (docs/format.md)."""
-    attrs = {}
-    if link != tensor.name:
-        attrs["name"] = tensor.name
-    if tensor.dtype != _numpy_name(tensor.data.dtype):
-        attrs["dtype"] = tensor.dtype
-    if tensor.source != "torch":
-        attrs["source"] = tensor.source
-    if tensor.device != "cpu":
-        attrs["device"] = tensor.device
-    if tensor.spread:
-        attrs.update(tensor.spread)
-    if tensor.stats is not None:  # a sample: its logical dtype and shape are the tensor's; one vector of figures
-        figures = [float(tensor.stats[key]) for key in STATS_FIGURES]
-        attrs["dtype"], attrs["stats_shape"] = tensor.dtype, np.array(tensor.full_shape or (), np.int64)
-        attrs["stats"], attrs["stats_checksum"] = np.array(figures, np.float64), int(tensor.stats["stats_checksum"])
-    return attrs
-
-
-@functools.cache
-def _numpy_name(dtype: np.dtype) -> str:
-    """``dtype.name``, which numpy computes in Python each time (a cost per tensor written)."""
-    return dtype.name
-
-
-def _write_tables(f: h5py.File, calls: list[tuple], tensors: list[tuple]) -> None:
-    """The tables of calls and tensors, written once when recording ends (a killed run has
-    neither). The tensor table goes first: a reader trusts it only beside a matching index."""
-    table = np.empty(len(tensors), dtype=TENSORS_DTYPE)
-    for i, (seq, io, name, dtype, shape) in enumerate(tensors):
-        table[i] = seq, io, name, dtype, np.array(shape, np.int64)
-    f.create_dataset(TENSORS, data=table)
-    f.create_dataset(INDEX, data=np.array(calls, dtype=INDEX_DTYPE))
 
 
 class _Room:

@@ -10,6 +10,8 @@ import pytest
 
 import alignkit as ak
 from alignkit.storage import writer
+from alignkit.storage.schema import split_row
+from alignkit.storage.stacks import CallLayout
 from alignkit.storage.writer import WRITER_NICENESS
 
 
@@ -17,14 +19,14 @@ from alignkit.storage.writer import WRITER_NICENESS
 def failing_writer(monkeypatch):
     """The writer fails on any call whose input ``x`` is negative (as a full device or a
     lost mount would fail it)."""
-    write_call = writer._write_call
+    add = CallLayout.add
 
-    def fail_on_negative(f, record, *rest):
+    def fail_on_negative(layout, record):
         if any(t.name == "x" and (t.data < 0).any() for t in record.inputs):
             raise OSError("the device said no")
-        write_call(f, record, *rest)
+        add(layout, record)
 
-    monkeypatch.setattr(writer, "_write_call", fail_on_negative)
+    monkeypatch.setattr(CallLayout, "add", fail_on_negative)
 
 
 def test_a_writer_failure_surfaces_when_recording_ends(tmp_path, failing_writer):
@@ -81,13 +83,13 @@ def test_the_writer_thread_alone_runs_at_a_low_priority(tmp_path):
 def writes(monkeypatch):
     """The seq of each call as it is written; no flush falls due on its own during a test."""
     written = []
-    write_call = writer._write_call
+    add = CallLayout.add
 
-    def noting(f, record, *rest):
+    def noting(layout, record):
         written.append(record.seq)
-        write_call(f, record, *rest)
+        add(layout, record)
 
-    monkeypatch.setattr(writer, "_write_call", noting)
+    monkeypatch.setattr(CallLayout, "add", noting)
     monkeypatch.setattr(writer, "FLUSH_INTERVAL", 60.0)
     return written
 
@@ -121,20 +123,18 @@ def test_calls_are_written_sooner_when_their_bytes_pile_up(tmp_path, writes):
 
 
 def test_a_tensor_equal_to_the_previous_calls_is_stored_once(tmp_path):
-    """Text embeddings fed to the UNet at every step: one dataset, linked from each call."""
-    import h5py
-
+    """Text embeddings fed to the UNet at every step: one row, which each call lists."""
     embeddings = np.random.default_rng(0).standard_normal((2, 77, 16)).astype(np.float32)
     with ak.Recorder(tmp_path / "d.h5") as rec:
         unet = rec.watch(lambda sample, encoder_hidden_states: sample * 2, "unet")
         for step in range(3):
             unet(np.full((2, 4), float(step), np.float32), embeddings)
             ak.step()
-    with h5py.File(tmp_path / "d.h5") as f:
-        addresses = {h5py.h5o.get_info(f[f"calls/{seq:08d}/inputs/encoder_hidden_states"].id).addr for seq in range(3)}
-        samples = {h5py.h5o.get_info(f[f"calls/{seq:08d}/inputs/sample"].id).addr for seq in range(3)}
-    assert len(addresses) == 1 and len(samples) == 3  # stored once; the input that changes, three times
     with ak.open_dump(tmp_path / "d.h5") as dump:
+        paths = dump.tensors.groupby("name")["path"].agg(set)
+        assert (
+            len(paths["encoder_hidden_states"]) == 1 and len(paths["sample"]) == 3
+        )  # stored once; what changes, three times
         for step in range(3):
             np.testing.assert_array_equal(dump["unet", step].inputs["encoder_hidden_states"], embeddings)
 
@@ -142,8 +142,6 @@ def test_a_tensor_equal_to_the_previous_calls_is_stored_once(tmp_path):
 def test_a_kv_cache_that_grows_a_position_a_step_is_stored_as_its_new_positions(tmp_path):
     """A decoder's cache at each step is the previous one and one position more: the dump
     holds the new positions, and reads back every step whole and exact."""
-    import h5py
-
     rng = np.random.default_rng(0)
     caches = [rng.standard_normal((1, 2, 4, 8)).astype(np.float32)]
     for _ in range(3):
@@ -153,10 +151,11 @@ def test_a_kv_cache_that_grows_a_position_a_step_is_stored_as_its_new_positions(
         for cache in caches:
             decoder(cache)
             ak.step()
-    with h5py.File(tmp_path / "d.h5") as f:
-        stored = [f[f"calls/{seq:08d}/inputs/past_key_values"].shape for seq in range(4)]
-    assert stored == [(1, 2, 4, 8), (1, 2, 1, 8), (1, 2, 1, 8), (1, 2, 1, 8)]
     with ak.open_dump(tmp_path / "d.h5") as dump:
+        stored = [
+            dump._rows.read(*split_row(info.path)).shape for info in dump.tensors.itertuples() if info.io == "inputs"
+        ]
+        assert stored == [(1, 2, 4, 8), (1, 2, 1, 8), (1, 2, 1, 8), (1, 2, 1, 8)]
         for step, cache in enumerate(caches):
             np.testing.assert_array_equal(dump["decoder", step].inputs["past_key_values"], cache)
             np.testing.assert_array_equal(dump["decoder", step].outputs["output"], cache)
