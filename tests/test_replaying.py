@@ -122,7 +122,7 @@ def test_recorded_values_a_callable_does_not_take_are_left_out_and_said(demo_dum
         ref, submodel="unet", target=lambda sample, timestep, encoder_hidden_states: sample * 0, steps=[0]
     )
     assert result.warnings[0] == (
-        "replay left out the recorded `added_cond_kwargs`, `cross_attention_kwargs`, `return_dict`, `timestep_cond`: "
+        "replay left out the recorded `timestep_cond`, `cross_attention_kwargs`, `added_cond_kwargs`, `return_dict`: "
         "not parameters of the target"
     )
     assert result.verdict == "diverged"  # it ran, and its zeros are compared

@@ -576,7 +576,7 @@ class _RowBlocks:
             hit = self._blocks.get(stack)
             if hit is not None and hit[0] <= row < hit[0] + len(hit[1]):
                 self._blocks[stack] = self._blocks.pop(stack)  # lately used: kept longest
-                return hit[1][row - hit[0]].copy()
+                return hit[1][row - hit[0], ...].copy()  # (``...``: a 0-d row stays an array)
             block = self._read_block(stack, row)
             if hit is not None:
                 self._held -= hit[1].nbytes
@@ -586,7 +586,7 @@ class _RowBlocks:
             while self._held > ROW_CACHE_BYTES and len(self._blocks) > 1:
                 oldest = next(iter(self._blocks))
                 self._held -= self._blocks.pop(oldest)[1].nbytes
-            return block[0].copy()
+            return block[0, ...].copy()
 
     def _read_block(self, stack: str, row: int) -> np.ndarray:
         ds = h5py.h5d.open(self._file.id, stack.encode("utf-8"))

@@ -264,7 +264,9 @@ def test_an_argument_another_writer_left_as_bare_text_is_compared_as_that_text(t
     ref = _upsampled(tmp_path / "ref.h5", ["nearest", "nearest"])
     tgt = _upsampled(tmp_path / "tgt.h5", ["bilinear", "bilinear"])
     with h5py.File(tgt, "r+") as f:
-        f["calls/00000000/inputs"].attrs["mode"] = "bilinear"  # not JSON text
+        row = f["index"][0]
+        row["inputs_values"] = json.dumps({"mode": "bilinear"})  # the value not JSON text
+        f["index"][0] = row
     with ak.open_dump(tgt) as d:
         assert d["upsample", 0].values() == {"mode": "bilinear"}
     assert ak.compare(ref, tgt).first_divergence.message.endswith(
