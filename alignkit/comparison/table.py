@@ -130,7 +130,8 @@ def table_rows(
             else tgt.call_at(int(row.tgt_seq))
         )
         pairs = match_tensors(rc, tc, names)
-        out = [_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc)) for pair in pairs]
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are counted in the metrics
+            out = [_row(ref, tgt, rc, tc, pair, limits, _since(carried, tc)) for pair in pairs]
         _mark_swaps(ref, tgt, rc, tc, pairs, out, limits)
         return out
 
@@ -297,8 +298,8 @@ def _row(
     values = None
     try:
         parts = t.parts if isinstance(t, MergedTensor) else (t.path,)
-        whole = ref.is_whole(r.path) and all(tgt.is_whole(p) for p in parts)
-        if numel <= BLOCK_ELEMENTS or not whole or (broadcast and isinstance(t, MergedTensor)):  # most are small
+        small = numel <= BLOCK_ELEMENTS or (broadcast and isinstance(t, MergedTensor))  # most are
+        if small or not (ref.is_whole(r.path) and all(tgt.is_whole(p) for p in parts)):
             values = ref.read(r.path, r.dtype), _read(tgt, t)
             m = array_metrics(*(np.broadcast_to(v.ravel(), (numel,)) for v in values) if broadcast else values, floor)
         else:  # streamed in blocks: a batch split into calls as its parts one after another
@@ -329,7 +330,7 @@ def _stats_row(
     """A pair of which one side (or both) was recorded as statistics: the metrics estimated on
     the sampled positions (the full side sampled at the same ones), the NaN/Inf counts from the
     whole tensors' statistics, an equal checksum taken as equal values (``estimate``)."""
-    from alignkit.recording.stats import positions
+    from alignkit.recording.stats import as_sample, positions
 
     if math.prod(r.shape) != math.prod(t.shape):
         return {**base, "status": "shape"}
@@ -338,7 +339,7 @@ def _stats_row(
     def sample(dump: Dump, info: TensorInfo) -> np.ndarray:
         values = dump.read(info.path, info.dtype)
         if dump.is_stats(info.path):
-            return values.astype(np.float64)
+            return as_sample(values.reshape(-1)).astype(np.float64)
         return values.reshape(-1)[positions(numel)].astype(np.float64)
 
     a, b = sample(ref, r), sample(tgt, t)

@@ -107,7 +107,9 @@ def _hook(path: str, layer: Any, sink: Sink, capture: Capture):
         if layers is None:
             return
         tensors, _ = capture(name_outputs(output))
-        taken = {t.name for t in layers}
+        taken = getattr(layers, "names", None)  # kept by a call's Layers as they come
+        if taken is None:
+            taken = {t.name for t in layers}
         for t in tensors:
             name = path if t.name == "output" else f"{path}.{t.name.removeprefix('output.')}"
             base, n = name, 2

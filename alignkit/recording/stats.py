@@ -20,7 +20,8 @@ import numpy as np
 
 from alignkit.storage.records import Tensor
 
-SAMPLE = 512
+SAMPLE = 256
+LEGACY_SAMPLE = 512  # what alignkit 0.1 sampled: its positions, every other one taken, are SAMPLE's
 _MIX = 1_000_003  # the checksum weighs each element's bits by its position, modulo a prime
 
 
@@ -30,24 +31,34 @@ def positions(numel: int) -> np.ndarray:
     (kept per size: a run's layers come in a few sizes, over and over)."""
     if numel <= SAMPLE:
         out = np.arange(numel, dtype=np.int64)
-    else:
+    elif numel <= LEGACY_SAMPLE:
         out = np.linspace(0, numel - 1, SAMPLE).round().astype(np.int64)
+    else:  # every other of LEGACY_SAMPLE evenly spaced positions: an older dump's sample holds them
+        out = np.linspace(0, numel - 1, LEGACY_SAMPLE).round().astype(np.int64)[::2]
     out.flags.writeable = False
     return out
 
 
 def _sums(values: Any, dot: Any, float64: Any, take_finite: Any) -> tuple[Any, float, float, bool]:
-    """(the finite values, their sum in float64, their sum of squares, whether all were finite).
+    """(the finite values, their sum, their sum of squares, whether all were finite).
     A sum and a sum of squares that come out finite prove every element finite, so the NaN/Inf
-    mask is built only for a tensor that has some, or whose squares pass float32's range (then
-    summed in float64)."""
+    mask is built only for a tensor that has some, or whose values or squares pass float32's
+    range (then summed in float64). numpy and torch sum float32 pairwise, in vector lanes: its
+    error grows with the log of the count, and widening each element to float64 first cost
+    a third of a statistics recording's time."""
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is what sends it to the float64 path
-        total, squares = float(values.sum(dtype=float64)), float(dot(values, values))
+        total, squares = float(values.sum()), float(dot(values, values))
     if math.isfinite(total) and math.isfinite(squares):
         return values, total, squares, True
     clean = take_finite(values)
     wide = clean.astype(float64) if isinstance(clean, np.ndarray) else clean.to(float64)
     return clean, float(wide.sum()), float(dot(wide, wide)), bool(clean.shape[0] == values.shape[0])
+
+
+def as_sample(values: np.ndarray) -> np.ndarray:
+    """A stored sample at :func:`positions`' places: an older dump's (LEGACY_SAMPLE elements)
+    at every other one."""
+    return values[::2] if values.size == LEGACY_SAMPLE else values
 
 
 def capture_stats(name: str, value: Any) -> Tensor:
@@ -110,7 +121,7 @@ def _torch_positions(numel: int, device: str) -> Any:
 
 
 def _figures(n: int, extremes: Any, total: float, squares: float, nan: int, inf: int, checksum: int) -> dict:
-    """Min, max, mean, std and L2 norm over the ``n`` finite elements (sums in float64)."""
+    """Min, max, mean, std and L2 norm over the ``n`` finite elements."""
     low, high = extremes() if n else (float("nan"), float("nan"))
     mean = total / n if n else float("nan")
     return {

@@ -42,7 +42,6 @@ from alignkit.storage.schema import (
     call_group_name,
     decode,
     logical_dtype,
-    row_path,
     split_row,
     tensor_name,
     tensor_path,
@@ -181,7 +180,9 @@ class Dump:
     @cached_property
     def tensors(self) -> pd.DataFrame:
         """One row per stored tensor: seq, submodel, step, call, io, name, dtype, shape, numel,
-        and the HDF5 path of its dataset."""
+        and where its values are (``path``: a dataset, and ``#row`` for a row of a stack)."""
+        if self._version >= 2:
+            return self._table_v2.frame(self.calls)
         rows = []
         for call in self:
             for io in IO_GROUPS:
@@ -200,27 +201,23 @@ class Dump:
                             t.path,
                         )
                     )
-        columns = ["seq", "submodel", "step", "call", "io", "name", "dtype", "shape", "numel", "path"]
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=TENSOR_COLUMNS)
 
     @cached_property
     def _tensor_table(self) -> dict[tuple[int, str], list[TensorInfo]] | None:
         """The tensors of every call from ``/tensors``, keyed by (seq, io); None when the dump
         has no table to trust (a killed run of version 1), and each call's groups are listed instead."""
         if self._version >= 2:
-            return self._tables_v2[0]
+            return self._table_v2.by_call
         return _read_tensor_table(self._file, len(self.calls))
 
     @cached_property
-    def _tables_v2(self) -> tuple[dict[tuple[int, str], list[TensorInfo]], dict[str, dict[str, Any]]]:
-        return _read_tensor_table_v2(self._file, set(self._index["seq"].tolist()))
+    def _table_v2(self) -> _TensorTable:
+        return _TensorTable(self._file, self._index["seq"].to_numpy())
 
     def _facts(self, path: str) -> dict[str, Any]:
         """What version 2's ``/tensors`` says of the tensor at ``path`` beyond its name, dtype and shape."""
-        facts = self._tables_v2[1].get(path)
-        if facts is None:
-            raise KeyError(f"{path}: no such tensor in {self.path}")
-        return facts
+        return self._table_v2.facts(path)
 
     @cached_property
     def _call_extras(self) -> dict[int, tuple[str, str, str]]:
@@ -265,6 +262,8 @@ class Dump:
             raw = np.empty(ds.shape, dtype=ds.dtype)
             if raw.size:
                 ds.read(h5py.h5s.ALL, h5py.h5s.ALL, raw)
+        if self._version >= 2 and self._table_v2.stored(path) == "whole":  # most are
+            return decode(raw, dtype)
         if self.is_stats(path):
             return raw  # a statistics recording's sample, kept in float32 whatever the dtype
         grown = self._grows_from(path)
@@ -285,8 +284,10 @@ class Dump:
     def _grows_from(self, path: str) -> tuple[str, int] | None:
         """(the earlier tensor, the axis) of a tensor stored as what it added to it."""
         if self._version >= 2:
+            if self._table_v2.stored(path) != "delta":
+                return None
             facts = self._facts(path)
-            return (facts["grows_from"], facts["grows_axis"]) if facts["stored"] == "delta" else None
+            return facts["grows_from"], facts["grows_axis"]
         if not self.metadata.get("deltas"):
             return None
         attrs = self._file[path].attrs
@@ -295,13 +296,13 @@ class Dump:
     def is_whole(self, path: str) -> bool:
         """Whether the dataset at ``path`` holds the whole tensor, alone (to stream it in blocks)."""
         if self._version >= 2:
-            return split_row(path)[1] < 0 and self._facts(path)["stored"] == "whole"
+            return split_row(path)[1] < 0 and self._table_v2.stored(path) == "whole"
         return self._grows_from(path) is None and not self.is_stats(path)
 
     def is_stats(self, path: str) -> bool:
         """Whether the tensor at ``path`` was recorded as statistics and a sample (``record --mode stats``)."""
         if self._version >= 2:
-            return self._facts(path)["stored"] == "sample"
+            return self._table_v2.stored(path) == "sample"
         if self.metadata.get("mode") != "stats":
             return False
         return bool(h5py.h5a.exists(h5py.h5o.open(self._file.id, path.encode("utf-8")), b"stats_shape"))
@@ -526,38 +527,95 @@ def _read_index_v2(f: h5py.File) -> pd.DataFrame:
     return frame.sort_values("seq", kind="stable").reset_index(drop=True)
 
 
-def _read_tensor_table_v2(
-    f: h5py.File, calls: set[int]
-) -> tuple[dict[tuple[int, str], list[TensorInfo]], dict[str, dict[str, Any]]]:
-    """Version 2's ``/tensors``: each listed call's tensors by (seq, io), and what the table
-    says of each stored tensor by its path (rows of calls the index does not list, placed by
-    a run killed before it flushed them, are left out)."""
-    rows = f[TENSORS][()]
-    infos: dict[tuple[int, str], list[TensorInfo]] = {}
-    facts: dict[str, dict[str, Any]] = {}
-    text = {
-        key: _strings(rows[key]) for key in ("io", "name", "dtype", "path", "stored", "source", "device", "grows_from")
-    }
-    numbers = {
-        key: rows[key].tolist()
-        for key in ("seq", "row", "grows_axis", "spread_rel_l1", "spread_cos_dist", "stats", "stats_checksum")
-    }
-    for i, seq in enumerate(numbers["seq"]):
-        if seq not in calls:
-            continue
-        io, path = text["io"][i], row_path(text["path"][i], numbers["row"][i])
-        infos.setdefault((seq, io), []).append(
-            TensorInfo(io, text["name"][i], text["dtype"][i], tuple(rows["shape"][i].tolist()), path)
-        )
-        if path not in facts:
-            facts[path] = {
-                **{key: text[key][i] for key in ("stored", "source", "device", "grows_from")},
-                **{
-                    key: numbers[key][i]
-                    for key in ("grows_axis", "spread_rel_l1", "spread_cos_dist", "stats", "stats_checksum")
-                },
+class _TensorTable:
+    """Version 2's ``/tensors``, read once: each listed call's tensors by (seq, io), the table
+    as a frame, and what it says of each stored tensor by its path. Rows of calls that
+    ``/index`` does not list (a run killed before it flushed them) are left out."""
+
+    def __init__(self, f: h5py.File, calls: np.ndarray):
+        rows = f[TENSORS][()]
+        if len(rows) and not np.isin(rows["seq"], calls).all():
+            rows = rows[np.isin(rows["seq"], calls)]
+        self._rows = rows
+        self.seqs = rows["seq"].tolist()
+        self.ios, self.names, self.dtypes = _strings(rows["io"]), _strings(rows["name"]), _strings(rows["dtype"])
+        self.shapes = _shapes(rows["shape"])
+        self.paths = [p if r < 0 else f"{p}#{r}" for p, r in zip(_strings(rows["path"]), rows["row"].tolist())]
+        self._first = dict(zip(reversed(self.paths), range(len(self.paths) - 1, -1, -1)))  # path → its first row
+        self._stored = _strings(rows["stored"])
+        self._facts: dict[str, dict[str, Any]] = {}
+
+    @cached_property
+    def by_call(self) -> dict[tuple[int, str], list[TensorInfo]]:
+        out: dict[tuple[int, str], list[TensorInfo]] = {}
+        for seq, io, name, dtype, shape, path in zip(
+            self.seqs, self.ios, self.names, self.dtypes, self.shapes, self.paths
+        ):
+            out.setdefault((seq, io), []).append(TensorInfo(io, name, dtype, shape, path))
+        return out
+
+    def frame(self, calls: pd.DataFrame) -> pd.DataFrame:
+        """The rows in call order (by seq, then inputs, outputs, layers), with each call's keys."""
+        frame = pd.DataFrame(
+            {
+                "seq": np.asarray(self.seqs, dtype=np.int64),
+                "io": self.ios,
+                "name": self.names,
+                "dtype": self.dtypes,
+                "shape": self.shapes,
+                "numel": [math.prod(s) for s in self.shapes],
+                "path": self.paths,
             }
-    return infos, facts
+        )
+        side = frame["io"].map({io: i for i, io in enumerate(IO_GROUPS)})
+        frame = frame.iloc[np.lexsort((np.arange(len(frame)), side.to_numpy(), frame["seq"].to_numpy()))]
+        keys = calls.set_index("seq")
+        for column in ("submodel", "step", "call"):
+            frame[column] = frame["seq"].map(keys[column]).to_numpy()
+        return frame[TENSOR_COLUMNS].reset_index(drop=True)
+
+    def stored(self, path: str) -> str:
+        """``whole``, ``sample`` or ``delta``."""
+        return self._stored[self._row(path)]
+
+    def facts(self, path: str) -> dict[str, Any]:
+        facts = self._facts.get(path)
+        if facts is None:
+            row = self._rows[self._row(path)]
+            facts = self._facts[path] = {
+                "stored": _text(row["stored"]),
+                "source": _text(row["source"]),
+                "device": _text(row["device"]),
+                "grows_from": _text(row["grows_from"]),
+                "grows_axis": int(row["grows_axis"]),
+                "spread_rel_l1": float(row["spread_rel_l1"]),
+                "spread_cos_dist": float(row["spread_cos_dist"]),
+                "stats": [float(v) for v in row["stats"]],
+                "stats_checksum": int(row["stats_checksum"]),
+            }
+        return facts
+
+    def _row(self, path: str) -> int:
+        row = self._first.get(path)
+        if row is None:
+            raise KeyError(f"{path}: no tensor of the dump is stored there")
+        return row
+
+
+def _shapes(column: np.ndarray) -> list[tuple[int, ...]]:
+    """Each row's shape as a tuple; the few distinct shapes of a run are made once."""
+    made: dict[bytes, tuple[int, ...]] = {}
+    out = []
+    for shape in column:
+        key = shape.tobytes()
+        tup = made.get(key)
+        if tup is None:
+            tup = made[key] = tuple(shape.tolist())
+        out.append(tup)
+    return out
+
+
+TENSOR_COLUMNS = ["seq", "submodel", "step", "call", "io", "name", "dtype", "shape", "numel", "path"]
 
 
 class _RowBlocks:

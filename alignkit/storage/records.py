@@ -31,6 +31,20 @@ class Tensor:
         return 0 if self.staged is not None else int(self.data.nbytes)
 
 
+class Layers(list):
+    """A call's layer outputs, and the names taken so far: a layer that runs twice in one call
+    is named ``path#2`` the second time, and with hundreds of layers a call, listing the names
+    at each would cost more than the rest of the hook."""
+
+    def __init__(self, tensors: list[Tensor] | None = None):
+        super().__init__(tensors or [])
+        self.names = {t.name for t in self}
+
+    def append(self, tensor: Tensor) -> None:
+        super().append(tensor)
+        self.names.add(tensor.name)
+
+
 @dataclass(eq=False)  # identity: records hold arrays
 class CallRecord:
     """Everything recorded about one submodel call."""
@@ -42,7 +56,7 @@ class CallRecord:
     ordinal: int
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
-    layers: list[Tensor] = field(default_factory=list)
+    layers: list[Tensor] = field(default_factory=Layers)
     values: dict[str, str] = field(default_factory=dict)
     output_values: dict[str, str] = field(default_factory=dict)
     error: str | None = None

@@ -35,7 +35,8 @@ from alignkit.storage.schema import (
     row_path,
 )
 
-CHUNK_BYTES = 256 << 10  # a stack's chunk: rows of one name read and written together
+CHUNK_BYTES = 4 << 10  # a stack's chunk at least (one row, when a row is larger): a stack's last chunk is
+# allocated whole however few rows it holds, and a run with layers has hundreds of stacks
 _NO_STATS = np.full(len(STATS_FIGURES), np.nan)
 
 
@@ -205,21 +206,30 @@ def _new_stack(group: Any, number: int, first: np.ndarray) -> _Stack:
 
 
 def _write_rows(stack: _Stack) -> None:
-    """Write a stack's pending rows in one write, growing it (twice as large) when they do not fit."""
-    start, block = stack.written, np.stack(stack.pending)
-    stop = start + len(block)
+    """Write a stack's pending rows, growing it (twice as large) when they do not fit: small
+    rows gathered into one write, large ones (WRITE_ALONE_BYTES and more) each straight from
+    its array, which copying them together would cost more than the writes it saves."""
+    start, stop = stack.written, stack.written + len(stack.pending)
     if stop > stack.capacity:
         stack.capacity = max(stop, 2 * stack.capacity)
         stack.dataset.set_extent((stack.capacity, *stack.row_shape))
+    if len(stack.pending) > 1 and stack.pending[0].nbytes < WRITE_ALONE_BYTES:
+        blocks = [(start, np.stack(stack.pending))]
+    else:
+        blocks = [(start + i, row[np.newaxis]) for i, row in enumerate(stack.pending)]
     space = stack.dataset.get_space()
-    space.select_hyperslab((start, *(0 for _ in stack.row_shape)), block.shape)
-    stack.dataset.write(h5py.h5s.create_simple(block.shape), space, block)
+    for first, block in blocks:
+        space.select_hyperslab((first, *(0 for _ in stack.row_shape)), block.shape)
+        stack.dataset.write(h5py.h5s.create_simple(block.shape), space, block)
     stack.written, stack.pending = stop, []
+
+
+WRITE_ALONE_BYTES = 64 << 10
 
 
 def _table(f: h5py.File, name: str, dtype: np.dtype) -> h5py.Dataset:
     """An empty table that grows by rows."""
-    return f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+    return f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
 
 
 def _append(table: h5py.Dataset, rows: list[tuple], dtype: np.dtype) -> None:

@@ -361,7 +361,7 @@ def _create_dump(path: Path, metadata: dict[str, Any]) -> tuple[h5py.File, Journ
 
 
 def _create(disk: JournaledFile, metadata: dict[str, Any]) -> tuple[h5py.File, CallLayout]:
-    f = h5py.File(disk, "w", fs_strategy="none", track_order=True)
+    f = h5py.File(disk, "w", fs_strategy="none", track_order=True, libver=("v110", "latest"))
     config = f.id.get_mdc_config()
     config.evictions_enabled = False
     config.incr_mode = 0
