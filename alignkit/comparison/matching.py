@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -139,10 +140,15 @@ class MergedCall:
         return merged
 
 
-@dataclass(frozen=True)
-class MergedTensor(TensorInfo):
-    """A tensor of a :class:`MergedCall`: read by concatenating its ``parts``."""
+class MergedTensor(NamedTuple):
+    """A tensor of a :class:`MergedCall`: read by concatenating its ``parts`` (a
+    :class:`TensorInfo` with them)."""
 
+    io: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: str
     parts: tuple[str, ...] = ()
 
 

@@ -70,7 +70,7 @@ class Sums:
     def add(self, r: np.ndarray, t: np.ndarray, floor_dtype: str | None = None) -> None:
         if np.iscomplexobj(r) or np.iscomplexobj(t):
             r, t = as_reals(r), as_reals(t)
-        if np.size(r) <= SMALL and self._add_small(r, t, floor_dtype):
+        if np.size(r) <= SMALL and self._add_small(np.asarray(r), np.asarray(t), floor_dtype):
             return
         if r.dtype in _EXACT_IN_FLOAT32 and t.dtype in _EXACT_IN_FLOAT32 and self._add_float32(r, t, floor_dtype):
             return
@@ -105,8 +105,8 @@ class Sums:
         and their difference are rows of one matrix, so that one product gives every sum of
         products and one pass every absolute sum. False (nothing added) when it holds a NaN or
         an Inf."""
-        m = np.empty((3, np.size(r)))
-        m[0], m[1] = np.ravel(r), np.ravel(t)
+        m = np.empty((3, r.size))
+        m[0], m[1] = r.reshape(-1), t.reshape(-1)
         np.subtract(m[1], m[0], out=m[2])  # (a NaN or an Inf here is said by the sums)
         (ref_sq, dot, _), (_, tgt_sq, _), (_, _, diff_sq) = (m @ m.T).tolist()
         if not math.isfinite(ref_sq + tgt_sq + diff_sq):
@@ -404,6 +404,8 @@ def array_metrics(ref: np.ndarray, tgt: np.ndarray, floor_dtype: str | None = No
     (A NaN or an Inf is counted, not warned of: numpy's warnings are left to the caller, who
     may compare many pairs under one ``np.errstate``.)"""
     s = Sums()
-    for rb, tb in zip(_chunks(np.ravel(ref)), _chunks(np.ravel(tgt))):
-        s.add(rb, tb, floor_dtype)
+    r, t = np.asarray(ref).reshape(-1), np.asarray(tgt).reshape(-1)
+    if r.size > SMALL or r.dtype.kind == "c" or t.dtype.kind == "c" or not s._add_small(r, t, floor_dtype):
+        for rb, tb in zip(_chunks(r), _chunks(t)):
+            s.add(rb, tb, floor_dtype)
     return {**s.metrics(), **(s.floor() if floor_dtype else {})}

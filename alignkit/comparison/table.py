@@ -158,7 +158,8 @@ def carried_precision(ref: Dump, tgt: Dump, engines: dict[str, str] | None = Non
     precision each target submodel's engine computes in behind float32 inputs and outputs
     (:func:`engine_precisions`)."""
     tensors = tgt.tensors
-    new = lower_precision(tensors["dtype"]) - lower_precision(ref.tensors["dtype"])
+    ref_lower = lower_precision(ref.tensors["dtype"].unique())
+    new = lower_precision(tensors["dtype"].unique()) - ref_lower
     counts = tensors[tensors["dtype"].isin(new)]["dtype"].value_counts()
     found = {
         str(d): int(tensors[tensors["dtype"] == d]["seq"].min())
@@ -168,7 +169,7 @@ def carried_precision(ref: Dump, tgt: Dump, engines: dict[str, str] | None = Non
     for submodel, precision in (engines or {}).items():
         seqs = tgt.calls.loc[tgt.calls["submodel"] == submodel, "seq"]
         dtype = FLOOR_OF_PRECISION[precision]
-        if len(seqs) and dtype not in lower_precision(ref.tensors["dtype"]):
+        if len(seqs) and dtype not in ref_lower:
             found[dtype] = min(found.get(dtype, int(seqs.min())), int(seqs.min()))
     if not found:
         return None
