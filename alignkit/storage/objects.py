@@ -82,24 +82,6 @@ def create_dataset(parent: Any, name: str, data: np.ndarray) -> h5py.h5d.Dataset
     return dataset
 
 
-def relink(file: Any, source: str, parent: Any, name: str) -> h5py.h5d.DatasetID:
-    """Give the dataset at ``source`` its place ``parent/name`` and drop the old link
-    (a hard link and an unlink: the data is not touched)."""
-    dataset = h5py.h5d.open(file, source.encode("utf-8"))
-    encoded, lcpl = _encode(name)
-    h5py.h5o.link(dataset, parent, encoded, lcpl=lcpl)
-    file.unlink(source.encode("utf-8"))
-    return dataset
-
-
-def link(file: Any, source: str, parent: Any, name: str) -> h5py.h5d.DatasetID:
-    """Give the dataset at ``source`` a second place ``parent/name`` (a hard link: stored once)."""
-    dataset = h5py.h5d.open(file, source.encode("utf-8"))
-    encoded, lcpl = _encode(name)
-    h5py.h5o.link(dataset, parent, encoded, lcpl=lcpl)
-    return dataset
-
-
 def set_attrs(oid: Any, attrs: dict[str, Any]) -> None:
     """Create scalar (or vector) attributes on a new object, as ``obj.attrs[k] = v`` would, at
     a quarter of its cost (h5py's high-level path checks for and deletes an existing attribute first)."""

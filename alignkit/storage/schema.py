@@ -46,33 +46,12 @@ DATA = "data"  # version 2: tensors of STACK_MAX_BYTES and more, each a dataset 
 STACK_MAX_BYTES = 1 << 20  # a tensor this large is a dataset of its own, which compare reads in blocks
 SUBMODELS = "submodels"  # what each submodel is: its class, and its config where it has one
 PIPELINE_CALLS = "pipeline_calls"  # the arguments of each call of a watched pipeline
-STAGING = "staging"  # large tensors written at call time, before their call is; empty in a finished dump
 INDEX = "index"
 TENSORS = "tensors"
 IO_GROUPS = ("inputs", "outputs", "layers")
 
-INDEX_DTYPE = np.dtype(
-    [
-        ("seq", "<i8"),
-        ("submodel", h5py.string_dtype()),
-        ("step", "<i8"),
-        ("call", "<i8"),
-        ("ordinal", "<i8"),
-    ]
-)
-
-TENSORS_DTYPE = np.dtype(
-    [
-        ("seq", "<i8"),
-        ("io", h5py.string_dtype()),
-        ("name", h5py.string_dtype()),
-        ("dtype", h5py.string_dtype()),
-        ("shape", h5py.vlen_dtype(np.int64)),
-    ]
-)
-
 # Version 2's tables: one row per call, one per tensor (docs/format.md).
-INDEX_V2_DTYPE = np.dtype(
+INDEX_DTYPE = np.dtype(
     [
         ("seq", "<i8"),
         ("submodel", h5py.string_dtype()),
@@ -85,7 +64,7 @@ INDEX_V2_DTYPE = np.dtype(
     ]
 )
 
-TENSORS_V2_DTYPE = np.dtype(
+TENSORS_DTYPE = np.dtype(
     [
         ("seq", "<i8"),
         ("io", h5py.string_dtype()),

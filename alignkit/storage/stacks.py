@@ -26,12 +26,12 @@ from alignkit.storage.records import CallRecord, Tensor
 from alignkit.storage.schema import (
     DATA,
     INDEX,
-    INDEX_V2_DTYPE,
+    INDEX_DTYPE,
     STACK_MAX_BYTES,
     STACKS,
     STATS_FIGURES,
     TENSORS,
-    TENSORS_V2_DTYPE,
+    TENSORS_DTYPE,
     row_path,
 )
 
@@ -67,8 +67,8 @@ class CallLayout:
         self._previous: dict[tuple, tuple] = {}  # (submodel, io, name) → (digest, dtype, shape, path) last stored
         self._calls: list[tuple] = []  # rows for /index since the last flush
         self._tensors: list[tuple] = []  # rows for /tensors since the last flush
-        self._index = _table(f, INDEX, INDEX_V2_DTYPE)
-        self._table = _table(f, TENSORS, TENSORS_V2_DTYPE)
+        self._index = _table(f, INDEX, INDEX_DTYPE)
+        self._table = _table(f, TENSORS, TENSORS_DTYPE)
         self.deltas = False  # whether any tensor is stored as what it added to an earlier one
 
     def stage(self, data: np.ndarray) -> str:
@@ -98,8 +98,8 @@ class CallLayout:
         """Append the calls and tensors placed since the last flush to ``/index`` and ``/tensors``
         (the tensors first: a call's row is what makes its tensors listed)."""
         self.write_rows()
-        _append(self._table, self._tensors, TENSORS_V2_DTYPE)
-        _append(self._index, self._calls, INDEX_V2_DTYPE)
+        _append(self._table, self._tensors, TENSORS_DTYPE)
+        _append(self._index, self._calls, INDEX_DTYPE)
         self._tensors, self._calls = [], []
 
     def finish(self) -> None:
