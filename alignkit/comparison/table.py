@@ -15,6 +15,7 @@ text embedding of a tiny test model is compared with tolerances, as a real model
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -508,8 +509,10 @@ def _discrete(dtype: str) -> bool:
     return dtype.startswith(("int", "uint", "bool"))
 
 
+@functools.lru_cache(maxsize=4096)
 def shape_text(shape: tuple) -> str:
-    """A shape as the table writes it: ``[2,4,64,64]``, ``[]`` for a scalar."""
+    """A shape as the table writes it: ``[2,4,64,64]``, ``[]`` for a scalar (a run's tensors
+    come in a few shapes, over and over)."""
     return "[" + ",".join(map(str, shape)) + "]"
 
 

@@ -574,8 +574,9 @@ class _TensorTable:
         return frame[TENSOR_COLUMNS].reset_index(drop=True)
 
     def stored(self, path: str) -> str:
-        """``whole``, ``sample`` or ``delta``."""
-        return self._stored[self._row(path)]
+        """``whole``, ``sample`` or ``delta`` (asked several times a tensor: kept short)."""
+        row = self._first.get(path)
+        return self._stored[row] if row is not None else self._stored[self._row(path)]
 
     def facts(self, path: str) -> dict[str, Any]:
         facts = self._facts.get(path)
@@ -681,7 +682,10 @@ def _read_tensor_table(f: h5py.File, n_calls: int) -> dict[tuple[int, str], list
 
 
 def _strings(column: np.ndarray) -> list[str]:
-    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in column]
+    """A string column as text; each distinct value decoded once (a table repeats a few names,
+    sides and dtypes over and over)."""
+    decoded = {s: s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in set(column.tolist())}
+    return [decoded[s] for s in column.tolist()]
 
 
 def _list_tensors(f: h5py.File, group_path: str, io: str) -> list[TensorInfo]:
