@@ -96,7 +96,8 @@ class CallLayout:
 
     def write_tables(self) -> None:
         """Append the calls and tensors placed since the last flush to ``/index`` and ``/tensors``
-        (the tensors first: a call's row is what makes its tensors listed)."""
+        (a reader lists a call's tensors once ``/index`` has the call; the flush that follows
+        makes both durable at once)."""
         self.write_rows()
         _append(self._table, self._tensors, TENSORS_DTYPE)
         _append(self._index, self._calls, INDEX_DTYPE)

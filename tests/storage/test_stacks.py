@@ -48,17 +48,100 @@ def test_rows_read_in_any_order_from_many_stacks_with_little_room(tmp_path, monk
 
 def test_tensors_are_placed_by_size_and_shape(tmp_path):
     big = np.zeros(STACK_MAX_BYTES // 4, np.float32)
+    strided = np.ones(STACK_MAX_BYTES // 2, np.float32)[::2]  # exactly STACK_MAX_BYTES, copied (not staged)
+    feeds = (
+        np.ones(4, np.float32),
+        np.ones(5, np.float32),
+        big,
+        big + 1,
+        np.ones(0, np.float32),
+        -strided[:-1],
+        strided,
+    )
     with ak.Recorder(tmp_path / "d.h5") as rec:
         f = rec.watch(lambda x: None, "f")
-        for x in (np.ones(4, np.float32), np.ones(5, np.float32), big, big + 1, np.ones(0, np.float32)):
+        for x in feeds:
             f(x)
             ak.step()
     with ak.open_dump(tmp_path / "d.h5") as dump:
         paths = list(dump.tensors["path"])
-        assert [p.split("/")[1].split("#")[0] for p in paths] == ["stacks", "stacks", "data", "data", "data"]
+        kinds = ["stacks", "stacks", "data", "data", "data", "stacks", "data"]
+        assert [p.split("/")[1].split("#")[0] for p in paths] == kinds
         assert len({split_row(p)[0] for p in paths[:2]}) == 2  # another shape: a stack of its own
         assert dump.is_whole(paths[2]) and not dump.is_whole(paths[0])
         np.testing.assert_array_equal(dump["f", 3].inputs["x"], big + 1)
         assert dump["f", 4].inputs["x"].shape == (0,)
         with pytest.raises(ValueError, match="row 0 of a stack"):
             dump.dataset(paths[0])
+    with h5py.File(tmp_path / "d.h5") as f:  # a chunk holds about 4 KiB of small rows
+        assert f[split_row(paths[0])[0]].chunks == (256, 4)
+
+
+def test_large_rows_written_in_one_batch_land_each_in_its_place(tmp_path, monkeypatch):
+    """Rows of 64 KiB and more are written one by one, straight from their arrays."""
+    monkeypatch.setattr(writer, "FLUSH_INTERVAL", 60.0)  # every call in one batch, at close
+    values = [np.full((32, 1024), i, np.float32) for i in range(5)]  # 128 KiB each
+    with ak.Recorder(tmp_path / "d.h5") as rec:
+        f = rec.watch(lambda x: None, "f")
+        for x in values:
+            f(x)
+            ak.step()
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        for i, x in enumerate(values):
+            np.testing.assert_array_equal(dump["f", i].inputs["x"], x)
+
+
+def test_the_same_bytes_in_another_shape_are_stored_again(tmp_path):
+    """A reshape of the same values is not the previous tensor: it keeps its own shape."""
+    flat = np.arange(6, dtype=np.float32)
+    with ak.Recorder(tmp_path / "d.h5") as rec:
+        f = rec.watch(lambda x: None, "f")
+        for shape in ((2, 3), (3, 2), (3, 2)):
+            f(flat.reshape(shape))
+            ak.step()
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        assert [dump["f", i].inputs["x"].shape for i in range(3)] == [(2, 3), (3, 2), (3, 2)]
+        assert len(set(dump.tensors["path"])) == 2  # the third is the second's row
+
+
+def test_a_statistics_sample_equal_to_the_previous_keeps_its_own_figures(tmp_path):
+    """Two tensors may differ only where nothing is sampled: each keeps its statistics."""
+    first = np.zeros(1000, np.float32)
+    second = first.copy()
+    second[1] = np.nan  # between two sampled positions
+    with ak.Recorder(tmp_path / "d.h5", mode="stats") as rec:
+        f = rec.watch(lambda x: None, "f")
+        for x in (first, second):
+            f(x)
+            ak.step()
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        stats = [dump.stats(dump["f", i].info("inputs")[0].path) for i in range(2)]
+        assert [s["stats_nan"] for s in stats] == [0, 1]
+        assert stats[0]["stats_checksum"] != stats[1]["stats_checksum"]
+
+
+def test_non_tensor_arguments_and_results_are_kept_per_side(tmp_path):
+    with ak.Recorder(tmp_path / "d.h5") as rec:
+        f = rec.watch(lambda x, mode="fast": {"y": x, "note": f"ran {mode}"}, "f")
+        f(np.ones(2), mode="slow")
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        assert dump["f", 0].values("inputs") == {"mode": "slow"}
+        assert dump["f", 0].values("outputs") == {"note": "ran slow"}
+
+
+def test_a_tensor_with_its_own_spread_is_never_shared(tmp_path):
+    """``record --repeat`` keeps each tensor's spread in its row: equal values of two calls
+    still carry their own."""
+    from alignkit.storage.records import CallRecord, Tensor
+    from alignkit.storage.writer import DumpWriter
+
+    writer_ = DumpWriter(tmp_path / "d.h5", {"repeat": "{}"})
+    for seq, spread in enumerate((0.01, 0.02)):
+        x = Tensor(
+            "x", np.ones(3, np.float32), "float32", "torch", spread={"spread_rel_l1": spread, "spread_cos_dist": 0.0}
+        )
+        writer_.put(CallRecord(seq, "f", seq, 0, seq, inputs=[x]))
+    writer_.close()
+    with ak.open_dump(tmp_path / "d.h5") as dump:
+        spreads = [dump.tensor_attrs(dump["f", i].info("inputs")[0].path)["spread_rel_l1"] for i in range(2)]
+        assert spreads == [0.01, 0.02]
