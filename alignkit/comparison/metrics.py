@@ -102,15 +102,17 @@ class Sums:
     def _add_small(self, r: np.ndarray, t: np.ndarray, floor_dtype: str | None) -> bool:
         """Add a small tensor in float64, in as few numpy calls as it takes: for a layer-by-layer
         dump of 100k small tensors, each call's overhead is the cost. The reference, the target
-        and their difference are rows of one matrix, so that one product gives every sum of
-        products and one pass every absolute sum. False (nothing added) when it holds a NaN or
-        an Inf."""
+        and their difference are rows of one matrix, so that one product gives the sums of
+        products of the two sides and one pass every absolute sum. False (nothing added) when
+        it holds a NaN or an Inf."""
         m = np.empty((3, r.size))
         m[0], m[1] = r.reshape(-1), t.reshape(-1)
-        np.subtract(m[1], m[0], out=m[2])  # (a NaN or an Inf here is said by the sums)
-        (ref_sq, dot, _), (_, tgt_sq, _), (_, _, diff_sq) = (m @ m.T).tolist()
-        if not math.isfinite(ref_sq + tgt_sq + diff_sq):
+        sides = m[:2]
+        (ref_sq, dot), (_, tgt_sq) = (sides @ sides.T).tolist()
+        if not math.isfinite(ref_sq + tgt_sq):  # a NaN or an Inf, found before it is subtracted
             return False
+        np.subtract(m[1], m[0], out=m[2])
+        diff_sq = float(m[2] @ m[2])
         absolute = np.abs(m[::2])  # the reference's and the difference's
         abs_ref, abs_diff = absolute.sum(axis=1).tolist()
         self.total += m.shape[1]

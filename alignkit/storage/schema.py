@@ -136,6 +136,11 @@ def unescape_name(link: str) -> str:
     return unquote(link)
 
 
+def as_text(value: object) -> str:
+    """A string attribute as text (h5py gives fixed-length strings, as other writers make them, as bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def tensor_name(link: str, attrs) -> str:
     """A dataset's tensor name: its ``name`` attribute where the link had to be escaped."""
     name = attrs.get("name")

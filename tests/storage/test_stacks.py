@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import alignkit as ak
-from alignkit.storage import reader, writer
+from alignkit.storage import layouts, writer
 from alignkit.storage.schema import STACK_MAX_BYTES, split_row
 
 
@@ -30,8 +30,8 @@ def test_rows_written_over_many_flushes_and_growths_read_back_exactly(tmp_path, 
 
 
 def test_rows_read_in_any_order_from_many_stacks_with_little_room(tmp_path, monkeypatch):
-    monkeypatch.setattr(reader, "ROW_CACHE_BYTES", 4096)
-    monkeypatch.setattr(reader, "ROW_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(layouts, "ROW_CACHE_BYTES", 4096)
+    monkeypatch.setattr(layouts, "ROW_BLOCK_BYTES", 1024)
     rng = np.random.default_rng(0)
     calls = [{f"t{j}": rng.standard_normal(40).astype(np.float32) for j in range(6)} for _ in range(50)]
     with ak.Recorder(tmp_path / "d.h5") as rec:
