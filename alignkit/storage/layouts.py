@@ -36,7 +36,7 @@ TENSOR_COLUMNS = ["seq", "submodel", "step", "call", "io", "name", "dtype", "sha
 
 class TensorInfo(NamedTuple):
     """Where one stored tensor lives and what it is, without reading it. (A named tuple: a
-    dump of 100k tensors makes 100k of them, and a frozen dataclass took five times as long.)"""
+    dump of 100k tensors makes 100k of them, and a frozen dataclass takes twice as long.)"""
 
     io: str
     name: str
