@@ -316,6 +316,30 @@ def test_a_batch_split_into_calls_is_compared_joined_again(tmp_path):
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 2, "sample", "input mismatch")
 
 
+def test_two_submodels_split_along_the_batch_are_each_joined_again(tmp_path):
+    """A port that runs both the text encoder and the UNet at batch 1 (prompt and negative
+    prompt as two calls each): joining the second must keep the first joined."""
+    rng = np.random.default_rng(5)
+    ids, x = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
+
+    def record(path, split):
+        with ak.Recorder(path) as rec:
+            encoder = rec.watch(lambda input_ids: input_ids * 3, "text_encoder")
+            unet = rec.watch(lambda sample, timestep: sample * 2, "unet")
+            for batch in [ids[:1], ids[1:]] if split else [ids]:
+                encoder(batch)
+            for step in range(2):
+                ak.step()
+                for batch in [x[:1], x[1:]] if split else [x]:
+                    unet(batch, torch.tensor(999.0 - step))
+        return path
+
+    result = ak.compare(record(tmp_path / "ref.h5", False), record(tmp_path / "split.h5", True))
+    assert result.verdict == "aligned", result.summary()
+    assert len(result.notes) == 2 and all("splits each call into 2" in n for n in result.notes)
+    assert set(result.table.loc[result.table["io"] == "outputs", "tgt_shape"]) == {"[2,3]", "[2,4]"}
+
+
 def test_calls_that_do_not_split_the_batch_are_paired_by_index_and_said(tmp_path):
     x = np.ones((2, 4), np.float32)
     ref = _record_unet_calls(tmp_path / "ref.h5", lambda step: [x])
