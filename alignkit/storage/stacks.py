@@ -69,7 +69,6 @@ class CallLayout:
         self._tensors: list[tuple] = []  # rows for /tensors since the last flush
         self._index = _table(f, INDEX, INDEX_DTYPE)
         self._table = _table(f, TENSORS, TENSORS_DTYPE)
-        self.deltas = False  # whether any tensor is stored as what it added to an earlier one
 
     def stage(self, data: np.ndarray) -> str:
         """Write a large array as a dataset of its own now; its call is placed later."""
@@ -167,7 +166,6 @@ class CallLayout:
         delta = np.ascontiguousarray(np.take(data, range(old, data.shape[axis]), axis=axis))
         path, row = self._put(key, tensor, delta)
         self._previous[key] = (*seen, path, row)
-        self.deltas = True
         return path, row, row_path(last[3], last[4]), axis
 
     def _put(self, key: tuple, tensor: Tensor, data: np.ndarray) -> tuple[str, int]:

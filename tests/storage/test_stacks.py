@@ -10,6 +10,16 @@ from alignkit.storage import layouts, writer
 from alignkit.storage.schema import STACK_MAX_BYTES, split_row
 
 
+def _record_x(path, feeds, **options):
+    """``f(x)`` once a step for each of ``feeds``."""
+    with ak.Recorder(path, **options) as rec:
+        f = rec.watch(lambda x: None, "f")
+        for x in feeds:
+            f(x)
+            ak.step()
+    return path
+
+
 def test_rows_written_over_many_flushes_and_growths_read_back_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "FLUSH_INTERVAL", 0.0)  # a flush at every step: rows come one batch at a time
     values = [np.full((3, 5), i, np.float32) for i in range(300)]
@@ -58,11 +68,7 @@ def test_tensors_are_placed_by_size_and_shape(tmp_path):
         -strided[:-1],
         strided,
     )
-    with ak.Recorder(tmp_path / "d.h5") as rec:
-        f = rec.watch(lambda x: None, "f")
-        for x in feeds:
-            f(x)
-            ak.step()
+    _record_x(tmp_path / "d.h5", feeds)
     with ak.open_dump(tmp_path / "d.h5") as dump:
         paths = list(dump.tensors["path"])
         kinds = ["stacks", "stacks", "data", "data", "data", "stacks", "data"]
@@ -81,11 +87,7 @@ def test_large_rows_written_in_one_batch_land_each_in_its_place(tmp_path, monkey
     """Rows of 64 KiB and more are written one by one, straight from their arrays."""
     monkeypatch.setattr(writer, "FLUSH_INTERVAL", 60.0)  # every call in one batch, at close
     values = [np.full((32, 1024), i, np.float32) for i in range(5)]  # 128 KiB each
-    with ak.Recorder(tmp_path / "d.h5") as rec:
-        f = rec.watch(lambda x: None, "f")
-        for x in values:
-            f(x)
-            ak.step()
+    _record_x(tmp_path / "d.h5", values)
     with ak.open_dump(tmp_path / "d.h5") as dump:
         for i, x in enumerate(values):
             np.testing.assert_array_equal(dump["f", i].inputs["x"], x)
@@ -109,11 +111,7 @@ def test_a_statistics_sample_equal_to_the_previous_keeps_its_own_figures(tmp_pat
     first = np.zeros(1000, np.float32)
     second = first.copy()
     second[1] = np.nan  # between two sampled positions
-    with ak.Recorder(tmp_path / "d.h5", mode="stats") as rec:
-        f = rec.watch(lambda x: None, "f")
-        for x in (first, second):
-            f(x)
-            ak.step()
+    _record_x(tmp_path / "d.h5", (first, second), mode="stats")
     with ak.open_dump(tmp_path / "d.h5") as dump:
         stats = [dump.stats(dump["f", i].info("inputs")[0].path) for i in range(2)]
         assert [s["stats_nan"] for s in stats] == [0, 1]
