@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +23,47 @@ def demo_dumps(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Reference and target dumps of the tiny SD pipeline, one pair per planted bug."""
     from alignkit.demo import record_demo_pair
 
+    cache = _mutation_cache()
     out = {}
     for bug in ("none", "timestep", "timestep-dtype", "weights"):
-        out[bug] = record_demo_pair(bug, steps=6, dumps=tmp_path_factory.mktemp(bug))
+        if cache is None:
+            out[bug] = record_demo_pair(bug, steps=6, dumps=tmp_path_factory.mktemp(bug))
+        else:
+            out[bug] = _recorded_once(cache / bug, lambda folder: record_demo_pair(bug, steps=6, dumps=folder))
     return out
+
+
+def _mutation_cache() -> Path | None:
+    """Where the demo dumps are kept across mutants under mutmut (which names the mutant in
+    MUTANT_UNDER_TEST), when the mutant cannot change what recording writes: one in
+    comparison/, other than metrics.py (which recording's statistics use). Recording them
+    again for each mutant was most of a mutant's time. The folder is named by the rest of the
+    package's source, so a change to recording records them again."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if not mutant.startswith("alignkit.comparison.") or mutant.startswith("alignkit.comparison.metrics."):
+        return None
+    import alignkit
+
+    package = Path(alignkit.__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        if "comparison" not in source.relative_to(package).parts or source.name == "metrics.py":
+            digest.update(source.read_bytes())
+    return package.parent / ".demo-dumps" / digest.hexdigest()[:16]
+
+
+def _recorded_once(folder: Path, record: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
+    """``record`` into ``folder`` unless an earlier mutant did; a scratch folder renamed into
+    place keeps two workers from reading each other's half-written dumps."""
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=folder.parent))
+        record(scratch)
+        try:
+            scratch.rename(folder)
+        except OSError:  # another worker's came first
+            shutil.rmtree(scratch)
+    return folder / "demo_ref.h5", folder / "demo_tgt.h5"
 
 
 @pytest.fixture()
