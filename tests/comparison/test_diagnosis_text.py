@@ -1,8 +1,9 @@
 """The sentences the diagnosis writes, pinned word for word: they are what the user reads."""
 
+import pandas as pd
 import pytest
 
-from alignkit.comparison.diagnosis import growth_text, nonfinite_text
+from alignkit.comparison.diagnosis import _independent_draws, _values_text, growth_text, nonfinite_text
 
 
 @pytest.mark.parametrize(
@@ -55,6 +56,20 @@ FINAL_VAE = {"submodel": "vae", "step": 4, "l1": 0.2, "rel_l1": 0.05, "cos": 0.9
             },
             "scheduler output L1 0.1 at step 1 → 0.104 at step 2",
         ),
+        (
+            {
+                "submodel": "scheduler",
+                "steps": [1, 2, 3, 4],
+                "l1": [0.1, 0.5, 0.49, 0.45],
+                "factor": 1.05,
+                "final": {"submodel": "scheduler", "step": 4, "l1": 0.45, "rel_l1": 0.1, "cos": 0.9},
+            },
+            "scheduler output L1 0.1 at step 1 → 0.45 at step 4 (peak 0.5 at step 2)",
+        ),
+        (
+            {"submodel": "scheduler", "steps": [1, 2, 3], "l1": [0.1, 0.5, 0.3], "factor": 5.0},
+            "scheduler output L1 0.1 at step 1 → 0.3 at step 3 (peak 0.5 at step 2), ×5 the first divergent step's",
+        ),
         ({"submodel": "scheduler", "steps": [3], "l1": [0.2], "factor": 1.0}, "scheduler output L1 0.2 at step 3"),
         (
             {"submodel": "scheduler", "steps": [1, 2], "l1": [0.0, 0.0], "final": {**FINAL_VAE, "step": 2, "l1": 0.0}},
@@ -83,6 +98,8 @@ FINAL_VAE = {"submodel": "vae", "step": 4, "l1": 0.2, "rel_l1": 0.05, "cos": 0.9
         "peak-and-final",
         "no-peak-within-5%",
         "no-factor-under-5%",
+        "peak-past-5%-of-the-last",
+        "peak-before-the-last",
         "one-step",
         "exact",
         "exact-but-final",
@@ -92,3 +109,54 @@ FINAL_VAE = {"submodel": "vae", "step": 4, "l1": 0.2, "rel_l1": 0.05, "cos": 0.9
 )
 def test_growth_text_follows_the_drift_to_the_final_output(growth, text):
     assert growth_text(growth) == text
+
+
+@pytest.mark.parametrize(
+    ("evidence", "text"),
+    [
+        (
+            {"status": "shape", "ref_shape": "[2, 4, 8, 8]", "tgt_shape": "[1, 4, 8, 8]"},
+            "`sample`: reference shape [2, 4, 8, 8], target [1, 4, 8, 8]",
+        ),
+        (
+            {
+                "status": "mismatch",
+                "ref_dtype": "float32",
+                "tgt_dtype": "int64",
+                "ref_value": "981.5",
+                "tgt_value": "981",
+            },
+            "`sample`: reference float32 981.5, target int64 981",
+        ),
+        (
+            {
+                "status": "mismatch",
+                "ref_dtype": "float32",
+                "tgt_dtype": "float16",
+                "rel_l1": 0.5,
+                "cos": 0.9,
+                "max_abs": 2.0,
+            },
+            "`sample` differs (float32 vs float16): rel_l1 0.5, cos 0.900000000, max_abs 2",
+        ),
+    ],
+    ids=["shape", "values", "metrics"],
+)
+def test_an_input_that_differs_is_said_by_shape_value_or_metrics(evidence, text):
+    assert _values_text("sample", evidence) == text
+
+
+@pytest.mark.parametrize(
+    ("numel", "cos", "rel_l1", "draws"),
+    [
+        (256, 0.1, 1.2, True),  # every bound is inclusive
+        (256, -0.1, 1.7, True),
+        (255, 0.0, 1.41, False),  # too few elements for the figures to settle
+        (4096, 0.5, 1.41, False),  # correlated: one is made from the other
+        (4096, 0.0, 1.0, False),  # uncorrelated, but not alike in size
+        (4096, 0.0, 1.71, False),
+    ],
+)
+def test_two_draws_of_noise_are_uncorrelated_and_alike_in_size(numel, cos, rel_l1, draws):
+    row = pd.Series({"numel": numel})
+    assert _independent_draws(row, {"status": "mismatch", "cos": cos, "rel_l1": rel_l1}) is draws
