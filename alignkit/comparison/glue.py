@@ -281,7 +281,7 @@ def _parts(ref: Dump, tgt: Dump, tgt_seqs: dict[int, int], table: pd.DataFrame, 
     parts: list[_Part] = []
     for out in earlier.itertuples(index=False):
         dims = parse_shape(out.ref_shape)
-        if dims[1:] != shape[1:] or dims[0] % shape[0] or dims[0] // shape[0] > MAX_PARTS:
+        if not dims or dims[1:] != shape[1:] or dims[0] % shape[0] or dims[0] // shape[0] > MAX_PARTS:  # () is a scalar
             continue
         k = dims[0] // shape[0]
         if len(parts) + k > MAX_PARTS or int(out.seq) not in tgt_seqs:

@@ -18,6 +18,7 @@ def test_truncated_timestep_is_an_input_mismatch_with_growing_drift(demo_dumps):
     assert result.verdict == "diverged" and result.exit_code == 1
     assert (fd.submodel, fd.step, fd.io, fd.tensor, fd.kind) == ("unet", 1, "inputs", "timestep", "input mismatch")
     assert fd.evidence["ref_value"] != fd.evidence["tgt_value"]
+    assert fd.message.startswith("unet step 1: input mismatch — `timestep`: reference float32 ")
     assert "reference float32" in fd.message and "target float32" in fd.message
     kinds = dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
     assert kinds["unet", 0] == "" and kinds["scheduler", 1] == "propagated"
@@ -40,6 +41,7 @@ def test_another_seed_is_named_as_different_starting_noise(tmp_path):
         in fd.message
     )
     assert abs(fd.evidence["cos"]) < 0.1
+    assert fd.message.startswith("unet step 0: input mismatch — `sample` differs: rel_l1 ")
 
 
 def test_a_noise_like_difference_under_the_same_seed_is_a_glue_bug(tmp_path):
@@ -60,12 +62,14 @@ def test_a_noise_like_difference_under_the_same_seed_is_a_glue_bug(tmp_path):
         fd.message
     )
     assert "different noise" not in fd.message
+    assert fd.message.startswith("unet step 0: input mismatch — `sample` differs: rel_l1 ")
 
 
 def test_perturbed_weights_are_a_local_error_at_step_0(demo_dumps):
     result = ak.compare(*demo_dumps["weights"])
     fd = result.first_divergence
     assert (fd.submodel, fd.step, fd.io, fd.kind) == ("unet", 0, "outputs", "local error")
+    assert fd.message.startswith("unet step 0: local error — the inputs match but output `")
     inputs = result.table[(result.table["seq"] == fd.seq) & (result.table["io"] == "inputs")]
     assert (inputs["status"] == "ok").all()
     kinds = dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
@@ -503,6 +507,12 @@ def test_an_input_mismatch_in_a_lower_precision_says_how_far_past_its_noise_floo
     assert (fd.submodel, fd.kind, fd.tensor) == ("scheduler", "input mismatch", "model_output")
     assert fd.evidence["floor_ratio"] > 10
     assert f"{fd.evidence['floor_ratio']:.3g}× the noise floor of bfloat16" in fd.message
+    assert fd.message.startswith(
+        "scheduler step 0: input mismatch — `model_output` differs (float32 vs bfloat16): rel_l1 "
+    )
+    assert ", although every earlier call matched; the glue code that feeds scheduler differs, or computes in" in (
+        fd.message
+    )
     assert "or computes in bfloat16 what the reference computes in float32 and amplifies its rounding" in fd.message
     same_dtype = ak.compare(*_record_timestep_bug(tmp_path)).first_divergence
     assert "noise floor" not in same_dtype.message and "amplifies" not in same_dtype.message

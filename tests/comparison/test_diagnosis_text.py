@@ -139,8 +139,12 @@ def test_growth_text_follows_the_drift_to_the_final_output(growth, text):
             },
             "`sample` differs (float32 vs float16): rel_l1 0.5, cos 0.900000000, max_abs 2",
         ),
+        (
+            {"status": "mismatch", "ref_dtype": "float32", "tgt_dtype": "float32", "rel_l1": 1.0, "cos": 0.5},
+            "`sample` differs: rel_l1 1, cos 0.500000000",
+        ),
     ],
-    ids=["shape", "values", "metrics"],
+    ids=["shape", "values", "metrics", "metrics-same-dtype"],
 )
 def test_an_input_that_differs_is_said_by_shape_value_or_metrics(evidence, text):
     assert _values_text("sample", evidence) == text

@@ -42,6 +42,7 @@ def test_another_guidance_scale_is_named_with_both_scales(tmp_path):
     result = ak.compare(_record(tmp_path / "ref.h5"), _record(tmp_path / "tgt.h5", scale=7.5))
     first = result.first_divergence
     assert (first.submodel, first.step, first.tensor, first.kind) == ("scheduler", 0, "model_output", "input mismatch")
+    assert first.message.startswith("scheduler step 0: input mismatch — `model_output` differs: rel_l1 ")
     assert (
         "-4·unet `output`[0] + 5·unet `output`[1] (classifier-free guidance at scale 5) in the reference"
         in first.message
@@ -149,3 +150,26 @@ def test_a_timestep_computed_in_bfloat16_is_named_as_rounding_and_a_wrong_one_is
     )
     fd = ak.compare(tmp_path / "ref.h5", tmp_path / "wrong.h5").first_divergence
     assert (fd.step, fd.tensor) == (1, "timestep") and "rounding" not in fd.message
+
+
+def test_calls_that_carry_a_scalar_or_no_tensor_at_all_leave_the_diagnosis_to_the_rest(tmp_path):
+    """A counter that returns a 0-d tensor and a hook called with nothing come before the UNet
+    call whose input the glue got wrong: neither is taken for a divergence, and the glue
+    that made the input is still worked out from the UNet's earlier output."""
+    import torch
+
+    for path, bump in ((tmp_path / "ref.h5", 0.0), (tmp_path / "tgt.h5", 1.0)):
+        with ak.Recorder(path) as rec:
+            count, tick = rec.watch(lambda n: n * 2, "counter"), rec.watch(lambda: None, "tick")
+            unet = rec.watch(lambda sample: sample * 2, "unet")
+            for step in range(2):
+                count(torch.tensor(3.0))
+                tick()
+                unet(torch.ones(300) + (bump if step else 0.0))
+                ak.step()
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    kinds = dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
+    assert kinds == {(s, i): "" for s in ("counter", "tick", "unet") for i in (0, 1)} | {("unet", 1): "input mismatch"}
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.tensor) == ("unet", 1, "sample")
+    assert "unet step 0 `output` passed on unchanged in the target" in fd.message
