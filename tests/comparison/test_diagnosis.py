@@ -557,6 +557,79 @@ def test_a_call_that_raises_on_one_side_only_is_the_divergence(tmp_path):
     assert both.verdict == "aligned"
 
 
+def _kinds(result):
+    return dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
+
+
+def test_calls_after_the_first_divergence_stay_propagated_past_a_call_that_matches(tmp_path):
+    """The UNet's port is off; a clock call between it and the scheduler matches: the
+    scheduler's differing input is still the UNet's doing, not a glue bug of its own."""
+    for path, off in ((tmp_path / "ref.h5", 0.0), (tmp_path / "tgt.h5", 0.5)):
+        with ak.Recorder(path) as rec:
+            unet = rec.watch(lambda sample: sample * 2 + off, "unet")
+            clock = rec.watch(lambda timestep: timestep - 1, "clock")
+            scheduler = rec.watch(lambda model_output: model_output / 2, "scheduler")
+            x = torch.linspace(-1, 1, 300)
+            for step in range(2):
+                out = unet(x)
+                clock(torch.tensor(999.0 - step))
+                x = scheduler(out)
+                ak.step()
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert _kinds(result) == {
+        ("unet", 0): "local error",
+        ("clock", 0): "",
+        ("scheduler", 0): "propagated",
+        ("unet", 1): "propagated",
+        ("clock", 1): "",
+        ("scheduler", 1): "propagated",
+    }
+
+
+def test_an_input_that_differs_after_a_call_raised_is_propagated(tmp_path):
+    """The target's engine raises; the script goes on with zeros in its place, so the
+    scheduler is fed something else: the raise's doing."""
+    for path, raises in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
+
+        def engine(sample, raises=raises):
+            if raises:
+                raise ValueError("unsupported dtype")
+            return sample * 2
+
+        with ak.Recorder(path) as rec:
+            unet, scheduler = rec.watch(engine, "unet"), rec.watch(lambda model_output: model_output / 2, "scheduler")
+            x = torch.linspace(-1, 1, 300)
+            try:
+                out = unet(x)
+            except ValueError:
+                out = torch.zeros(300)
+            scheduler(out)
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.first_divergence.kind == "raised"
+    assert _kinds(result) == {("unet", 0): "raised", ("scheduler", 0): "propagated"}
+
+
+def test_a_submodel_the_target_does_not_split_is_still_diagnosed_beside_one_it_does(tmp_path):
+    """The target runs the UNet at batch 1 (two calls a step) and its scheduler is off at
+    step 1: the scheduler's calls, which have no parts, are classified like any other."""
+    x = np.random.default_rng(6).standard_normal((2, 4)).astype(np.float32)
+
+    def record(path, split, off):
+        with ak.Recorder(path) as rec:
+            unet = rec.watch(lambda sample: sample * 2, "unet")
+            scheduler = rec.watch(lambda model_output, step: model_output / 2 + off * step, "scheduler")
+            for step in range(2):
+                outs = [unet(x[:1]), unet(x[1:])] if split else [unet(x)]
+                scheduler(np.concatenate(outs), np.float32(step))
+                ak.step()
+        return path
+
+    result = ak.compare(record(tmp_path / "ref.h5", False, 0.0), record(tmp_path / "tgt.h5", True, 0.5))
+    assert _kinds(result) == {("unet", 0): "", ("scheduler", 0): "", ("unet", 1): "", ("scheduler", 1): "local error"}
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.kind) == ("scheduler", 1, "local error")
+
+
 def _record_sdxl_unet(path, text_embeds, time_ids, timestep):
     def unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         return sample * 2
