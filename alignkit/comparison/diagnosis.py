@@ -100,7 +100,7 @@ def unread_errors(per_call: pd.DataFrame) -> set[int]:
     ``hidden_states[-1]``, which the pipeline never uses, is such an error: named first, it
     would hide the divergence that matters."""
     rows = per_call.reset_index(drop=True)
-    recast = rows["recast"] if "recast" in rows else pd.Series(False, index=rows.index)
+    recast = rows["recast"]
     out = set()
     for i in rows.index[rows["kind"] == LOCAL_ERROR]:
         later = rows.iloc[i + 1 :]

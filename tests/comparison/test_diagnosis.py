@@ -4,6 +4,7 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -587,12 +588,12 @@ def test_calls_after_the_first_divergence_stay_propagated_past_a_call_that_match
 
 
 def test_an_input_that_differs_after_a_call_raised_is_propagated(tmp_path):
-    """The target's engine raises; the script goes on with zeros in its place, so the
-    scheduler is fed something else: the raise's doing."""
-    for path, raises in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
+    """The target's engine raises on the dtypes it is fed; the script goes on with zeros in
+    its place, so the scheduler is fed something else: the raise's doing."""
+    for path, port in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
 
-        def engine(sample, raises=raises):
-            if raises:
+        def engine(sample, timestep, port=port):
+            if port:
                 raise ValueError("unsupported dtype")
             return sample * 2
 
@@ -600,12 +601,18 @@ def test_an_input_that_differs_after_a_call_raised_is_propagated(tmp_path):
             unet, scheduler = rec.watch(engine, "unet"), rec.watch(lambda model_output: model_output / 2, "scheduler")
             x = torch.linspace(-1, 1, 300)
             try:
-                out = unet(x)
+                out = unet(x.double() if port else x, torch.tensor(999) if port else torch.tensor(999.0))
             except ValueError:
-                out = torch.zeros(300)
+                out = torch.zeros(300, dtype=torch.float64)
             scheduler(out)
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
-    assert result.first_divergence.kind == "raised"
+    fd = result.first_divergence
+    assert (fd.submodel, fd.step, fd.call, fd.io, fd.tensor, fd.kind) == ("unet", 0, 0, "outputs", "", "raised")
+    assert fd.message == (
+        "unet step 0: raised — the target raised ValueError: unsupported dtype, where the reference returned, from "
+        "matching inputs (equal values, but `sample` is float64 in the target, float32 in the reference; "
+        "`timestep` is int64 in the target, float32 in the reference)"
+    )
     assert _kinds(result) == {("unet", 0): "raised", ("scheduler", 0): "propagated"}
 
 
@@ -893,26 +900,55 @@ def test_an_input_of_another_kind_of_dtype_after_a_local_error_is_not_called_pro
     assert result.first_divergence.submodel == "encoder"  # still the earliest
 
 
+def _record_unread_error(path, port, timestep_int64):
+    """The encoder's second output differs in the port, and nothing reads it."""
+    with ak.Recorder(path) as rec:
+        encoder = rec.watch(
+            lambda ids: {"used": np.ones(8, np.float32), "unused": np.full(8, 2.0 if port else 1.0, np.float32)},
+            "encoder",
+        )
+        unet = rec.watch(lambda sample, embeds, timestep: sample * 0.5, "unet")
+        embeds = encoder(np.arange(4))["used"]
+        ak.step()
+        unet(np.ones((2, 4), np.float32), embeds, np.array(10.0, np.float32))
+        ak.step()
+        unet(
+            np.ones((2, 4), np.float32),
+            embeds,
+            np.array(499, np.int64) if timestep_int64 else np.array(499.5, np.float32),
+        )
+    return path
+
+
 def test_a_local_error_nothing_reads_is_not_taken_for_the_first_divergence(tmp_path):
-    """The encoder's second output differs but no later input shows it; the UNet's timestep,
-    fed as int64, is the divergence that matters. The unread error is said as a warning."""
-    for path, port in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
-        with ak.Recorder(path) as rec:
-            encoder = rec.watch(
-                lambda ids: {"used": np.ones(8, np.float32), "unused": np.full(8, 2.0 if port else 1.0, np.float32)},
-                "encoder",
-            )
-            unet = rec.watch(lambda sample, embeds, timestep: sample * 0.5, "unet")
-            embeds = encoder(np.arange(4))["used"]
-            ak.step()
-            unet(np.ones((2, 4), np.float32), embeds, np.array(10.0, np.float32))
-            ak.step()
-            unet(np.ones((2, 4), np.float32), embeds, np.array(499, np.int64) if port else np.array(499.5, np.float32))
-    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    """The UNet's timestep, fed as int64, is the divergence that matters. The unread error is
+    said as a warning."""
+    ref = _record_unread_error(tmp_path / "ref.h5", False, False)
+    result = ak.compare(ref, _record_unread_error(tmp_path / "tgt.h5", True, True))
     fd = result.first_divergence
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 2, "timestep", "input mismatch")
     assert any(w.startswith("encoder step 0: output `unused` differs") and "nothing downstream reads it" in w
                for w in result.warnings)  # fmt: skip
+    alone = ak.compare(ref, _record_unread_error(tmp_path / "alone.h5", True, False))  # no other divergence
+    fd = alone.first_divergence
+    assert alone.verdict == "diverged" and (fd.submodel, fd.tensor, fd.kind) == ("encoder", "unused", "local error")
+
+
+def test_every_local_error_nothing_reads_is_found_past_one_that_diverges_again():
+    from alignkit.comparison.diagnosis import unread_errors
+
+    per_call = pd.DataFrame(
+        {
+            "seq": [0, 1, 2, 3],
+            "submodel": ["unet", "text_encoder_2", "unet", "scheduler"],
+            "kind": ["local error", "local error", "local error", ""],
+            "bad_in": [False] * 4,
+            "bad_out": [True, True, True, False],
+            "recast": [False] * 4,
+        }
+    )
+    # the UNet's first error is taken as read (the UNet diverges again); its last one is not, nor the encoder's
+    assert unread_errors(per_call) == {1, 2}
 
 
 def test_a_local_error_later_inputs_show_is_still_the_first_divergence(tmp_path):
