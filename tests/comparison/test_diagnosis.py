@@ -607,7 +607,15 @@ def test_an_input_that_differs_after_a_call_raised_is_propagated(tmp_path):
             scheduler(out)
     result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
     fd = result.first_divergence
-    assert (fd.submodel, fd.step, fd.call, fd.io, fd.tensor, fd.kind) == ("unet", 0, 0, "outputs", "", "raised")
+    assert (fd.submodel, fd.step, fd.call, fd.seq, fd.io, fd.tensor, fd.kind) == (
+        "unet",
+        0,
+        0,
+        0,
+        "outputs",
+        "",
+        "raised",
+    )
     assert fd.message == (
         "unet step 0: raised — the target raised ValueError: unsupported dtype, where the reference returned, from "
         "matching inputs (equal values, but `sample` is float64 in the target, float32 in the reference; "
