@@ -242,7 +242,7 @@ def _message(
             "generator, or noise drawn "
             "on another device or in another dtype)"
         )
-    elif call["kind"] == INPUT_MISMATCH:
+    else:  # an input mismatch (the first divergence is never propagated: what it propagates from comes first)
         message = (
             f"{where}: input mismatch — {_values_text(tensor, ev)}, although every earlier call matched; the "
             f"glue code that feeds {call['submodel']} differs"
@@ -253,8 +253,6 @@ def _message(
                 "its rounding "
                 "(as classifier-free guidance does, by about its guidance scale)"
             )
-    else:
-        message = f"{where}: propagated — {_values_text(tensor, ev)}"
     if not _missing(row.get("swapped_with")):
         message += (
             f" (target `{row['tgt_tensor']}`, matched to it by position, holds the reference's "

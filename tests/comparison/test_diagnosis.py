@@ -43,6 +43,10 @@ def test_another_seed_is_named_as_different_starting_noise(tmp_path):
     )
     assert abs(fd.evidence["cos"]) < 0.1
     assert fd.message.startswith("unet step 0: input mismatch — `sample` differs: rel_l1 ")
+    assert (
+        "the runs start from different noise (another seed or generator, or noise drawn on another device or in "
+        "another dtype); "
+    ) in fd.message
 
 
 def test_a_noise_like_difference_under_the_same_seed_is_a_glue_bug(tmp_path):
@@ -64,6 +68,7 @@ def test_a_noise_like_difference_under_the_same_seed_is_a_glue_bug(tmp_path):
     )
     assert "different noise" not in fd.message
     assert fd.message.startswith("unet step 0: input mismatch — `sample` differs: rel_l1 ")
+    assert fd.message.endswith("(an inverted mask, another tensor, noise drawn again)")
 
 
 def test_perturbed_weights_are_a_local_error_at_step_0(demo_dumps):
@@ -514,7 +519,10 @@ def test_an_input_mismatch_in_a_lower_precision_says_how_far_past_its_noise_floo
     assert ", although every earlier call matched; the glue code that feeds scheduler differs, or computes in" in (
         fd.message
     )
-    assert "or computes in bfloat16 what the reference computes in float32 and amplifies its rounding" in fd.message
+    assert fd.message.endswith(
+        "or computes in bfloat16 what the reference computes in float32 and amplifies its rounding "
+        "(as classifier-free guidance does, by about its guidance scale)"
+    )
     same_dtype = ak.compare(*_record_timestep_bug(tmp_path)).first_divergence
     assert "noise floor" not in same_dtype.message and "amplifies" not in same_dtype.message
 
