@@ -1,5 +1,6 @@
 """Planted bugs on the tiny real diffusers pipeline are found and classified."""
 
+import contextlib
 import copy
 import math
 
@@ -630,6 +631,23 @@ def test_an_input_that_differs_after_a_call_raised_is_propagated(tmp_path):
         "`timestep` is int64 in the target, float32 in the reference)"
     )
     assert _kinds(result) == {("unet", 0): "raised", ("scheduler", 0): "propagated"}
+
+
+def test_a_raise_from_inputs_of_the_same_dtypes_says_only_that_they_match(tmp_path):
+    for path, port in ((tmp_path / "ref.h5", False), (tmp_path / "tgt.h5", True)):
+
+        def engine(sample, port=port):
+            if port:
+                raise RuntimeError("out of memory")
+            return sample * 2
+
+        with ak.Recorder(path) as rec, contextlib.suppress(RuntimeError):
+            rec.watch(engine, "unet")(torch.ones(4))
+    fd = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").first_divergence
+    assert fd.message == (
+        "unet step 0: raised — the target raised RuntimeError: out of memory, where the reference returned, from "
+        "matching inputs"
+    )
 
 
 def test_a_submodel_the_target_does_not_split_is_still_diagnosed_beside_one_it_does(tmp_path):
