@@ -159,17 +159,17 @@ class Sums:
         return True
 
     def _add_floor(self, r: np.ndarray, floor_dtype: str) -> None:
+        """The sums of ``r`` against itself rounded to ``floor_dtype``. A value beyond the dtype's
+        range is kept as it is (no rounding error): overflowing it is a divergence of its own,
+        not the precision's noise."""
         with np.errstate(over="ignore", invalid="ignore"):
             q = round_to(r, floor_dtype)
-            fq = np.isfinite(q)  # beyond the dtype's range: counted as 0, as the target's overflow would not be
-            dq = np.where(fq, q - r, 0.0)
-            q = np.where(fq, q, 0.0)
+            q = np.where(np.isfinite(q), q, r)
+            dq = q - r
             self.floor_abs += float(np.abs(dq).sum())
             self.floor_sq += float(np.dot(dq, dq))
             self.floor_tgt_sq += float(np.dot(q, q))
             self.floor_gap += float(np.dot(dq, q + r))
-            if not fq.all():
-                self.floor_gap -= float(np.square(r[~fq], dtype=np.float64).sum())
 
     def _nonfinite(self, r: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Count NaN/Inf on each side and where they disagree; keep the jointly finite elements."""

@@ -1,6 +1,7 @@
 """Each metric against an independent float64 computation, plus properties."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -104,6 +105,60 @@ def test_noise_floor_of_a_lower_precision_target():
     bf16 = (r.view(np.uint32) + 0x7FFF + ((r.view(np.uint32) >> 16) & 1)) & 0xFFFF0000  # round to nearest even
     expected = np.abs(bf16.view(np.float32).astype(np.float64) - r).sum() / np.abs(r.astype(np.float64)).sum()
     assert mb["floor_rel_l1"] == pytest.approx(expected, rel=1e-6)  # float32 blocks, float64 sums
+
+
+def _cos_dist(r, t):
+    """1 − cos in float64, in the difference form that keeps its digits near cos = 1."""
+    r, t = np.asarray(r, np.float64).ravel(), np.asarray(t, np.float64).ravel()
+    nr, nt = np.linalg.norm(r), np.linalg.norm(t)
+    return (np.dot(t - r, t - r) - (nt - nr) ** 2) / (2 * nr * nt)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sums_over_many_blocks_match_float64(dtype):
+    """Each block's sums add to the whole tensor's: the norm gap (which 1 − cos of a scaled
+    target rests on) and the dot product (which cos far from 1 rests on) included."""
+    rng = np.random.default_rng(7)
+    r = rng.standard_normal(BLOCK_ELEMENTS * 2 + 5).astype(dtype)
+    scaled = (r * 1.01 + rng.standard_normal(r.size) * 1e-3).astype(dtype)
+    assert array_metrics(r, scaled)["cos_dist"] == pytest.approx(_cos_dist(r, scaled), rel=1e-4)
+    other = (rng.standard_normal(r.size) - r).astype(dtype)  # cos near −0.7: the dot-product form
+    want = np.dot(r.astype(np.float64), other) / (np.linalg.norm(r.astype(np.float64)) * np.linalg.norm(other))
+    # float32 blocks keep about six digits of the dot product, float32's own
+    assert array_metrics(r, other)["cos"] == pytest.approx(want, abs=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("floor", ["float16", "bfloat16"])
+def test_the_noise_floor_over_many_blocks_matches_float64(floor):
+    """The floor is the reference against itself rounded to the target's dtype, over every
+    block; a value beyond float16's range is kept (its overflow is no rounding noise)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(8)
+    r = rng.standard_normal(BLOCK_ELEMENTS * 2 + 5).astype(np.float32) * 3
+    if floor == "float16":
+        r[:: BLOCK_ELEMENTS // 2] = 1e5  # past float16's 65504, in every block
+    with np.errstate(over="ignore"):
+        q = r.astype(getattr(ml_dtypes, floor) if floor == "bfloat16" else np.float16).astype(np.float64)
+    q = np.where(np.isfinite(q), q, r)
+    m = array_metrics(r, r, floor_dtype=floor)
+    r64 = r.astype(np.float64)
+    assert m["floor_rel_l1"] == pytest.approx(np.abs(q - r64).sum() / np.abs(r64).sum(), rel=1e-6)
+    assert m["floor_cos_dist"] == pytest.approx(_cos_dist(r64, q), rel=1e-4)
+
+
+def test_large_float32_blocks_widen_nan_and_float32_overflow_without_warnings():
+    """Blocks past the small path: a NaN on the reference's side only, and values whose squares
+    overflow float32 although they are equal, are summed in float64 instead, silently."""
+    r = np.linspace(-1, 1, 5000, dtype=np.float32)
+    t = r.copy()
+    r[7] = np.nan
+    huge = np.full(5000, 3e38, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m, h = array_metrics(r, t), array_metrics(huge, huge.copy())
+    assert m["nan_ref"] == 1 and m["nonfinite_mismatch"] == 1 and m["l1"] == 0.0 and m["cos"] == 1.0
+    assert h["cos"] == 1.0 and h["rel_l1"] == 0.0 and h["sqnr_db"] == math.inf
 
 
 # Tensors reach alignkit as float32 or narrower: their squares stay normal in float64.
