@@ -235,6 +235,7 @@ def test_position_matched_tensors_in_the_other_order_are_said_to_be_swapped(tmp_
     assert dict(inputs["swapped_with"]) == {"query": "key", "key": "query"}
     assert result.first_divergence.kind == "input mismatch"
     assert "holds the reference's `key`" in result.first_divergence.message
+    assert result.first_divergence.message.startswith("attn step 0: input mismatch — `query` differs: ")
     assert (
         result.growth_text() == "none — every output from there on matches exactly (L1 0)"
     )  # the engine computes right

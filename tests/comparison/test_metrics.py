@@ -147,6 +147,17 @@ def test_the_noise_floor_over_many_blocks_matches_float64(floor):
     assert m["floor_cos_dist"] == pytest.approx(_cos_dist(r64, q), rel=1e-4)
 
 
+def test_the_noise_floor_is_undefined_only_where_nothing_is_finite_on_both_sides():
+    r = np.linspace(1, 2, 8, dtype=np.float32)
+    none = array_metrics(r, np.full(8, np.nan, np.float32), floor_dtype="float16")
+    assert math.isnan(none["floor_rel_l1"]) and math.isnan(none["floor_cos_dist"])
+    t = np.full(8, np.nan, np.float32)
+    t[3] = r[3]
+    one = array_metrics(r, t, floor_dtype="float16")  # one element finite on both sides: measured
+    q = np.float64(np.float16(r[3]))
+    assert one["floor_rel_l1"] == pytest.approx(abs(q - r[3]) / r[3]) and one["floor_cos_dist"] == 0.0
+
+
 def test_large_float32_blocks_widen_nan_and_float32_overflow_without_warnings():
     """Blocks past the small path: a NaN on the reference's side only, and values whose squares
     overflow float32 although they are equal, are summed in float64 instead, silently."""
