@@ -217,6 +217,9 @@ def test_complex_tensors_compare_both_parts():
     for key in ("l1", "rel_l1", "max_abs", "cos", "rmse"):
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
     assert array_metrics(r.real.astype(np.complex64), r.real)["max_abs"] == 0  # a real side has an imaginary part of 0
+    for ref, tgt in ((r, r.real), (r.real, r)):  # one side complex: the other's imaginary part of 0 is compared
+        dropped = array_metrics(ref, tgt)
+        assert dropped["max_abs"] == pytest.approx(np.abs(r.imag).max(), rel=1e-6) and dropped["cos"] < 0.9
 
 
 def test_same_size_other_shape_and_split_parts_stream_to_the_same_metrics(tmp_path):
@@ -252,12 +255,13 @@ def test_nan_and_inf_counts_add_up_over_streamed_blocks(tmp_path):
 
     r = np.ones(3 * BLOCK_ELEMENTS, np.float32)
     t = r.copy()
-    for block in range(3):  # one NaN on each side and an Inf in the target, in every block
+    for block in range(3):  # a NaN and an Inf on each side, in every block
         r[block * BLOCK_ELEMENTS] = np.nan
         t[block * BLOCK_ELEMENTS + 1] = np.nan
         t[block * BLOCK_ELEMENTS + 2] = np.inf
+        r[block * BLOCK_ELEMENTS + 3] = -np.inf
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f["r"], f["t"] = r, t
         m = dataset_metrics(f["r"], f["t"], None)
-    assert (m["nan_ref"], m["nan_tgt"], m["inf_ref"], m["inf_tgt"]) == (3, 3, 0, 3)
-    assert m["nonfinite_mismatch"] == 9
+    assert (m["nan_ref"], m["nan_tgt"], m["inf_ref"], m["inf_tgt"]) == (3, 3, 3, 3)
+    assert m["nonfinite_mismatch"] == 12
