@@ -165,11 +165,16 @@ def test_large_float32_blocks_widen_nan_and_float32_overflow_without_warnings():
     t = r.copy()
     r[7] = np.nan
     huge = np.full(5000, 3e38, np.float32)
+    both_inf = r.copy()
+    both_inf[7] = np.inf  # inf − inf in the block's difference
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m, h = array_metrics(r, t), array_metrics(huge, huge.copy())
+        m, h, o = array_metrics(r, t), array_metrics(huge, huge.copy()), array_metrics(huge, -huge)
+        i = array_metrics(both_inf, both_inf.copy())
     assert m["nan_ref"] == 1 and m["nonfinite_mismatch"] == 1 and m["l1"] == 0.0 and m["cos"] == 1.0
     assert h["cos"] == 1.0 and h["rel_l1"] == 0.0 and h["sqnr_db"] == math.inf
+    assert o["max_abs"] == pytest.approx(6e38, rel=1e-6) and o["cos"] == -1.0  # t − r overflows float32
+    assert i["inf_ref"] == i["inf_tgt"] == 1 and i["nonfinite_mismatch"] == 0 and i["l1"] == 0.0
 
 
 # Tensors reach alignkit as float32 or narrower: their squares stay normal in float64.
