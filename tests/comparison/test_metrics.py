@@ -158,6 +158,15 @@ def test_the_noise_floor_is_undefined_only_where_nothing_is_finite_on_both_sides
     assert one["floor_rel_l1"] == pytest.approx(abs(q - r[3]) / r[3]) and one["floor_cos_dist"] == 0.0
 
 
+def test_nothing_finite_on_both_sides_measures_nothing_and_keeps_the_counts():
+    r = np.linspace(1, 2, 8, dtype=np.float32)
+    m = array_metrics(r, np.full(8, np.inf, np.float32))
+    assert all(math.isnan(m[k]) for k in ("l1", "rel_l1", "max_abs", "cos", "cos_dist", "rmse", "sqnr_db"))
+    assert (m["nan_ref"], m["nan_tgt"], m["inf_ref"], m["inf_tgt"], m["nonfinite_mismatch"]) == (0, 0, 0, 8, 8)
+    empty = array_metrics(np.zeros(0, np.float32), np.zeros(0, np.float32))  # nothing to measure, nothing off
+    assert (empty["l1"], empty["rmse"], empty["max_abs"], empty["cos"]) == (0.0, 0.0, 0.0, 1.0)
+
+
 def test_large_float32_blocks_widen_nan_and_float32_overflow_without_warnings():
     """Blocks past the small path: a NaN on the reference's side only, and values whose squares
     overflow float32 although they are equal, are summed in float64 instead, silently."""
