@@ -14,6 +14,11 @@ from alignkit.comparison.result import growth_text
 from alignkit.errors import UsageError
 
 
+def _kinds(result):
+    """Each compared call's kind, by (submodel, step)."""
+    return dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
+
+
 def test_truncated_timestep_is_an_input_mismatch_with_growing_drift(demo_dumps):
     result = ak.compare(*demo_dumps["timestep"])
     fd = result.first_divergence
@@ -22,7 +27,7 @@ def test_truncated_timestep_is_an_input_mismatch_with_growing_drift(demo_dumps):
     assert fd.evidence["ref_value"] != fd.evidence["tgt_value"]
     assert fd.message.startswith("unet step 1: input mismatch — `timestep`: reference float32 ")
     assert "reference float32" in fd.message and "target float32" in fd.message
-    kinds = dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
+    kinds = _kinds(result)
     assert kinds["unet", 0] == "" and kinds["scheduler", 1] == "propagated"
     assert result.growth["submodel"] == "scheduler" and result.growth["steps"][0] == 1
     assert result.growth["l1"][-1] > 2 * result.growth["l1"][0]  # the drift accumulates
@@ -79,7 +84,7 @@ def test_perturbed_weights_are_a_local_error_at_step_0(demo_dumps):
     assert fd.message.startswith("unet step 0: local error — the inputs match but output `")
     inputs = result.table[(result.table["seq"] == fd.seq) & (result.table["io"] == "inputs")]
     assert (inputs["status"] == "ok").all()
-    kinds = dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
+    kinds = _kinds(result)
     assert kinds["scheduler", 0] == "propagated"  # fed by the UNet's error: not the glue's fault
 
 
@@ -566,10 +571,6 @@ def test_a_call_that_raises_on_one_side_only_is_the_divergence(tmp_path):
     assert "raised:   the target raised ValueError" in report and "output ``" not in report
     both = ak.compare(tmp_path / "tgt.h5", tmp_path / "tgt.h5")  # raising alike is no divergence
     assert both.verdict == "aligned"
-
-
-def _kinds(result):
-    return dict(zip(zip(result.calls["submodel"], result.calls["step"]), result.calls["kind"]))
 
 
 def test_calls_after_the_first_divergence_stay_propagated_past_a_call_that_matches(tmp_path):
