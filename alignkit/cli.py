@@ -4,6 +4,7 @@ makes one public call and prints the result. User errors print one line and exit
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -219,15 +220,16 @@ def replay(
 
     if (onnx is None) == (callable_ is None):
         raise UsageError("replay needs one target: --onnx model.onnx or --callable module:factory")
-    result = run_replay(
-        ref,
-        submodel=submodel,
-        target=str(onnx) if onnx else callable_,
-        out=output,
-        steps=parse_steps(steps),
-        layers=layers,
-    )
-    _wide(console).print(result)
+    with tempfile.TemporaryDirectory(prefix="alignkit-replay-", ignore_cleanup_errors=True) as scratch:
+        result = run_replay(
+            ref,
+            submodel=submodel,
+            target=str(onnx) if onnx else callable_,
+            out=output or Path(scratch) / f"replay_{submodel}.h5",  # without -o, nothing reads it once printed
+            steps=parse_steps(steps),
+            layers=layers,
+        )
+        _wide(console).print(result)
     raise typer.Exit(result.exit_code)
 
 

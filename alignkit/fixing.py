@@ -57,14 +57,33 @@ def fix_precision(
     max_builds: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> FixResult:
-    """Search the smallest set of layers to keep in fp32 for ``submodel`` in ``dtype``."""
-    from alignkit.replaying import replay
-
+    """Search the smallest set of layers to keep in fp32 for ``submodel`` in ``dtype``; the
+    builds made on the way are removed when it ends."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if sum(x is not None for x in (onnx, module, builder)) != 1:
         raise UsageError("fix-precision needs one of --onnx model.onnx, --module mod:factory, --builder mod:fn")
-    build, blocks = _builds(onnx, module, builder, dtype)
+    with tempfile.TemporaryDirectory(prefix="alignkit-fix-", ignore_cleanup_errors=True) as scratch:
+        build, blocks = _builds(onnx, module, builder, dtype, Path(scratch))
+        return _search(build, blocks, ref, submodel, dtype, out, onnx, max_builds, progress, Path(scratch))
+
+
+def _search(
+    build: Build,
+    blocks: list[str],
+    ref: str | os.PathLike,
+    submodel: str,
+    dtype: str,
+    out: str | os.PathLike,
+    onnx: Any,
+    max_builds: int,
+    progress: Callable[[int, int], None] | None,
+    scratch: Path,
+) -> FixResult:
+    """Start from the drill-down of the all-lower-precision build, add one start at a time until
+    it aligns, then drop each kept layer the build does not need."""
+    from alignkit.replaying import replay
+
     runs = 0
 
     def aligned_with(keep: list[str]) -> tuple[bool, Any]:
@@ -76,10 +95,11 @@ def fix_precision(
             progress(runs, max_builds)
         target = build(keep)
         judged = {"target_precision": {submodel: dtype}}  # the build computes in it, whatever its I/O
-        result = replay(ref, submodel=submodel, target=target, **judged)
+        replayed = scratch / "replay.h5"
+        result = replay(ref, submodel=submodel, target=target, out=replayed, **judged)
         if result.aligned:
             return True, result
-        return False, replay(ref, submodel=submodel, target=target, layers=True, **judged)
+        return False, replay(ref, submodel=submodel, target=target, out=replayed, layers=True, **judged)
 
     ok, result = aligned_with([])
     if ok:
@@ -133,7 +153,7 @@ def _starts(result: Any) -> list[str]:
 Build = Callable[[list[str]], Any]
 
 
-def _builds(onnx: Any, module: str | None, builder: str | None, dtype: str) -> tuple[Build, list[str]]:
+def _builds(onnx: Any, module: str | None, builder: str | None, dtype: str, scratch: Path) -> tuple[Build, list[str]]:
     """What makes a build from a keep list, and the model's top-level blocks (candidates where
     the drill-down names none; a builder's model is not seen, so it has none)."""
     from alignkit.replaying import factory_from
@@ -143,7 +163,7 @@ def _builds(onnx: Any, module: str | None, builder: str | None, dtype: str) -> t
     if builder is not None:
         fn = factory_from(builder)
         return (lambda keep: _call(builder, fn, list(keep))), []
-    return _onnx_builds(Path(onnx), dtype)
+    return _onnx_builds(Path(onnx), dtype, scratch)
 
 
 def _call(spec: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -192,9 +212,11 @@ def _cast(value: Any, dtype: Any) -> Any:
     return value
 
 
-def _onnx_builds(path: Path, dtype: str) -> tuple[Build, list[str]]:
+def _onnx_builds(path: Path, dtype: str, scratch: Path) -> tuple[Build, list[str]]:
     """Builds of an fp32 ONNX model in float16, its inputs and outputs kept float32, the nodes
-    of each kept layer (by the module scope the exporter wrote into node names) blocked."""
+    of each kept layer (by the module scope the exporter wrote into node names) blocked. Each
+    build is written to ``scratch`` under a new name, the one before removed: a UNet's build is
+    gigabytes, and the search may make sixteen."""
     if dtype != "fp16":
         raise UsageError("--onnx builds fp16 (ONNX Runtime's float16 converter); bf16 needs --builder")
     try:
@@ -205,12 +227,15 @@ def _onnx_builds(path: Path, dtype: str) -> tuple[Build, list[str]]:
         model = onnx.load(path)
     except Exception as exc:
         raise UsageError(f"{path}: not an ONNX model ({str(exc).strip().splitlines()[0]})") from exc
-    folder = Path(tempfile.mkdtemp(prefix="alignkit-fix-"))
+    made = 0
 
     def build(keep: list[str]) -> str:
-        blocked = node_names(model, keep)
-        converted = to_fp16(copy.deepcopy(model), blocked)
-        target = folder / f"build_{len(list(folder.iterdir()))}.onnx"
+        nonlocal made
+        converted = to_fp16(copy.deepcopy(model), node_names(model, keep))
+        for earlier in scratch.glob("build_*.onnx"):
+            earlier.unlink()
+        made += 1
+        target = scratch / f"build_{made}.onnx"
         onnx.save(converted, target)
         return str(target)
 

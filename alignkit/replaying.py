@@ -76,7 +76,9 @@ def replay(
     arguments to make the target), a torch module, an ONNX Runtime session or a callable.
     ``layers`` records the target's layers too (every leaf module of a torch target, every
     intermediate output of an ONNX target), so the comparison names the first layer that
-    diverges against a reference recorded with layers.
+    diverges against a reference recorded with layers. Without ``out`` the target's dump is
+    written to a new temporary folder and kept, since the result's report reads its images
+    from it (``result.target`` names it).
     """
     out_path = (
         Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="alignkit-replay-")) / f"replay_{submodel}.h5"

@@ -494,6 +494,27 @@ def test_a_script_that_calls_nothing_watched_is_told_how_to_hook_its_engine(caps
     assert code == 0 and "holds no calls" in out
 
 
+def test_a_replay_without_an_output_prints_its_verdict_and_leaves_no_dump_behind(
+    capsys, demo_dumps, tmp_path, monkeypatch
+):
+    import tempfile
+
+    ref, _ = demo_dumps["timestep"]
+    (tmp_path / "unet_factory.py").write_text(
+        "from alignkit.demo.pipeline import tiny_pipeline\n\ndef make():\n    return tiny_pipeline().unet\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    code, out, err = run_cli(
+        capsys, "replay", ref, "--submodel", "unet", "--callable", "unet_factory:make", "--steps", "0-1"
+    )
+    assert code == 0, out + err
+    assert "ALIGNED" in out
+    assert list(scratch.iterdir()) == []
+
+
 def test_bad_models_and_output_paths_get_one_line_before_the_work(capsys, demo_dumps, tmp_path, monkeypatch):
     ref, tgt = demo_dumps["none"]
     (tmp_path / "bad.onnx").write_text("not a model")

@@ -34,17 +34,19 @@ def _byte_alphabet() -> list[str]:
 def tiny_tokenizer() -> Any:
     from transformers import CLIPTokenizer
 
-    folder = tempfile.mkdtemp(prefix="alignkit-tokenizer-")
     chars = _byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as fh:
-        json.dump(vocab, fh)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as fh:
-        fh.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="alignkit-tokenizer-") as folder:  # read whole by the constructor
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as fh:
+            json.dump(vocab, fh)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as fh:
+            fh.write("#version: 0.2\n")
+        return CLIPTokenizer(
+            os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77
+        )
 
 
 def tiny_pipeline(seed: int = 0, scheduler: str = "euler") -> Any:

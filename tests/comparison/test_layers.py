@@ -106,17 +106,27 @@ def test_fix_precision_finds_the_one_block_to_keep_and_verifies_it(tmp_path, mon
     assert (tmp_path / "keep.qtable").read_text().splitlines()[1:] == ["b1 F32"]
 
 
-def test_fix_precision_of_an_fp32_onnx_model_gives_a_verified_answer(tmp_path):
+def test_fix_precision_of_an_fp32_onnx_model_gives_a_verified_answer(tmp_path, monkeypatch):
     """ONNX Runtime on a CPU computes many fp16 operators through fp32: the overflow a real
-    NPU meets may not happen here, and the answer says so; otherwise it is a verified list."""
+    NPU meets may not happen here, and the answer says so; otherwise it is a verified list.
+    Its builds take no more disk than one at a time, and none is left behind."""
+    import tempfile
+
     from alignkit.fixing import fix_precision
 
     model = Generator().eval()
     record(tmp_path / "ref.h5", model, torch.float32)
     torch.onnx.export(model, (torch.ones(1, 8, 8, 8), torch.ones(1, 8)), str(tmp_path / "g.onnx"),
                       input_names=["x", "w"], output_names=["output"], dynamo=False)  # fmt: skip
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    held = []  # before each build: the builds on disk
     result = fix_precision(tmp_path / "ref.h5", submodel="generator", dtype="fp16", out=tmp_path / "fixed.onnx",
-                           onnx=tmp_path / "g.onnx")  # fmt: skip
+                           onnx=tmp_path / "g.onnx", max_builds=4,
+                           progress=lambda run, _: held.append(len(list(scratch.glob("*/*.onnx")))))  # fmt: skip
+    assert held[0] == 0 and all(n == 1 for n in held[1:])
+    assert list(scratch.iterdir()) == []
     assert result.aligned
     if result.keep:
         assert result.keep == ["b1"]
