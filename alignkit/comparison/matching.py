@@ -387,12 +387,9 @@ def _calls_per_step_note(sub: str, r: pd.DataFrame, t: pd.DataFrame) -> list[str
     ]
 
 
-def _span(steps: list[int]) -> str:
-    return f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0])
-
-
 def _step_span(steps: list[int]) -> str:
-    return f"steps {_span(steps)}" if len(steps) > 1 else f"step {steps[0]}"
+    """``steps 0–1, 3``: the gaps said, since a run recorded with a steps filter has them."""
+    return f"steps {ranges(steps)}" if len(steps) > 1 else f"step {steps[0]}"
 
 
 def match_tensors(ref_call: Call, tgt_call: Call | MergedCall, names: NameMap) -> list[TensorPair]:

@@ -102,6 +102,27 @@ def test_a_run_cut_short_by_an_error_is_no_run_of_fewer_steps(runs, tmp_path):
     assert "scheduler: the reference has steps 0–2, the target steps 0–1; compared the 2 shared steps" in result.notes
 
 
+@pytest.mark.parametrize("recorded", ["killed", "no end mark"])
+def test_a_run_killed_before_its_recording_ended_is_no_run_of_fewer_steps(runs, tmp_path, recorded):
+    """A dump whose end was never written (``complete`` false) was cut short; one that has no such
+    mark at all (another tool's, imported) is taken as whole, so its fewer steps are said."""
+    cut = tmp_path / "cut.h5"
+    shutil.copy(runs["fewer"], cut)
+    with h5py.File(cut, "r+") as f:
+        if recorded == "killed":
+            f.attrs["complete"] = False
+        else:
+            del f.attrs["complete"]
+    result = ak.compare(runs["ref"], cut)
+    fd = result.first_divergence
+    if recorded == "killed":
+        assert "the target was killed before its recording ended" in result.notes[0]
+        assert (fd.submodel, fd.step) == ("scheduler", 0) and fd.message.endswith("the port of scheduler itself is off")
+    else:
+        assert not any("killed" in n for n in result.notes)
+        assert (fd.submodel, fd.step) == ("scheduler", 0) and fd.message.endswith("so its timesteps and sigmas differ")
+
+
 def test_the_same_settings_say_nothing(runs):
     result = ak.compare(runs["ref"], runs["ref"])
     assert result.aligned and not any("configured otherwise" in w or "in the reference," in w for w in result.warnings)

@@ -1,0 +1,124 @@
+"""How calls and tensors of two dumps pair up, and the notes that say what could not."""
+
+import json
+
+import numpy as np
+import pytest
+
+import alignkit as ak
+from alignkit.comparison.matching import NameMap, nests
+from alignkit.errors import UsageError
+
+
+def _record(path, count, **options):
+    """A run of one watched submodel, one call a step, on steps ``0 … count - 1``."""
+    with ak.Recorder(path, **options) as rec:
+        unet = rec.watch(lambda sample: sample * 2, "unet")
+        for step in range(count):
+            unet(np.full(4, step, dtype=np.float32))
+            ak.step()
+    return path
+
+
+def test_a_name_map_file_of_lines_skips_comments_and_blank_lines_and_trims_each_side(tmp_path):
+    (tmp_path / "names.txt").write_text(
+        "# engine names\n\nunet.input.1 = sample   # the latent\n  timesteps.1=timestep\nvae_decoder=vae.decode\n"
+    )
+    names = NameMap.build(path=tmp_path / "names.txt")
+    assert names.entries == {"unet.input.1": "sample", "timesteps.1": "timestep", "vae_decoder": "vae.decode"}
+
+
+def test_a_json_name_map_nests_tensors_under_their_submodel_and_keeps_flat_sections_flat(tmp_path):
+    (tmp_path / "names.json").write_text(
+        json.dumps(
+            {
+                "submodels": {"vae_decoder": "vae.decode"},
+                "tensors": {"input.1": "sample"},
+                "unet": {"timesteps.1": "timestep", "out": {"0": "output.0"}},
+                "text_encoder": "clip",
+                "guidance": 7,
+            }
+        )
+    )
+    names = NameMap.build(path=tmp_path / "names.json")
+    assert names.entries == {
+        "vae_decoder": "vae.decode",
+        "input.1": "sample",
+        "unet.timesteps.1": "timestep",
+        "unet.out.0": "output.0",
+        "text_encoder": "clip",
+        "guidance": "7",
+    }
+    assert NameMap.build({"unet": {"timesteps.1": "timestep"}}, tmp_path / "names.json").entries[
+        "unet.timesteps.1"
+    ] == ("timestep")  # the entries given beside a file win over it, and nest the same way
+
+
+def test_entries_given_beside_a_map_file_override_it(tmp_path):
+    (tmp_path / "names.txt").write_text("a=b\nc=d\n")
+    assert NameMap.build(["a=z"], tmp_path / "names.txt").entries == {"a": "z", "c": "d"}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error"),
+    [
+        ("names.json", "{", "names.json: not valid JSON (Expecting property name enclosed in double quotes, line 1)"),
+        ("names.json", "\n\n[1, 2]", "names.json: the name map must be a JSON object"),
+        ("names.txt", "a=b\n# fine\nno equals sign\n", "names.txt:3: expected target=reference, got 'no equals sign'"),
+    ],
+)
+def test_a_bad_name_map_file_is_refused_in_one_line_that_says_where(tmp_path, name, text, error):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UsageError) as caught:
+        NameMap.build(path=tmp_path / name)
+    assert str(caught.value).endswith(error) and "\n" not in str(caught.value)
+
+
+def test_a_name_map_file_that_cannot_be_read_says_why(tmp_path):
+    with pytest.raises(UsageError, match=r"missing\.txt: cannot read the name map \(No such file or directory\)$"):
+        NameMap.build(path=tmp_path / "missing.txt")
+
+
+def test_an_entry_that_names_a_map_file_points_to_the_file_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "names").write_text("a=b\n")
+    hint = "; a file of names is given with --map-file (map_file= in Python)"
+    for item in ("names.json", "NAMES.TXT", "ports.map", "names"):  # by its suffix, or a file that is there
+        with pytest.raises(UsageError) as caught:
+            NameMap.build([item])
+        assert str(caught.value) == f"name map entry {item!r} is not of the form target=reference{hint}"
+    for item in ("oops", "=sample", "input.1="):
+        with pytest.raises(UsageError) as caught:
+            NameMap.build([item])
+        assert str(caught.value) == f"name map entry {item!r} is not of the form target=reference"
+
+
+def test_a_dotted_tail_nests_only_at_a_dot():
+    assert nests("added_cond_kwargs.text_embeds", "text_embeds")
+    assert nests("text_embeds", "added_cond_kwargs.text_embeds")
+    assert not nests("added_cond_kwargs.text_embeds", "xt_embeds")
+    assert not nests("prompt_embeds", "embeds") and not nests("text_embeds", "text_embeds")
+
+
+def test_steps_on_one_side_only_are_said_as_spans(tmp_path):
+    ref = _record(tmp_path / "ref.h5", 3)
+    one = ak.compare(ref, _record(tmp_path / "one.h5", 1))
+    assert "unet: the reference has steps 0–2, the target step 0; compared the 1 shared step" in one.notes
+    two = ak.compare(_record(tmp_path / "two.h5", 2), ref)
+    assert "unet: the reference has steps 0–1, the target steps 0–2; compared the 2 shared steps" in two.notes
+
+
+def test_the_filters_a_run_was_recorded_with_are_said_as_given_and_its_gaps_in_steps_shown(tmp_path):
+    ref = _record(tmp_path / "ref.h5", 4)
+    with pytest.warns(RuntimeWarning, match="cannot reach its layers"):
+        tgt = _record(
+            tmp_path / "tgt.h5", 4, include="un.*", steps=[3, 0, 1], tensors="sample|output.*", layers=["unet"]
+        )
+    result = ak.compare(ref, tgt)
+    given = "include 'un.*', tensors 'sample|output.*', steps 0–1, 3, layers 'unet'"
+    assert f"the target was recorded with filters ({given})" in result.notes
+    assert "unet: the reference has steps 0–3, the target steps 0–1, 3; compared the 3 shared steps" in result.notes
+    assert (
+        "recording the target: layers: unet ran 4 times but no layer output was recorded (the way it is watched "
+        "cannot reach its layers)"
+    ) in result.notes
