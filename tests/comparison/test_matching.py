@@ -10,12 +10,14 @@ from alignkit.comparison.matching import NameMap, nests
 from alignkit.errors import UsageError
 
 
-def _record(path, count, **options):
-    """A run of one watched submodel, one call a step, on steps ``0 … count - 1``."""
+def _record(path, count, calls=None, **options):
+    """A run of one watched submodel on steps ``0 … count - 1``, one call a step or as many as
+    ``calls`` says for each, every call of a step fed the same batch."""
     with ak.Recorder(path, **options) as rec:
         unet = rec.watch(lambda sample: sample * 2, "unet")
         for step in range(count):
-            unet(np.full(4, step, dtype=np.float32))
+            for _ in range(calls[step] if calls else 1):
+                unet(np.full((2, 4), step, dtype=np.float32))
             ak.step()
     return path
 
@@ -122,3 +124,20 @@ def test_the_filters_a_run_was_recorded_with_are_said_as_given_and_its_gaps_in_s
         "recording the target: layers: unet ran 4 times but no layer output was recorded (the way it is watched "
         "cannot reach its layers)"
     ) in result.notes
+
+
+def test_another_number_of_calls_a_step_is_said_with_both_counts_when_each_run_keeps_to_one(tmp_path):
+    result = ak.compare(_record(tmp_path / "ref.h5", 1, [2]), _record(tmp_path / "tgt.h5", 1, [3]))
+    assert result.notes == [
+        "unet: the reference calls it 2 times a step, the target 3; calls are paired by their index within the step "
+        "(the target's do not split one batch between them)"
+    ]
+    assert result.table["call"].tolist() == [0, 0, 1, 1] and result.aligned  # the calls both made
+
+
+def test_calls_a_step_that_vary_in_one_run_are_said_so(tmp_path):
+    result = ak.compare(_record(tmp_path / "ref.h5", 3), _record(tmp_path / "tgt.h5", 3, [2, 1, 1]))
+    assert result.notes == [
+        "unet: the two runs call it a different number of times in some steps; calls are paired by their index "
+        "within the step"
+    ]
