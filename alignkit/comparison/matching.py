@@ -250,9 +250,12 @@ def _export_aliases(ref_subs: set[str], tgt_subs: set[str], names: NameMap) -> d
 def _batch_split(ref: Dump, tgt: Dump, r: pd.DataFrame, t: pd.DataFrame) -> int:
     """How many calls the target makes for each of the reference's, when it splits every
     call of this submodel along the batch (one reference call a step, k target calls whose
-    first inputs add up to the reference's batch); 0 when it does not."""
+    first inputs add up to the reference's batch); 0 when it does not. Judged on the steps both
+    have: a run killed early, or recorded at some steps, still splits the ones it has."""
     per_r, per_t = r.groupby("step").size(), t.groupby("step").size()
-    if set(per_r.index) != set(per_t.index) or (per_r != 1).any() or per_t.nunique() != 1 or per_t.iloc[0] < 2:
+    shared = per_r.index.intersection(per_t.index)
+    per_r, per_t = per_r[shared], per_t[shared]
+    if shared.empty or (per_r != 1).any() or per_t.nunique() != 1 or per_t.iloc[0] < 2:
         return 0
     step = int(per_r.index[0])
     ref_first = ref[str(r["submodel"].iloc[0]), step, 0].info("inputs")

@@ -333,6 +333,29 @@ def test_a_batch_split_into_calls_is_compared_joined_again(tmp_path):
     assert (fd.submodel, fd.step, fd.tensor, fd.kind) == ("unet", 2, "sample", "input mismatch")
 
 
+def test_a_batch_split_is_joined_on_the_steps_both_runs_have(tmp_path):
+    """A port killed after two steps, or recorded at some steps only, still splits the calls it made."""
+    x = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
+    ref = _record_unet_calls(tmp_path / "ref.h5", lambda step: [x])
+    cut = _record_unet_calls(tmp_path / "cut.h5", lambda step: [x[:1], x[1:]], steps=2)
+    result = ak.compare(ref, cut)
+    assert result.verdict == "aligned", result.summary()
+    assert result.notes[0].startswith("unet: the target splits each call into 2 along the batch")
+    assert "unet: the reference has steps 0–2, the target steps 0–1; compared the 2 shared steps" in result.notes
+    assert set(result.table["tgt_shape"]) == {"[2,4]", "[2]"} and (result.table["status"] == "ok").all()
+
+
+def test_a_reference_that_calls_twice_a_step_is_no_batch_the_target_splits(tmp_path):
+    """Two calls at batch 2 a step against two at batch 1: paired by index, never joined."""
+    x = np.ones((2, 4), np.float32)
+    ref = _record_unet_calls(tmp_path / "ref.h5", lambda step: [x, x])
+    halves = _record_unet_calls(tmp_path / "halves.h5", lambda step: [x[:1], x[1:]])
+    result = ak.compare(ref, halves)
+    assert not any("splits" in n for n in result.notes)
+    sample = result.table[result.table["tensor"] == "sample"]
+    assert list(sample["call"]) == [0, 1] * 3 and set(sample["tgt_shape"]) == {"[1,4]"}
+
+
 def test_two_submodels_split_along_the_batch_are_each_joined_again(tmp_path):
     """A port that runs both the text encoder and the UNet at batch 1 (prompt and negative
     prompt as two calls each): joining the second must keep the first joined."""

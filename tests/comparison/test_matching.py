@@ -1,5 +1,6 @@
 """How calls and tensors of two dumps pair up, and the notes that say what could not."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -140,4 +141,40 @@ def test_calls_a_step_that_vary_in_one_run_are_said_so(tmp_path):
     assert result.notes == [
         "unet: the two runs call it a different number of times in some steps; calls are paired by their index "
         "within the step"
+    ]
+
+
+def test_dumps_with_no_submodel_in_common_are_refused_with_what_each_holds(tmp_path):
+    ref = _record(tmp_path / "ref.h5", 1)
+    with ak.Recorder(tmp_path / "engine.h5") as rec:
+        rec.watch(lambda x: x, "EngineOV")(np.ones(2))
+        rec.watch(lambda x: x, "decoder")(np.ones(2))
+    with ak.Recorder(tmp_path / "empty.h5"):
+        pass
+    with pytest.raises(UsageError) as caught:
+        ak.compare(ref, tmp_path / "engine.h5")
+    assert str(caught.value) == (
+        f"{ref} and {tmp_path / 'engine.h5'} have no submodel in common (reference: unet; target: EngineOV, "
+        "decoder); map target names with --map target=reference"
+    )
+    with pytest.raises(UsageError, match=r"\(reference: none; target: unet\); map target names"):
+        ak.compare(tmp_path / "empty.h5", ref)
+
+
+def test_a_reference_that_ended_early_is_said_before_the_target(tmp_path):
+    def record(path, fail_at):
+        with pytest.raises(RuntimeError) if fail_at is not None else contextlib.nullcontext():
+            with ak.Recorder(path) as rec:
+                unet = rec.watch(lambda sample: sample * 2, "unet")
+                for step in range(3):
+                    if step == fail_at:
+                        raise RuntimeError(f"out of memory at step {step}")
+                    unet(np.ones(2, np.float32))
+                    ak.step()
+        return path
+
+    result = ak.compare(record(tmp_path / "ref.h5", 1), record(tmp_path / "tgt.h5", 2))
+    assert result.notes[:2] == [
+        "the reference ended early, with RuntimeError: out of memory at step 1",
+        "the target ended early, with RuntimeError: out of memory at step 2",
     ]
