@@ -178,3 +178,61 @@ def test_a_reference_that_ended_early_is_said_before_the_target(tmp_path):
         "the reference ended early, with RuntimeError: out of memory at step 1",
         "the target ended early, with RuntimeError: out of memory at step 2",
     ]
+
+
+def _record_engines(path, names, steps=None, calls=None):
+    """A text encoder once, then each named submodel called ``calls[name]`` times (1) at each
+    of ``steps[name]`` (0–2), in the order named."""
+    steps, calls = steps or {}, calls or {}
+    x = np.ones(4, np.float32)
+    with ak.Recorder(path) as rec:
+        rec.watch(lambda ids: ids * 2, "text_encoder")(x)
+        watched = {name: rec.watch(lambda s: s + 1, name) for name in names}
+        for step in range(4):
+            for name, fn in watched.items():
+                for _ in range(calls.get(name, 1) if step in steps.get(name, (0, 1, 2)) else 0):
+                    fn(x)
+            ak.step()
+    return path
+
+
+def test_submodels_under_other_names_are_mapped_in_the_order_each_run_calls_them(tmp_path):
+    ref = _record_engines(tmp_path / "ref.h5", ["unet", "adapter"])
+    tgt = _record_engines(tmp_path / "tgt.h5", ["Engine_b", "Engine_a"])
+    result = ak.compare(ref, tgt)
+    assert result.verdict == "incomplete" and result.uncompared == ["unet", "adapter"]
+    assert result.suggested_map == ["Engine_b=unet", "Engine_a=adapter"]
+
+
+def test_a_submodel_at_steps_the_target_ran_nothing_else_at_is_left_out_not_blind(tmp_path):
+    ref = _record_engines(tmp_path / "ref.h5", ["unet", "vae.decode"], steps={"vae.decode": [2]})
+    tgt = _record_engines(tmp_path / "tgt.h5", ["unet", "postprocess"], steps={"postprocess": [3]})
+    result = ak.compare(ref, tgt)
+    assert result.verdict == "aligned" and result.uncompared == [] and result.suggested_map == []
+
+
+def test_a_blind_submodel_whose_calls_fit_no_other_is_named_without_a_map(tmp_path):
+    ref = _record_engines(tmp_path / "ref.h5", ["unet", "controlnet"], calls={"controlnet": 2})
+    tgt = _record_engines(tmp_path / "tgt.h5", ["unet", "Engine"])
+    result = ak.compare(ref, tgt)
+    assert result.verdict == "incomplete" and result.uncompared == ["controlnet"] and result.suggested_map == []
+    assert result.headline().endswith("controlnet not compared: the target ran submodels of other names at their steps")
+
+
+@pytest.mark.parametrize(("ref_first", "tgt_first"), [((), (2, 4)), ((2, 4), ()), (None, None)])
+def test_calls_whose_first_input_has_no_batch_are_never_joined_as_a_split(tmp_path, ref_first, tgt_first):
+    """A submodel fed a scalar first (or no tensor at all) on one side, once a step in the
+    reference and twice in the target: nothing to split along, so paired by index."""
+
+    def record(path, calls, shape):
+        with ak.Recorder(path) as rec:
+            fn = rec.watch((lambda t: t * 2) if shape is not None else (lambda: np.ones(2)), "scheduler")
+            for _ in range(2):
+                for _ in range(calls):
+                    fn(*([np.ones(shape, np.float32)] if shape is not None else []))
+                ak.step()
+        return path
+
+    result = ak.compare(record(tmp_path / "ref.h5", 1, ref_first), record(tmp_path / "tgt.h5", 2, tgt_first))
+    assert not any("splits" in n for n in result.notes)
+    assert any("the reference calls it 1 time a step, the target 2" in n for n in result.notes), result.notes
