@@ -327,7 +327,7 @@ def _one_side_notes(joined: pd.DataFrame, r: pd.DataFrame, t: pd.DataFrame) -> l
         )
     one_side = int((joined["tgt_seq"].isna() | joined["ref_seq"].isna()).sum())
     if one_side and not notes:
-        notes.append(f"{one_side} calls are on one side only (the same steps hold a different number of calls)")
+        notes.append(f"{one_side} calls are on one side only: the two runs number a step's calls differently")
     return notes
 
 
@@ -344,9 +344,7 @@ def pair_reordered_calls(calls: pd.DataFrame, agree: Callable[[int, int], bool])
     and a note says so. Anything short of that is left to the diagnosis."""
     calls = calls.copy()
     notes = []
-    both = calls.dropna(subset=["ref_seq", "tgt_seq"])
-    if "tgt_parts" in both:
-        both = both[both["tgt_parts"].isna()]
+    both = calls.dropna(subset=["ref_seq", "tgt_seq"])  # a batch split is one call a step: never re-paired
     for (submodel, step), group in both.groupby(["submodel", "step"], sort=False):
         if not 2 <= len(group) <= REORDER_MAX_CALLS:
             continue

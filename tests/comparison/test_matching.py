@@ -236,3 +236,55 @@ def test_calls_whose_first_input_has_no_batch_are_never_joined_as_a_split(tmp_pa
     result = ak.compare(record(tmp_path / "ref.h5", 1, ref_first), record(tmp_path / "tgt.h5", 2, tgt_first))
     assert not any("splits" in n for n in result.notes)
     assert any("the reference calls it 1 time a step, the target 2" in n for n in result.notes), result.notes
+
+
+def test_calls_numbered_otherwise_in_a_step_are_said_to_be_on_one_side(tmp_path):
+    """An imported folder whose files number a step's calls from 1 against one from 0: as many
+    calls a step on each side, but some on one side only."""
+    from alignkit.importing import import_dump
+
+    for name, first in (("ref", 0), ("tgt", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for step in range(2):
+            for call in (first, first + 1):
+                np.save(folder / f"sample-{step}-{call}.npy", np.full(3, call - first, np.float32))
+        import_dump("npy-dir", folder, tmp_path / f"{name}.h5", pattern="{tensor}-{step}-{call}.npy", submodel="unet")
+    result = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.notes == ["4 calls are on one side only: the two runs number a step's calls differently"]
+    assert list(result.table["call"]) == [1, 1] and result.verdict == "diverged"  # call 1 of each: other values
+
+
+def _record_calls(path, calls):
+    """``calls``: (submodel, input) in the order the run makes them, all at step 0."""
+    with ak.Recorder(path) as rec:
+        watched = {}
+        for name, value in calls:
+            fn = watched.setdefault(name, rec.watch(lambda input_ids: input_ids * 0.5, name))
+            fn(np.array(value, np.int64))
+        ak.step()
+    return path
+
+
+def test_every_step_group_is_re_paired_on_its_own_in_the_order_the_runs_make_them(tmp_path):
+    """A lone call and a pair no order fixes come first; each re-paired group after them is
+    said, in call order; six calls is still few enough to re-pair, beside a batch split."""
+    six = [[i, i, i] for i in range(6)]
+    ref = [("image_encoder", [9]), ("controlnet", [1]), ("controlnet", [2])]
+    ref += [("vision", [3]), ("vision", [4])] + [("text", ids) for ids in six] + [("unet", [[1, 2], [3, 4]])]
+    tgt = [("image_encoder", [9]), ("controlnet", [2]), ("controlnet", [7])]
+    tgt += [("vision", [4]), ("vision", [3])] + [("text", ids) for ids in six[1:] + six[:1]]
+    tgt += [("unet", [[1, 2]]), ("unet", [[3, 4]])]
+    result = ak.compare(_record_calls(tmp_path / "ref.h5", ref), _record_calls(tmp_path / "tgt.h5", tgt))
+    assert result.notes == [
+        "unet: the target splits each call into 2 along the batch (as classifier-free guidance at batch 1 does); "
+        "compared with the reference's call as one, concatenated",
+        "vision step 0: the target makes these calls in another order; paired by their inputs (the reference's "
+        "call 0 with 1, 1 with 0 of the target's)",
+        "text step 0: the target makes these calls in another order; paired by their inputs (the reference's "
+        "call 0 with 5, 1 with 0, 2 with 1, 3 with 2, 4 with 3, 5 with 4 of the target's)",
+    ]
+    fd = result.first_divergence
+    assert (fd.submodel, fd.call, fd.kind) == ("controlnet", 0, "input mismatch")  # left by index
+    paired = result.table[result.table["submodel"] != "controlnet"]
+    assert (paired["status"] == "ok").all()
