@@ -267,12 +267,12 @@ def _record_calls(path, calls):
 
 
 def test_every_step_group_is_re_paired_on_its_own_in_the_order_the_runs_make_them(tmp_path):
-    """A lone call and a pair no order fixes come first; each re-paired group after them is
+    """A lone call, a pair in order and a pair no order fixes come first; each re-paired group after them is
     said, in call order; six calls is still few enough to re-pair, beside a batch split."""
     six = [[i, i, i] for i in range(6)]
-    ref = [("image_encoder", [9]), ("controlnet", [1]), ("controlnet", [2])]
+    ref = [("image_encoder", [9]), ("clip", [5]), ("clip", [6]), ("controlnet", [1]), ("controlnet", [2])]
     ref += [("vision", [3]), ("vision", [4])] + [("text", ids) for ids in six] + [("unet", [[1, 2], [3, 4]])]
-    tgt = [("image_encoder", [9]), ("controlnet", [2]), ("controlnet", [7])]
+    tgt = [("image_encoder", [9]), ("clip", [5]), ("clip", [6]), ("controlnet", [2]), ("controlnet", [7])]
     tgt += [("vision", [4]), ("vision", [3])] + [("text", ids) for ids in six[1:] + six[:1]]
     tgt += [("unet", [[1, 2]]), ("unet", [[3, 4]])]
     result = ak.compare(_record_calls(tmp_path / "ref.h5", ref), _record_calls(tmp_path / "tgt.h5", tgt))
