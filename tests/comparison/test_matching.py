@@ -288,3 +288,56 @@ def test_every_step_group_is_re_paired_on_its_own_in_the_order_the_runs_make_the
     assert (fd.submodel, fd.call, fd.kind) == ("controlnet", 0, "input mismatch")  # left by index
     paired = result.table[result.table["submodel"] != "controlnet"]
     assert (paired["status"] == "ok").all()
+    assert paired.groupby("submodel").size().to_dict() == {
+        "image_encoder": 2,
+        "clip": 4,
+        "vision": 4,
+        "text": 12,
+        "unet": 2,
+    }
+
+
+def _record_outputs(path, outputs, name="controlnet"):
+    """One call that returns ``outputs`` (a dict by name, or a list), fed one input."""
+    with ak.Recorder(path) as rec:
+        rec.watch(lambda sample: outputs, name)(np.ones(2, np.float32))
+    return path
+
+
+def test_a_dotted_tail_pairs_each_tensor_once_and_leaves_nothing_on_one_side(tmp_path):
+    """diffusers nests SDXL's extra inputs; an export names them by the tail."""
+    rng = np.random.default_rng(0)
+    embeds, ids = rng.standard_normal((2, 32)).astype(np.float32), np.ones((2, 6), np.float32)
+    with ak.Recorder(tmp_path / "ref.h5") as rec:
+        unet = rec.watch(lambda sample, added_cond_kwargs: sample * 2, "unet")
+        unet(np.ones(3, np.float32), added_cond_kwargs={"text_embeds": embeds, "time_ids": ids})
+    with ak.Recorder(tmp_path / "tgt.h5") as rec:
+        rec.watch(lambda sample, text_embeds, time_ids: sample * 2, "unet")(np.ones(3, np.float32), embeds, ids)
+    table = ak.compare(tmp_path / "ref.h5", tmp_path / "tgt.h5").table
+    inputs = table[table["io"] == "inputs"].set_index("tensor")
+    assert inputs["matched_by"].to_dict() == {
+        "sample": "name",
+        "added_cond_kwargs.text_embeds": "suffix",
+        "added_cond_kwargs.time_ids": "suffix",
+    }
+    assert (table["status"] == "ok").all()
+
+
+def test_names_that_collide_pair_by_name_when_the_two_sides_hold_other_counts(tmp_path):
+    """Structure pairs only tensors as many on each side; with one fewer, a name that pairs
+    two shapes is a shape difference."""
+    a, b = np.ones(2, np.float32), np.ones(3, np.float32)
+    ref = _record_outputs(tmp_path / "ref.h5", {"skip": a, "out": b})
+    tgt = _record_outputs(tmp_path / "tgt.h5", {"out": a})
+    outputs = ak.compare(ref, tgt).table.query("io == 'outputs'").set_index("tensor")
+    assert outputs["matched_by"].to_dict() == {"skip": "one side", "out": "name"}
+    assert outputs["status"].to_dict() == {"skip": "ref only", "out": "shape"}
+
+
+def test_a_map_entry_for_the_submodels_tensor_decides_over_structure(tmp_path):
+    a, b = np.ones(2, np.float32), np.full(3, 2, np.float32)
+    ref = _record_outputs(tmp_path / "ref.h5", {"x": a, "y": b})
+    tgt = _record_outputs(tmp_path / "tgt.h5", {"y": a, "x": b})  # by structure, x ↔ y
+    assert set(ak.compare(ref, tgt).table.query("io == 'outputs'")["matched_by"]) == {"structure"}
+    mapped = ak.compare(ref, tgt, name_map=["controlnet.y=x"]).table.query("io == 'outputs'").set_index("tensor")
+    assert mapped["matched_by"].to_dict() == {"x": "map", "y": "position"}
