@@ -341,3 +341,13 @@ def test_a_map_entry_for_the_submodels_tensor_decides_over_structure(tmp_path):
     assert set(ak.compare(ref, tgt).table.query("io == 'outputs'")["matched_by"]) == {"structure"}
     mapped = ak.compare(ref, tgt, name_map=["controlnet.y=x"]).table.query("io == 'outputs'").set_index("tensor")
     assert mapped["matched_by"].to_dict() == {"x": "map", "y": "position"}
+
+
+def test_a_calls_tensors_are_listed_in_the_references_order_and_the_targets_own_last(tmp_path):
+    a, b, c = np.ones(2, np.float32), np.full(3, 2, np.float32), np.zeros(4, np.float32)
+    ref = _record_outputs(tmp_path / "ref.h5", {"x": a, "y": b})
+    tgt = _record_outputs(tmp_path / "tgt.h5", {"extra": c, "y": b, "x": a})
+    outputs = ak.compare(ref, tgt).table.query("io == 'outputs'")
+    assert list(outputs["tgt_tensor"]) == ["x", "y", "extra"]
+    assert list(outputs["matched_by"]) == ["name", "name", "one side"]
+    assert list(outputs["status"]) == ["ok", "ok", "tgt only"]
