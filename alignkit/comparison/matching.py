@@ -203,7 +203,7 @@ def shortfalls(dump: Dump, who: str = "the run") -> list[str]:
         notes.append(f"{who} ended early, with {meta['error']}")
     elif meta.get("writer_error"):
         notes.append(f"recording {who} failed ({meta['writer_error']}): the dump holds its calls up to the failure")
-    elif not meta.get("complete", True):
+    elif not meta.get("complete", True) and not meta.get("stopped"):  # a stop leaves it incomplete too
         notes.append(
             f"{who} was killed before its recording ended: the dump holds its calls up to its last completed steps"
         )
@@ -218,7 +218,7 @@ def shortfalls(dump: Dump, who: str = "the run") -> list[str]:
 
 
 def cut_short(dump: Dump) -> bool:
-    """Whether the run ended early (an exception, a kill)."""
+    """Whether the dump holds less than the run made (an exception, a kill, a recording stopped)."""
     return bool(dump.metadata.get("error")) or not dump.metadata.get("complete", True)
 
 

@@ -94,6 +94,9 @@ def test_a_full_disk_stops_recording_but_not_the_run(tmp_path):
     with ak.open_dump(dump) as d:
         assert 0 < len(d) < 40
         assert "file-size limit" in d.metadata["stopped"]
+        from alignkit.comparison.matching import shortfalls
+
+        assert shortfalls(d, "the target") == [f"recording of the target stopped early: {d.metadata['stopped']}"]
         last = d["big", int(d.calls["step"].max())]
         assert last.inputs["x"].shape == (256, 1024)
         listed = {path for path in d.tensors["path"] if path.startswith("/data/")}
