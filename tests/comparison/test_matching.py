@@ -25,7 +25,8 @@ def _record(path, count, calls=None, **options):
 
 def test_a_name_map_file_of_lines_skips_comments_and_blank_lines_and_trims_each_side(tmp_path):
     (tmp_path / "names.txt").write_text(
-        "# engine names\n\nunet.input.1 = sample   # the latent # as exported\n  timesteps.1=timestep\nvae_decoder=vae.decode\n"
+        "# engine names\n\nunet.input.1 = sample   # the latent # as exported\n"
+        "  timesteps.1=timestep\nvae_decoder=vae.decode\n"
     )
     names = NameMap.build(path=tmp_path / "names.txt")
     assert names.entries == {"unet.input.1": "sample", "timesteps.1": "timestep", "vae_decoder": "vae.decode"}
@@ -160,6 +161,8 @@ def test_dumps_with_no_submodel_in_common_are_refused_with_what_each_holds(tmp_p
     )
     with pytest.raises(UsageError, match=r"\(reference: none; target: unet\); map target names"):
         ak.compare(tmp_path / "empty.h5", ref)
+    with pytest.raises(UsageError, match=r"\(reference: EngineOV, decoder; target: none\); map target names"):
+        ak.compare(tmp_path / "engine.h5", tmp_path / "empty.h5")
 
 
 def test_a_reference_that_ended_early_is_said_before_the_target(tmp_path):
@@ -287,6 +290,7 @@ def test_every_step_group_is_re_paired_on_its_own_in_the_order_the_runs_make_the
     ]
     fd = result.first_divergence
     assert (fd.submodel, fd.call, fd.kind) == ("controlnet", 0, "input mismatch")  # left by index
+    assert result.uncompared == []  # the submodels beside the split are compared, not blind
     paired = result.table[result.table["submodel"] != "controlnet"]
     assert (paired["status"] == "ok").all()
     assert paired.groupby("submodel").size().to_dict() == {
