@@ -63,63 +63,47 @@ def fix_precision(
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if sum(x is not None for x in (onnx, module, builder)) != 1:
         raise UsageError("fix-precision needs one of --onnx model.onnx, --module mod:factory, --builder mod:fn")
-    with tempfile.TemporaryDirectory(prefix="alignkit-fix-", ignore_cleanup_errors=True) as scratch:
-        build, blocks = _builds(onnx, module, builder, dtype, Path(scratch))
-        return _search(build, blocks, ref, submodel, dtype, out, onnx, max_builds, progress, Path(scratch))
-
-
-def _search(
-    build: Build,
-    blocks: list[str],
-    ref: str | os.PathLike,
-    submodel: str,
-    dtype: str,
-    out: str | os.PathLike,
-    onnx: Any,
-    max_builds: int,
-    progress: Callable[[int, int], None] | None,
-    scratch: Path,
-) -> FixResult:
-    """Start from the drill-down of the all-lower-precision build, add one start at a time until
-    it aligns, then drop each kept layer the build does not need."""
     from alignkit.replaying import replay
 
-    runs = 0
+    with tempfile.TemporaryDirectory(prefix="alignkit-fix-", ignore_cleanup_errors=True) as folder:
+        scratch = Path(folder)
+        build, blocks = _builds(onnx, module, builder, dtype, scratch)
+        runs = 0
 
-    def aligned_with(keep: list[str]) -> tuple[bool, Any]:
-        """Build, replay as deployed; where it does not align, replay again with its layers
-        exposed (which may stop a runtime fusing them) for the drill-down."""
-        nonlocal runs
-        runs += 1
-        if progress is not None:
-            progress(runs, max_builds)
-        target = build(keep)
-        judged = {"target_precision": {submodel: dtype}}  # the build computes in it, whatever its I/O
-        replayed = scratch / "replay.h5"
-        result = replay(ref, submodel=submodel, target=target, out=replayed, **judged)
-        if result.aligned:
-            return True, result
-        return False, replay(ref, submodel=submodel, target=target, out=replayed, layers=True, **judged)
+        def aligned_with(keep: list[str]) -> tuple[bool, Any]:
+            """Build, replay as deployed; where it does not align, replay again with its layers
+            exposed (which may stop a runtime fusing them) for the drill-down."""
+            nonlocal runs
+            runs += 1
+            if progress is not None:
+                progress(runs, max_builds)
+            target = build(keep)
+            judged = {"target_precision": {submodel: dtype}}  # the build computes in it, whatever its I/O
+            replayed = scratch / "replay.h5"
+            result = replay(ref, submodel=submodel, target=target, out=replayed, **judged)
+            if result.aligned:
+                return True, result
+            return False, replay(ref, submodel=submodel, target=target, out=replayed, layers=True, **judged)
 
-    ok, result = aligned_with([])
-    if ok:
-        return _answer([], True, runs, out, onnx, dtype, already=True)
-    keep: list[str] = []
-    while not ok and runs < max_builds:
-        start = next((k for k in [*_starts(result), *blocks] if k not in keep), None)
-        if start is None:
-            break
-        keep.append(start)
-        ok, result = aligned_with(keep)
-    if not ok:
-        return _answer(keep, False, runs, out, onnx, dtype, no_layers=not _starts(result) and not blocks)
-    for layer in list(keep)[:-1]:  # the last one added was needed; each earlier one may not be
-        if runs >= max_builds:
-            break
-        trial = [k for k in keep if k != layer]
-        if aligned_with(trial)[0]:
-            keep = trial
-    return _answer(keep, True, runs, out, onnx, dtype)
+        ok, result = aligned_with([])
+        if ok:
+            return _answer([], True, runs, out, onnx, dtype, already=True)
+        keep: list[str] = []
+        while not ok and runs < max_builds:
+            start = next((k for k in [*_starts(result), *blocks] if k not in keep), None)
+            if start is None:
+                break
+            keep.append(start)
+            ok, result = aligned_with(keep)
+        if not ok:
+            return _answer(keep, False, runs, out, onnx, dtype, no_layers=not _starts(result) and not blocks)
+        for layer in list(keep)[:-1]:  # the last one added was needed; each earlier one may not be
+            if runs >= max_builds:
+                break
+            trial = [k for k in keep if k != layer]
+            if aligned_with(trial)[0]:
+                keep = trial
+        return _answer(keep, True, runs, out, onnx, dtype)
 
 
 def _onnx_blocks(model: Any) -> list[str]:
